@@ -1,0 +1,35 @@
+"""pydist: Julia's Distributed standard library for Python.
+
+Remote calls, futures, remote channels, worker pools and ``pmap`` over local workers
+(shared-memory rings) and remote hosts (TCP over SSH), plus drop-in replacements for
+``multiprocessing.Pool`` and ``concurrent.futures.ProcessPoolExecutor``.
+
+    import pydist as pd
+    w = pd.addprocs(2)
+    pd.remotecall_fetch(lambda x: x + 1, w[0], 41)   # 42
+"""
+from __future__ import annotations
+
+from .cluster import myid, nprocs, nworkers, procs, workers
+from .control import addprocs, cluster_cookie, interrupt, rmprocs
+from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
+                     ProcessExitedException, RemoteException)
+from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
+from .managers.local import LocalManager
+from .messages import RRID
+from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+from .remoteref import AbstractRemoteRef, Future, remoteref_id
+from .bootstrap import init_worker, process_messages, start_worker
+from .api import fetch, isready, put, take, wait, worker_id_from_socket
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "myid", "procs", "workers", "nprocs", "nworkers", "addprocs", "rmprocs", "interrupt",
+    "cluster_cookie", "remotecall", "remotecall_fetch", "remotecall_wait", "remote_do",
+    "Future", "AbstractRemoteRef", "RRID", "remoteref_id", "fetch", "put", "take", "isready",
+    "wait", "worker_id_from_socket", "RemoteException", "CapturedException",
+    "ProcessExitedException", "InvalidStateException", "LaunchError", "AuthenticationError",
+    "ClusterManager", "WorkerConfig", "LocalManager", "default_addprocs_params", "init_worker",
+    "start_worker", "process_messages",
+]

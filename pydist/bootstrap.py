@@ -1,0 +1,162 @@
+"""Starting a worker process: ``init_worker``, ``start_worker`` and the ``pydist-worker``
+command (Julia's ``julia --worker``).
+
+A worker reads the cluster cookie from its standard input (never argv or the
+environment), listens on its transports, prints one contact line::
+
+    PYDIST_WORKER 1 tcp://127.0.0.1:40123 shm://@pydist-9f2c...
+
+and then serves calls on its main thread until told to exit. It exits on its own when
+its master is gone: end of its standard input (the lifeline), the master's connection
+closing, or no master joining within ``JOIN_WAIT`` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from typing import Any, TextIO
+
+from . import transport as _transport
+from .cluster import PGRP
+from .join import accept_loop, serve_incoming
+from .managers.base import CONTACT_PREFIX
+from .tasks import TaskRunner
+
+__all__ = ["init_worker", "start_worker", "worker_main", "exit_worker", "process_messages"]
+
+JOIN_WAIT = 60.0
+_exit_lock = threading.Lock()
+
+
+def init_worker(cookie: str, manager: Any = None) -> None:
+    """Make this process a worker of a cluster with ``cookie`` (not yet joined)."""
+    if not isinstance(cookie, str):
+        raise TypeError(f"the cluster cookie must be a str, not {type(cookie).__name__}")
+    PGRP.role = "worker"
+    PGRP.myid = 0          # until the master says otherwise
+    PGRP.cookie = cookie
+    PGRP.on_worker_lost.append(_on_lost)
+
+
+def _on_lost(pid: int) -> None:
+    if pid == 1:
+        exit_worker(0)   # no master, no purpose: Julia's workers exit too
+
+
+def exit_worker(code: int = 0) -> None:
+    """Close every connection and listener, flush output and end the process now."""
+    if not _exit_lock.acquire(blocking=False):
+        return
+    for listener in list(PGRP.listeners):
+        try:
+            listener.close()
+        except Exception:
+            pass
+    for w in list(PGRP.workers.values()):
+        t = w.transport
+        if t is not None:
+            try:
+                t.close()
+            except Exception:
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def _read_cookie() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit("pydist-worker: expected the cluster cookie on standard input")
+    return line.strip()
+
+
+def _listen(bind: str, transports: tuple[str, ...]) -> list[Any]:
+    listeners = []
+    for scheme in transports:
+        url = f"tcp://{bind}:0" if scheme == "tcp" else f"{scheme}://"
+        try:
+            listeners.append(_transport.listen(url))
+        except Exception as e:
+            if scheme == "tcp":
+                raise
+            print(f"pydist-worker: no {scheme} transport here ({e}); using tcp", file=sys.stderr)
+    return listeners
+
+
+def _watch_stdin() -> None:
+    """The lifeline: the master holds our stdin open; its end means the master is gone."""
+    try:
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    except OSError:
+        pass
+    exit_worker(0)
+
+
+def _join_watchdog() -> None:
+    """Exit if no master joins in time (it may have died before connecting)."""
+    if not PGRP.workers.get(1) and not _joined.wait(JOIN_WAIT):
+        print(f"pydist-worker: no master joined within {JOIN_WAIT:.0f} s; exiting", file=sys.stderr)
+        exit_worker(1)
+
+
+_joined = threading.Event()
+
+
+def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_stdin: bool = True,
+                 stderr_to_stdout: bool = True, bind: str = "127.0.0.1",
+                 transports: tuple[str, ...] = ("tcp", "shm"), lifeline: bool = False) -> None:
+    """Run this process as a worker until it is told to exit (never returns)."""
+    init_worker(_read_cookie() if cookie is None else cookie)
+    if stderr_to_stdout and hasattr(out, "fileno"):
+        os.dup2(out.fileno(), 2)
+    try:
+        out.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        pass
+    runner = TaskRunner(main_thread=True)
+    PGRP.set_runner(runner)
+    runner.install_sigint()
+    PGRP.listeners = _listen(bind, transports)
+    for listener in PGRP.listeners:
+        threading.Thread(target=accept_loop, args=(listener,), name="pydist-accept",
+                         daemon=True).start()
+    addresses = " ".join(listener.address for listener in PGRP.listeners)
+    print(f"{CONTACT_PREFIX} 1 {addresses}", file=out, flush=True)
+    if lifeline:
+        threading.Thread(target=_watch_stdin, name="pydist-lifeline", daemon=True).start()
+    elif close_stdin:
+        sys.stdin.close()
+    PGRP.on_joined = _joined.set
+    threading.Thread(target=_join_watchdog, name="pydist-join-watchdog", daemon=True).start()
+    runner.run_main_loop()
+    exit_worker(0)
+
+
+def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> None:
+    """Serve the cluster protocol over an already-open transport (for custom managers)."""
+    if not isinstance(reader, _transport.Transport) or writer not in (None, reader):
+        raise TypeError("process_messages takes one pydist Transport (reader and writer alike)")
+    if not incoming:
+        raise ValueError("process_messages(incoming=False): the master dials through "
+                         "ClusterManager.connect instead")
+    threading.Thread(target=serve_incoming, args=(reader,), daemon=True).start()
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    """The ``pydist-worker`` command."""
+    parser = argparse.ArgumentParser(prog="pydist-worker",
+                                     description="Run a pydist worker; the cookie comes on stdin.")
+    parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
+    parser.add_argument("--transports", default="tcp,shm", help="comma-separated: tcp, shm")
+    parser.add_argument("--lifeline", action="store_true",
+                        help="exit when standard input closes (the master holds it open)")
+    args = parser.parse_args(argv)
+    start_worker(sys.stdout, None, bind=args.bind, lifeline=args.lifeline,
+                 transports=tuple(s for s in args.transports.split(",") if s))

@@ -1,0 +1,322 @@
+"""The process group: each process's view of the cluster, and the one owner of pid -> worker.
+
+How a worker joins (the story the code below tells):
+
+1. The master asks a ``ClusterManager`` to launch workers. A launched worker listens on
+   one or more transports and prints a contact line naming their addresses.
+2. The master opens a transport to it (``manager.connect``) and both sides run the
+   authenticated hello (``codec.Handshake``) before anything else. Only then is the frame
+   limit raised and anything unpickled.
+3. The master sends ``JoinPGRPMsg``: the worker's id, the topology, the peers it may talk
+   to, and the master's ``sys.path``.
+4. The worker adopts its id and answers ``JoinCompleteMsg`` (os pid, host key).
+5. Both sides start one reader thread on the connection; the master puts the worker in
+   the default pool.
+6. Worker-to-worker connections are made on first use (``lazy=True``) or at join: the
+   higher id dials the lower, proves the cookie and sends ``IdentifySocketMsg``; the
+   dialed side answers ``IdentifySocketAckMsg``. A lower id that needs a higher one asks
+   it, through the master, to dial.
+
+The ``ProcessGroup`` owns every table (workers, owned references, reply waiters); other
+modules change them only through its methods, under its lock.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from .codec import encode_message
+from .errors import ProcessExitedException, TransportError
+from .messages import RRID, Message, MsgHeader
+from .tasks import TaskRunner
+from .values import Failure, RemoteValue
+
+if TYPE_CHECKING:
+    from .managers.base import ClusterManager, WorkerConfig
+    from .transport import Transport
+
+__all__ = ["Worker", "ProcessGroup", "PGRP", "myid", "procs", "workers", "nprocs", "nworkers",
+           "host_key"]
+
+# Worker states, as in Julia's cluster.jl.
+W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = "created", "connected", "terminating", "terminated"
+
+
+def host_key() -> str:
+    """An identity shared by exactly the processes that share a host, /dev/shm and network.
+
+    Two processes with equal keys can use shared memory and abstract Unix sockets
+    between them; ``procs(pid)`` groups by it.
+    """
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            pass
+    for path in ("/dev/shm", "/proc/self/ns/net"):
+        try:
+            st = os.stat(path)
+            parts.append(f"{st.st_dev}:{st.st_ino}")
+        except OSError:
+            pass
+    return "|".join(parts)
+
+
+class Worker:
+    """This process's record of one other process of the cluster."""
+
+    def __init__(self, pid: int, config: "WorkerConfig | None" = None,
+                 manager: "ClusterManager | None" = None) -> None:
+        self.id = pid
+        self.config = config
+        self.manager = manager
+        self.transport: Transport | None = None
+        self.state = W_CREATED
+        self.host_key = ""
+        self.hostname = ""
+        self.ospid: int | None = None
+        self.addresses: tuple[str, ...] = ()
+        self.connected = threading.Event()   # set once a transport is up (or it died)
+        self.gone = threading.Event()        # set once terminated
+        self.pending: set[RRID] = set()      # reply waiters that depend on this worker
+        self.detail = ""                     # how it ended, for ProcessExitedException
+        self.connect_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} {self.state}>"
+
+
+class ProcessGroup:
+    """Every table this process keeps about the cluster (Julia's ``PGRP``)."""
+
+    def __init__(self) -> None:
+        self.myid = 1
+        self.role = "master"
+        self.cookie: str | None = None
+        self.topology = "all_to_all"
+        self.lazy = True
+        self.lock = threading.RLock()
+        self.workers: dict[int, Worker] = {}
+        self.removed: dict[int, str] = {}
+        self.refs: dict[RRID, RemoteValue] = {}
+        self.waiting: dict[RRID, tuple[RemoteValue, int]] = {}
+        self._ids = itertools.count(1)
+        self.next_pid = 2
+        self.host_key = host_key()
+        self._runner: TaskRunner | None = None
+        self.serve: Callable[[Worker], None] | None = None       # set by dispatch
+        self.connect_peer: Callable[[int], None] | None = None   # set by join
+        self.listeners: list[Any] = []
+        self.sending = threading.local()   # .pid: the destination of the message being pickled
+        self.on_worker_lost: list[Callable[[int], None]] = []
+        self.on_joined: Callable[[], None] | None = None        # set by bootstrap
+
+    # -- identities -----------------------------------------------------------------
+    def next_rrid(self) -> RRID:
+        """A fresh reference id owned by this process."""
+        return RRID(self.myid, next(self._ids))
+
+    @property
+    def runner(self) -> TaskRunner:
+        """The task runner of this process (created on first use on the master)."""
+        if self._runner is None:
+            with self.lock:
+                if self._runner is None:
+                    self._runner = TaskRunner(main_thread=False)
+        return self._runner
+
+    def set_runner(self, runner: TaskRunner) -> None:
+        self._runner = runner
+
+    # -- the worker table -------------------------------------------------------------
+    def add_worker(self, w: Worker) -> None:
+        with self.lock:
+            self.workers[w.id] = w
+
+    def check_pid(self, pid: int) -> None:
+        """Raise if ``pid`` cannot be talked to: ``ValueError`` if it never existed,
+        ``ProcessExitedException`` if it is gone."""
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"a process id must be an int, not {type(pid).__name__}")
+        if pid == self.myid:
+            return
+        with self.lock:
+            w = self.workers.get(pid)
+            detail = self.removed.get(pid)
+        if w is not None and w.state != W_TERMINATED:
+            return
+        if detail is not None or w is not None:
+            raise ProcessExitedException(pid, detail or (w.detail if w else ""))
+        if self.role == "worker" and pid >= 1:
+            return   # a peer this worker has not met yet; the connection will tell
+        raise ValueError(f"no process with id {pid} exists in this cluster "
+                         f"(known: {sorted([self.myid, *self.workers])})")
+
+    def worker(self, pid: int) -> Worker:
+        """The connected record for ``pid``, connecting lazily where the topology allows."""
+        w = self.workers.get(pid)
+        if w is not None and w.transport is not None and w.state in (W_CONNECTED, W_TERMINATING):
+            return w
+        self.check_pid(pid)
+        if self.connect_peer is None:
+            raise ProcessExitedException(pid, "is not connected")
+        self.connect_peer(pid)
+        w = self.workers.get(pid)
+        if w is None or w.transport is None or w.state not in (W_CONNECTED, W_TERMINATING):
+            raise ProcessExitedException(pid, (w.detail if w else "") or "could not be reached")
+        return w
+
+    def worker_ids(self) -> list[int]:
+        with self.lock:
+            return sorted(pid for pid, w in self.workers.items()
+                          if pid != 1 and w.state in (W_CREATED, W_CONNECTED))
+
+    # -- sending --------------------------------------------------------------------
+    def send(self, pid: int, header: MsgHeader, msg: Message) -> None:
+        """Encode and send one message to ``pid`` (errors of pickling propagate)."""
+        w = self.worker(pid)
+        tls = self.sending
+        outer = getattr(tls, "pid", None)
+        tls.pid = pid
+        try:
+            parts = encode_message(header, msg)
+        finally:
+            tls.pid = outer
+        t = w.transport
+        try:
+            t.send_frame(parts)   # type: ignore[union-attr]
+        except TransportError as e:
+            self.worker_lost(w, f"lost its connection ({e})")
+            raise ProcessExitedException(pid, w.detail) from None
+
+    # -- reply waiters --------------------------------------------------------------
+    def expect_reply(self, pid: int) -> tuple[RRID, RemoteValue]:
+        """Register a waiter for a reply from ``pid``; it fails if ``pid`` dies."""
+        rrid = self.next_rrid()
+        rv = RemoteValue()
+        with self.lock:
+            self.waiting[rrid] = (rv, pid)
+            w = self.workers.get(pid)
+            if w is not None:
+                w.pending.add(rrid)
+        return rrid, rv
+
+    def forget_reply(self, rrid: RRID) -> None:
+        with self.lock:
+            entry = self.waiting.pop(rrid, None)
+            if entry is not None:
+                w = self.workers.get(entry[1])
+                if w is not None:
+                    w.pending.discard(rrid)
+
+    def complete_reply(self, rrid: RRID, value: Any) -> None:
+        """Deliver a reply to its waiter (a late reply to a forgotten waiter is dropped)."""
+        with self.lock:
+            entry = self.waiting.pop(rrid, None)
+            if entry is None:
+                return
+            w = self.workers.get(entry[1])
+            if w is not None:
+                w.pending.discard(rrid)
+        entry[0].try_set(value)
+
+    # -- owned references ------------------------------------------------------------
+    def lookup_ref(self, rrid: RRID, create: bool = True) -> RemoteValue | None:
+        """The cell behind ``rrid`` owned here, created on first mention (as Julia does)."""
+        with self.lock:
+            rv = self.refs.get(rrid)
+            if rv is None and create:
+                rv = RemoteValue()
+                rv.clients.add(rrid.whence)
+                self.refs[rrid] = rv
+            return rv
+
+    def del_client(self, rrid: RRID, client: int) -> None:
+        with self.lock:
+            rv = self.refs.get(rrid)
+            if rv is not None:
+                rv.clients.discard(client)
+                if not rv.clients:
+                    del self.refs[rrid]
+
+    def add_client(self, rrid: RRID, client: int) -> None:
+        with self.lock:
+            rv = self.refs.get(rrid)
+            if rv is None:
+                rv = RemoteValue()
+                self.refs[rrid] = rv
+            rv.clients.add(client)
+
+    # -- death ----------------------------------------------------------------------
+    def worker_lost(self, w: Worker, detail: str) -> None:
+        """Mark ``w`` terminated and fail everything that waits on it (idempotent)."""
+        with self.lock:
+            if w.state == W_TERMINATED:
+                return
+            w.state = W_TERMINATED
+            w.detail = w.detail or detail
+            self.removed[w.id] = w.detail
+            pending = [self.waiting.pop(r, (None, 0))[0] for r in w.pending]
+            w.pending.clear()
+            t, w.transport = w.transport, None
+        exc = ProcessExitedException(w.id, w.detail)
+        for rv in pending:
+            if rv is not None:
+                rv.try_set(Failure(exc))
+        if t is not None:
+            t.abort()
+        w.connected.set()
+        w.gone.set()
+        for cb in list(self.on_worker_lost):
+            try:
+                cb(w.id)
+            except Exception:   # a listener's bug must not stop the others
+                pass
+
+
+PGRP = ProcessGroup()
+
+
+def myid() -> int:
+    """The id of this process: 1 on the master, the worker's id on a worker."""
+    return PGRP.myid
+
+
+def workers() -> list[int]:
+    """The ids of all workers (``[1]`` when there are none), ascending."""
+    if PGRP.role == "worker":
+        from .remotecall import remotecall_fetch
+        return remotecall_fetch(workers, 1)
+    ids = PGRP.worker_ids()
+    return ids or [1]
+
+
+def procs(pid: int | None = None) -> list[int]:
+    """Every process id, master included; with ``pid``: those on the same host as ``pid``."""
+    if PGRP.role == "worker":
+        from .remotecall import remotecall_fetch
+        return remotecall_fetch(procs, 1, pid)
+    ids = [1, *PGRP.worker_ids()]
+    if pid is None:
+        return ids
+    PGRP.check_pid(pid)
+    keys = {1: PGRP.host_key}
+    with PGRP.lock:
+        keys.update({p: w.host_key for p, w in PGRP.workers.items()})
+    return [p for p in ids if keys.get(p) == keys.get(pid)]
+
+
+def nprocs() -> int:
+    """``len(procs())``."""
+    return len(procs())
+
+
+def nworkers() -> int:
+    """The number of workers; 1 when only the master exists (as in Julia)."""
+    n = len(procs()) - 1
+    return n if n > 0 else 1

@@ -1,0 +1,264 @@
+"""Adding, removing and interrupting workers: ``addprocs``, ``rmprocs``, ``interrupt``,
+and the cluster cookie.
+
+Only process 1 changes the cluster. ``addprocs`` runs the manager's ``launch`` in a
+thread and joins each worker as soon as its config appears (ids in launch order), so a
+slow host does not hold up a fast one.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from .cluster import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker
+from .dispatch import OpContext, internal_op
+from .errors import LaunchError, ProcessExitedException
+from .join import join_worker
+from .managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
+from .messages import NULL_HEADER, RemoteDoMsg
+
+__all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
+           "on_workers_added"]
+
+TOPOLOGIES = ("all_to_all", "master_worker", "custom")
+_LOCAL_PARAMS = ("restrict",)
+_SSH_PARAMS = ("tunnel", "multiplex", "sshflags", "shell", "max_parallel")
+on_workers_added: list[Callable[[list[int]], None]] = []
+
+
+def cluster_cookie(cookie: str | None = None) -> str:
+    """The cluster cookie (made at random on first use); with an argument, set it."""
+    if cookie is not None:
+        if not isinstance(cookie, str):
+            raise TypeError(f"the cluster cookie must be a str, not {type(cookie).__name__}")
+        if not cookie:
+            raise ValueError("the cluster cookie must not be empty")
+        PGRP.cookie = cookie
+    elif PGRP.cookie is None:
+        PGRP.cookie = secrets.token_hex(16)
+    return PGRP.cookie
+
+
+def _only_master(what: str) -> None:
+    if PGRP.role == "worker" or PGRP.myid != 1:
+        raise RuntimeError(f"only process 1 (the master) may {what}; this is process {PGRP.myid}")
+
+
+def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
+    if isinstance(arg, ClusterManager):
+        return arg
+    if arg is None or (isinstance(arg, int) and not isinstance(arg, bool)):
+        n = os.cpu_count() or 1 if arg is None else arg
+        if n < 1:
+            raise ValueError(f"addprocs needs a positive number of workers, got {n}")
+        from .managers.local import LocalManager
+        return LocalManager(n, restrict=kwargs.pop("restrict", True))
+    if isinstance(arg, (list, tuple)):
+        from .managers.ssh import SSHManager
+        return SSHManager(list(arg))
+    raise TypeError(f"addprocs takes a number of workers, a list of machines or a "
+                    f"ClusterManager, not {type(arg).__name__}")
+
+
+def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = default_addprocs_params(manager)
+    allowed = set(params) | set(_SSH_PARAMS) | set(_LOCAL_PARAMS) | set(manager.known_params())
+    for key in kwargs:
+        if key not in allowed:
+            raise TypeError(f"addprocs() got an unexpected keyword argument {key!r}")
+    params.update({k: v for k, v in kwargs.items() if v is not None or k in ("dir",)})
+    if params.get("dir") is None:
+        params["dir"] = os.getcwd()
+    if params["transport"] not in TRANSPORTS:
+        raise ValueError(f"unknown transport {params['transport']!r}; choose one of {', '.join(TRANSPORTS)}")
+    if params["topology"] not in TOPOLOGIES:
+        raise ValueError(f"unknown topology {params['topology']!r}; choose one of {', '.join(TOPOLOGIES)}")
+    return params
+
+
+def addprocs(arg: Any = None, **kwargs: Any) -> list[int]:
+    """Start workers and return their ids: ``addprocs(n)`` local workers,
+    ``addprocs(machines)`` over SSH, ``addprocs(manager)`` with any cluster manager."""
+    _only_master("add workers")
+    manager = _manager_for(arg, kwargs)
+    params = _params(manager, kwargs)
+    cluster_cookie()
+    PGRP.topology, PGRP.lazy = params["topology"], params["lazy"]
+    launched: list[WorkerConfig] = []
+    ntfy = threading.Condition()
+    outcome: dict[str, BaseException] = {}
+
+    def launch() -> None:
+        try:
+            manager.launch(params, launched, ntfy)
+        except BaseException as e:  # reported once every launched worker is settled
+            outcome["error"] = e
+        finally:
+            with ntfy:
+                outcome.setdefault("done", None)   # type: ignore[arg-type]
+                ntfy.notify_all()
+
+    threading.Thread(target=launch, name="pydist-launch", daemon=True).start()
+    return _join_launched(manager, params, launched, ntfy, outcome)
+
+
+def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: list[WorkerConfig],
+                   ntfy: threading.Condition, outcome: dict[str, Any]) -> list[int]:
+    """Give each launched config an id and join it, until the launch is over."""
+    seen, setups, joined, failures = 0, [], [], []
+    sequential = not params["lazy"]
+
+    def setup(w: Worker) -> None:
+        try:
+            join_worker(w, params)
+            manager.manage(w.id, w.config, "register")   # type: ignore[arg-type]
+            joined.append(w.id)
+        except BaseException as e:
+            failures.append(f"worker {w.id}: {e}")
+            _discard(w, f"failed to join ({e})")
+
+    while True:
+        with ntfy:
+            while seen == len(launched) and "done" not in outcome:
+                ntfy.wait(0.5)
+            fresh, seen = launched[seen:], len(launched)
+            finished = "done" in outcome and seen == len(launched)
+        for config in fresh:
+            config.transport = config.transport if config.transport != "auto" else params["transport"]
+            w = Worker(PGRP.next_pid, config, manager)
+            PGRP.next_pid += 1
+            PGRP.add_worker(w)
+            th = threading.Thread(target=setup, args=(w,), name=f"pydist-join-{w.id}", daemon=True)
+            th.start()
+            if sequential:
+                th.join()
+            setups.append(th)
+        if finished:
+            break
+    for th in setups:
+        th.join()
+    pids = sorted(joined)
+    if pids:
+        for hook in list(on_workers_added):
+            hook(pids)
+    error = outcome.get("error")
+    if error is not None or failures:
+        problems = ([f"launch failed: {error}"] if error is not None else []) + failures
+        exc = LaunchError("; ".join(problems) + (f" (workers {pids} did join)" if pids else ""))
+        exc.pids = pids   # type: ignore[attr-defined]
+        raise exc from error
+    return pids
+
+
+def _discard(w: Worker, detail: str) -> None:
+    """Forget a worker that never joined, and make sure its process is gone."""
+    w.detail = detail
+    PGRP.worker_lost(w, detail)
+    proc = getattr(w.config, "process", None)
+    if proc is not None and hasattr(proc, "kill"):
+        try:
+            proc.kill()
+            proc.wait(5)
+        except Exception:
+            pass
+
+
+# -- removal ------------------------------------------------------------------------------------
+def _validate_pids(pids: Iterable[Any], what: str) -> list[int]:
+    out = []
+    for pid in pids:
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError(f"{what} takes worker ids (int), not {type(pid).__name__}")
+        if pid == 1:
+            raise ValueError(f"{what}: process 1 is the master and cannot be {what}d"
+                             if what != "rmprocs" else "rmprocs: process 1 is the master and cannot be removed")
+        if pid not in PGRP.workers and pid not in PGRP.removed:
+            raise ValueError(f"{what}: no worker with id {pid} exists in this cluster "
+                             f"(workers: {PGRP.worker_ids()})")
+        out.append(pid)
+    return out
+
+
+def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
+    """Remove workers; wait up to ``waitfor`` seconds (``None``: until they are gone)."""
+    _only_master("remove workers")
+    if len(pids) == 1 and isinstance(pids[0], (list, tuple)):
+        pids = tuple(pids[0])
+    targets = []
+    for pid in _validate_pids(pids, "rmprocs"):
+        w = PGRP.workers.get(pid)
+        if w is None or w.state == W_TERMINATED:
+            continue
+        w.detail = w.detail or "was removed by rmprocs"
+        w.state = W_TERMINATING
+        targets.append(w)
+        threading.Thread(target=_kill, args=(w,), name=f"pydist-kill-{pid}", daemon=True).start()
+    deadline = None if waitfor is None else time.monotonic() + waitfor
+    for w in targets:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not w.gone.wait(left):
+            alive = [t.id for t in targets if not t.gone.is_set()]
+            raise TimeoutError(f"rmprocs: workers {alive} were still running after {waitfor} s")
+
+
+def _kill(w: Worker) -> None:
+    try:
+        if w.manager is not None and w.config is not None:
+            w.manager.kill(w.id, w.config)
+        else:
+            request_exit(w.id)
+    finally:
+        if w.transport is not None and not w.gone.wait(1.0):
+            PGRP.worker_lost(w, w.detail)
+        PGRP.worker_lost(w, w.detail)
+        if w.manager is not None and w.config is not None:
+            try:
+                w.manager.manage(w.id, w.config, "deregister")
+            except Exception:
+                pass
+
+
+def request_exit(pid: int) -> None:
+    """Ask ``pid`` to exit (ignored if it is already gone)."""
+    try:
+        PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_exit_op, (), {}))
+    except (ProcessExitedException, ValueError, OSError):
+        pass
+
+
+@internal_op
+def _exit_op(ctx: OpContext) -> None:
+    from .bootstrap import exit_worker
+    threading.Thread(target=exit_worker, args=(0,), daemon=True).start()
+
+
+# -- interrupts --------------------------------------------------------------------------------
+def interrupt(*pids: Any) -> None:
+    """Raise ``KeyboardInterrupt`` in the call running on each worker (all, if none named)."""
+    _only_master("interrupt workers")
+    if len(pids) == 1 and isinstance(pids[0], (list, tuple)):
+        pids = tuple(pids[0])
+    targets = _validate_pids(pids, "interrupt") if pids else PGRP.worker_ids()
+    for pid in targets:
+        w = PGRP.workers.get(pid)
+        if w is None or w.state != W_CONNECTED:
+            raise ProcessExitedException(pid, PGRP.removed.get(pid, ""))
+        if w.manager is not None and w.config is not None:
+            w.manager.manage(pid, w.config, "interrupt")
+        else:
+            send_interrupt(pid)
+
+
+def send_interrupt(pid: int) -> None:
+    """Interrupt ``pid`` through its cluster connection (any manager, any host)."""
+    PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_interrupt_op, (), {}))
+
+
+@internal_op
+def _interrupt_op(ctx: OpContext) -> None:
+    os.kill(os.getpid(), signal.SIGINT)

@@ -1,0 +1,219 @@
+"""One handler per message kind, and the reader loop that feeds them (Julia's
+``process_messages.jl``).
+
+Each connection has one reader thread running ``serve``. Handlers never block: user
+calls go to the process's ``TaskRunner``; pydist's own small operations (reference
+bookkeeping, fetches answered by callback, exit and interrupt requests) are marked with
+``@internal_op`` and run right on the reader thread, so they are answered even while every
+runner is busy.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from typing import Any, Callable
+
+from .cluster import PGRP, W_TERMINATED, Worker
+from .codec import decode_message
+from .errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
+                     RemoteException, SerializationError, TransportBroken, TransportClosed,
+                     describe_exit)
+from .messages import (CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader, RemoteDoMsg,
+                       ResultMsg, RRID)
+from .values import Failure
+
+__all__ = ["serve", "internal_op", "OpContext", "run_call", "capture", "reply"]
+
+
+# -- running user code -------------------------------------------------------------
+def capture(exc: BaseException, pid: int | None = None) -> RemoteException:
+    """Wrap an exception of user code run here (never wrapping a RemoteException twice)."""
+    if isinstance(exc, RemoteException):
+        return exc
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RemoteException(PGRP.myid if pid is None else pid, CapturedException(exc, tb))
+
+
+def run_call(f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Run user code; its value, or a ``Failure`` carrying a ``RemoteException``."""
+    try:
+        return f(*args, **kwargs)
+    except BaseException as e:  # KeyboardInterrupt and SystemExit are the call's failure too
+        return Failure(capture(e))
+
+
+def reply(pid: int, rrid: RRID, value: Any) -> None:
+    """Send ``value`` to ``pid`` as the answer to ``rrid``; a value that cannot be pickled
+    is answered with a RemoteException saying so. A dead receiver is ignored."""
+    header = MsgHeader(response_oid=rrid)
+    try:
+        try:
+            PGRP.send(pid, header, ResultMsg(value))
+        except SerializationError as e:
+            PGRP.send(pid, header, ResultMsg(Failure(capture(e))))
+    except (ProcessExitedException, ValueError):
+        pass
+
+
+# -- pydist's own operations ---------------------------------------------------------
+class OpContext:
+    """What an internal operation knows of the message that asked for it."""
+
+    __slots__ = ("sender", "rrid")
+
+    def __init__(self, sender: int, rrid: RRID | None) -> None:
+        self.sender = sender
+        self.rrid = rrid
+
+    def reply(self, value: Any) -> None:
+        """Answer the caller (nothing to do for a ``remote_do``)."""
+        if self.rrid is not None:
+            reply(self.sender, self.rrid, value)
+
+
+def internal_op(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``fn(ctx, *args)`` as an operation run on the reader thread; it must not block."""
+    fn._pydist_op = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _is_op(f: Any) -> bool:
+    return getattr(f, "_pydist_op", False) is True
+
+
+# -- the handlers ----------------------------------------------------------------------
+def _on_call(w: Worker, header: MsgHeader, msg: CallMsg) -> None:
+    rv = PGRP.lookup_ref(header.response_oid)
+    assert rv is not None
+    PGRP.runner.submit(lambda: rv.try_set(run_call(msg.f, msg.args, msg.kwargs)))
+
+
+def _on_call_fetch(w: Worker, header: MsgHeader, msg: CallFetchMsg) -> None:
+    if _is_op(msg.f):
+        msg.f(OpContext(w.id, header.notify_oid), *msg.args, **msg.kwargs)
+        return
+    sender, rrid = w.id, header.notify_oid
+    PGRP.runner.submit(lambda: reply(sender, rrid, run_call(msg.f, msg.args, msg.kwargs)))
+
+
+def _on_call_wait(w: Worker, header: MsgHeader, msg: CallWaitMsg) -> None:
+    rv = PGRP.lookup_ref(header.response_oid)
+    assert rv is not None
+    sender, rrid = w.id, header.notify_oid
+
+    def task() -> None:
+        value = run_call(msg.f, msg.args, msg.kwargs)
+        rv.try_set(value)
+        reply(sender, rrid, value if type(value) is Failure else None)
+    PGRP.runner.submit(task)
+
+
+def _on_remote_do(w: Worker, header: MsgHeader, msg: RemoteDoMsg) -> None:
+    if _is_op(msg.f):
+        msg.f(OpContext(w.id, None), *msg.args, **msg.kwargs)
+        return
+
+    def task() -> None:
+        value = run_call(msg.f, msg.args, msg.kwargs)
+        if type(value) is Failure:
+            print(f"Error in remote_do on process {PGRP.myid}:\n{value.exc}", file=sys.stderr)
+    PGRP.runner.submit(task)
+
+
+def _on_result(w: Worker, header: MsgHeader, msg: ResultMsg) -> None:
+    PGRP.complete_reply(header.response_oid, msg.value)
+
+
+HANDLERS: dict[type, Callable[[Worker, MsgHeader, Any], None]] = {
+    CallMsg: _on_call,
+    CallFetchMsg: _on_call_fetch,
+    CallWaitMsg: _on_call_wait,
+    RemoteDoMsg: _on_remote_do,
+    ResultMsg: _on_result,
+}
+
+
+def _on_undecodable(w: Worker, e: BodyDecodeError) -> None:
+    """A message whose body failed to unpickle still gets its caller an answer."""
+    cause = e.__cause__ or e
+    what = "result" if e.kind is ResultMsg else "call"
+    failure = Failure(capture(cause, pid=PGRP.myid if e.kind is not ResultMsg else w.id))
+    h = e.header
+    if e.kind is ResultMsg:
+        PGRP.complete_reply(h.response_oid, failure)
+    elif e.kind in (CallMsg, CallWaitMsg):
+        rv = PGRP.lookup_ref(h.response_oid)
+        if rv is not None:
+            rv.try_set(failure)
+        if e.kind is CallWaitMsg:
+            reply(w.id, h.notify_oid, failure)
+    elif e.kind is CallFetchMsg:
+        reply(w.id, h.notify_oid, failure)
+    else:
+        print(f"pydist: process {PGRP.myid} could not unpickle a {what} from process {w.id}: "
+              f"{cause!r}", file=sys.stderr)
+
+
+# -- the reader loop -------------------------------------------------------------------
+def serve(w: Worker) -> None:
+    """Read and handle every message from ``w`` until its connection ends."""
+    t = w.transport
+    detail = "closed its connection"
+    while t is not None:
+        try:
+            frame = t.recv_frame()
+        except TransportClosed:
+            break
+        except TransportBroken as e:
+            detail = f"lost its connection ({e})"
+            break
+        try:
+            header, msg = decode_message(frame)
+        except BodyDecodeError as e:
+            _on_undecodable(w, e)
+            continue
+        except DecodeError as e:
+            detail = f"sent a message that could not be decoded ({e})"
+            t.abort()
+            break
+        handler = HANDLERS.get(type(msg))
+        if handler is None:
+            detail = f"sent an unexpected {type(msg).__name__} after joining"
+            t.abort()
+            break
+        handler(w, header, msg)
+    if w.transport is t:
+        _lost(w, detail)
+
+
+def _lost(w: Worker, detail: str) -> None:
+    """Turn the end of ``w``'s connection into ``ProcessExitedException`` for its waiters."""
+    if w.state == W_TERMINATED:
+        return
+    detail = _exit_detail(w) or detail
+    busy = " while running a call" if w.pending else ""
+    PGRP.worker_lost(w, detail + busy)
+
+
+def _exit_detail(w: Worker) -> str:
+    """How a local worker process ended, when its handle can tell (within half a second)."""
+    proc = getattr(w.config, "process", None) if w.config is not None else None
+    if proc is None or not hasattr(proc, "wait"):
+        return ""
+    try:
+        code = proc.wait(timeout=0.5)
+    except Exception:
+        return ""
+    ospid = getattr(proc, "pid", None)
+    return f"(pid {ospid}) {describe_exit(code)}"
+
+
+def start_serving(w: Worker) -> threading.Thread:
+    """Start ``w``'s reader thread."""
+    th = threading.Thread(target=serve, args=(w,), name=f"pydist-reader-{w.id}", daemon=True)
+    th.start()
+    return th
+
+
+PGRP.serve = serve

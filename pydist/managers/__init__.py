@@ -1,0 +1,7 @@
+"""Cluster managers: how workers are launched, connected, interrupted and killed."""
+from __future__ import annotations
+
+from .base import ClusterManager, WorkerConfig, default_addprocs_params
+from .local import LocalManager
+
+__all__ = ["ClusterManager", "WorkerConfig", "default_addprocs_params", "LocalManager"]

@@ -1,0 +1,150 @@
+"""The cluster-manager interface, as in Julia: ``ClusterManager`` and ``WorkerConfig``.
+
+A manager ``launch``es workers and appends one ``WorkerConfig`` per started worker to
+``launched`` (notifying ``launch_ntfy`` after each), then returns. The process group
+then calls ``connect`` for each config to get a ``Transport`` to the worker, and calls
+``manage`` on register/deregister/interrupt/finalize and ``kill`` on ``rmprocs``.
+"""
+from __future__ import annotations
+
+import abc
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import LaunchError
+
+if TYPE_CHECKING:
+    from ..transport import Transport
+
+__all__ = ["WorkerConfig", "ClusterManager", "default_addprocs_params", "parse_contact_line",
+           "CONTACT_PREFIX", "choose_address", "TRANSPORTS"]
+
+CONTACT_PREFIX = "PYDIST_WORKER"
+TRANSPORTS = ("auto", "shm", "tcp")
+
+
+@dataclass
+class WorkerConfig:
+    """What a manager knows about one worker (Julia's ``WorkerConfig``), plus ``transport``.
+
+    ``addresses`` holds the URLs the worker listens on, as its contact line gave them.
+    """
+
+    exename: str | None = None
+    exeflags: tuple = ()
+    host: str | None = None
+    port: int | None = None
+    sshflags: tuple = ()
+    max_parallel: int | None = None
+    connect_at: Any = None
+    process: Any = None
+    ospid: int | None = None
+    environ: dict | None = None
+    ident: Any = None
+    connect_idents: list | None = None
+    enable_threaded_blas: bool | None = None
+    count: int | None = None
+    bind_addr: str | None = None
+    tunnel: bool | None = None
+    multiplex: bool | None = None
+    userdata: Any = None
+    transport: str = "auto"
+    addresses: tuple = ()
+    io: Any = field(default=None, repr=False)   # the worker's output stream, if the manager has it
+
+
+def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict[str, Any]:
+    """The keyword parameters ``addprocs`` passes to ``launch`` unless told otherwise."""
+    import sys
+    params: dict[str, Any] = {
+        "topology": "all_to_all",
+        "lazy": True,
+        "dir": os.getcwd(),
+        "exename": sys.executable,
+        "exeflags": (),
+        "enable_threaded_blas": False,
+        "env": {},
+        "transport": "auto",
+    }
+    if manager is not None:
+        params.update(manager.default_params())
+    return params
+
+
+def parse_contact_line(line: str) -> tuple[str, ...] | None:
+    """The addresses in a worker's contact line, or ``None`` if ``line`` is not one."""
+    words = line.strip().split()
+    if len(words) < 3 or words[0] != CONTACT_PREFIX:
+        return None
+    return tuple(words[2:])
+
+
+def choose_address(addresses: tuple[str, ...], transport: str, where: str = "") -> str:
+    """Pick the address to dial for ``transport`` ("auto" prefers shared memory)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    by_scheme = {a.partition("://")[0]: a for a in addresses}
+    order = {"auto": ("shm", "tcp"), "shm": ("shm",), "tcp": ("tcp",)}[transport]
+    for scheme in order:
+        if scheme in by_scheme:
+            return by_scheme[scheme]
+    raise LaunchError(f"worker {where} offers no {transport} address (it offered {list(addresses)}); "
+                      f"try transport='tcp'")
+
+
+class ClusterManager(abc.ABC):
+    """Starts and stops workers for ``addprocs`` (Julia's ``ClusterManager``)."""
+
+    def default_params(self) -> dict[str, Any]:
+        """Manager-specific defaults merged into ``default_addprocs_params``."""
+        return {}
+
+    def known_params(self) -> tuple[str, ...]:
+        """Extra ``addprocs`` keywords this manager understands."""
+        return ()
+
+    @abc.abstractmethod
+    def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
+        """Start workers; append a config per worker to ``launched`` and notify."""
+
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        """Hear of a worker event: ``"register"``, ``"deregister"``, ``"interrupt"``,
+        ``"finalize"``. The default interrupts through the cluster connection."""
+        if op == "interrupt":
+            from ..control import send_interrupt
+            send_interrupt(pid)
+
+    def connect(self, pid: int, config: WorkerConfig) -> "Transport":
+        """Open the master's transport to worker ``pid`` (per ``config.transport``)."""
+        from .. import transport as _transport
+        address = choose_address(tuple(config.addresses), config.transport, str(pid))
+        config.transport = address.partition("://")[0]
+        return _transport.connect(address, 30.0)
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        """Make worker ``pid`` exit: ask it, then terminate its process if it lingers."""
+        from ..control import request_exit
+        request_exit(pid)
+        proc = config.process
+        if proc is not None and hasattr(proc, "wait"):
+            _terminate_ladder(proc)
+
+
+def _terminate_ladder(proc: Any, grace: float = 5.0, term_wait: float = 2.0) -> None:
+    """Wait for ``proc`` to exit; SIGTERM after ``grace`` s, SIGKILL ``term_wait`` s later."""
+    for sig, wait in ((None, grace), (signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
+        if sig is not None:
+            try:
+                proc.send_signal(sig)
+            except (ProcessLookupError, OSError):
+                return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return
+            time.sleep(0.01)

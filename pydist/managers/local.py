@@ -1,0 +1,151 @@
+"""``LocalManager``: workers as fresh interpreters on this host.
+
+Each worker is ``python -m pydist.worker --lifeline`` started in its own session (so a
+Ctrl-C at the master's terminal reaches only the master), in the master's working
+directory (or ``dir``) with the master's environment (plus ``env``). The cookie goes over
+its standard input, which the master then keeps open as the worker's lifeline: when the
+master dies, the pipe closes and the worker exits. The worker's output is relayed to the
+master's standard output, each line prefixed with the worker's id, as Julia does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from ..errors import LaunchError
+from .base import ClusterManager, WorkerConfig, parse_contact_line
+
+__all__ = ["LocalManager"]
+
+LAUNCH_TIMEOUT = 60.0
+
+
+class LocalManager(ClusterManager):
+    """Starts ``np`` workers on this host; ``restrict=True`` keeps them on loopback."""
+
+    def __init__(self, np: int, restrict: bool = True) -> None:
+        if not isinstance(np, int) or isinstance(np, bool) or np < 1:
+            raise ValueError(f"LocalManager needs a positive number of workers, got {np!r}")
+        self.np = np
+        self.restrict = restrict
+        self._ids: dict[int, int] = {}   # id(config) -> worker id, for output prefixes
+
+    def __repr__(self) -> str:
+        return f"LocalManager(np={self.np}, restrict={self.restrict})"
+
+    def known_params(self) -> tuple[str, ...]:
+        return ("restrict",)
+
+    def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
+               launch_ntfy: Any) -> None:
+        """Start the processes, then announce each as its contact line arrives, in order."""
+        from .. import cluster_cookie
+        cookie = cluster_cookie()
+        procs = [self._spawn(params, cookie) for _ in range(self.np)]
+        errors = []
+        for proc in procs:
+            try:
+                addresses = _await_contact(proc, LAUNCH_TIMEOUT)
+            except LaunchError as e:
+                errors.append(str(e))
+                continue
+            config = WorkerConfig(exename=params["exename"], exeflags=tuple(params["exeflags"]),
+                                  process=proc, ospid=proc.pid, host="127.0.0.1",
+                                  addresses=addresses, transport=params["transport"],
+                                  enable_threaded_blas=params["enable_threaded_blas"], io=proc.stdout)
+            self._relay_output(config)
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify_all()
+        if errors:
+            raise LaunchError("; ".join(errors))
+
+    def _spawn(self, params: dict[str, Any], cookie: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in (params.get("env") or {}).items()})
+        if not params.get("enable_threaded_blas"):
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env.setdefault(var, "1")
+        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--lifeline"]
+        if not self.restrict:
+            cmd += ["--bind", "0.0.0.0"]
+        if params.get("transport") == "tcp":
+            cmd += ["--transports", "tcp"]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, cwd=params["dir"], env=env,
+                                    start_new_session=True)
+        except OSError as e:
+            raise LaunchError(f"could not start a local worker with {cmd[0]!r} in "
+                              f"{params['dir']!r}: {e}") from e
+        assert proc.stdin is not None
+        proc.stdin.write((cookie + "\n").encode())
+        proc.stdin.flush()
+        return proc
+
+    def _relay_output(self, config: WorkerConfig) -> None:
+        threading.Thread(target=_relay, args=(config, self._ids), name="pydist-output",
+                         daemon=True).start()
+
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        if op == "register":
+            self._ids[id(config)] = pid
+        elif op == "interrupt":
+            if config.process is not None and config.process.poll() is None:
+                config.process.send_signal(signal.SIGINT)
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        """Ask the worker to exit, then SIGTERM and SIGKILL with deadlines; close its lifeline."""
+        super().kill(pid, config)
+        proc = config.process
+        if proc is not None:
+            for stream in (proc.stdin,):
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+
+
+def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
+    """Read the worker's output until its contact line; LaunchError if it dies or stalls."""
+    assert proc.stdout is not None
+    seen: list[str] = []
+    result: list[tuple[str, ...]] = []
+
+    def read() -> None:
+        for raw in iter(proc.stdout.readline, b""):   # type: ignore[union-attr]
+            line = raw.decode(errors="replace")
+            addresses = parse_contact_line(line)
+            if addresses is not None:
+                result.append(addresses)
+                return
+            seen.append(line)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if result:
+        return result[0]
+    if reader.is_alive():
+        proc.kill()
+        raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s")
+    code = proc.wait(5)
+    tail = "".join(seen[-20:]).strip()
+    raise LaunchError(f"local worker (pid {proc.pid}) exited with status {code} before it was ready"
+                      + (f"; its output:\n{tail}" if tail else ""))
+
+
+def _relay(config: WorkerConfig, ids: dict[int, int]) -> None:
+    """Copy a worker's output to ours, each line prefixed with the worker's id."""
+    stream = config.io
+    for raw in iter(stream.readline, b""):
+        pid = ids.get(id(config), "?")
+        try:
+            sys.stdout.write(f"      From worker {pid}:\t{raw.decode(errors='replace')}")
+            sys.stdout.flush()
+        except (ValueError, OSError):
+            return

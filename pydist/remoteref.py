@@ -1,0 +1,301 @@
+"""Remote references: ``Future`` and the owner-side operations behind them.
+
+A ``Future`` names a write-once value that lives on process ``where``. The owner keeps it
+in ``PGRP.refs`` with the set of processes that hold a reference (its clients), as
+Julia's distributed reference counting does:
+
+* creating a reference makes its creator a client;
+* sending a reference to another process first registers that process as a client with
+  the owner (``add_clients``);
+* dropping the last handle in a process, or fetching the value (which is then cached in
+  the handle), sends ``del_clients`` to the owner, batched;
+* the owner frees the value when no client is left.
+
+Each process keeps at most one handle per reference id (``_handles``), so that a
+reference that travels back and forth is counted once per process.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import defaultdict
+from typing import Any
+
+from .cluster import PGRP
+from .dispatch import OpContext, internal_op
+from .errors import InvalidStateException, ProcessExitedException
+from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
+from .values import Failure, RemoteValue, unwrap
+
+__all__ = ["Future", "wait_value", "call_on_owner", "remoteref_id", "AbstractRemoteRef"]
+
+_UNSET: Any = object()
+_handles: "weakref.WeakValueDictionary[RRID, AbstractRemoteRef]" = weakref.WeakValueDictionary()
+
+
+# -- waiting -----------------------------------------------------------------------------
+def wait_value(rv: RemoteValue, timeout: float | None, what: str = "the value") -> Any:
+    """Block until ``rv`` is set (serving other calls meanwhile); its raw value."""
+    if not rv.ready():
+        runner = PGRP._runner
+        if runner is None:
+            ok = rv.wait(timeout)
+        else:
+            with runner.blocking():
+                ok = rv.wait(timeout)
+        if not ok:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+    return rv.value
+
+
+def call_on_owner(op: Any, pid: int, *args: Any, timeout: float | None = None) -> Any:
+    """Run internal operation ``op(ctx, *args)`` on ``pid`` and return its raw answer."""
+    rrid, rv = PGRP.expect_reply(pid)
+    try:
+        PGRP.send(pid, MsgHeader(notify_oid=rrid), CallFetchMsg(op, args, {}))
+        return wait_value(rv, timeout, f"process {pid}")
+    finally:
+        PGRP.forget_reply(rrid)
+
+
+# -- batched reference-count messages -------------------------------------------------------
+class _ClientMessages:
+    """Collects del-client notices and sends them to each owner in batches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, list[RRID]] = defaultdict(list)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def release(self, where: int, rrid: RRID) -> None:
+        with self._lock:
+            self._pending[where].append(rrid)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pydist-refs", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batches, self._pending = self._pending, defaultdict(list)
+        me = PGRP.myid
+        for where, rrids in batches.items():
+            if where == me:
+                for r in rrids:
+                    PGRP.del_client(r, me)
+                continue
+            try:
+                PGRP.send(where, MsgHeader(), RemoteDoMsg(_del_clients, (rrids, me), {}))
+            except (ProcessExitedException, ValueError, OSError):
+                pass   # the owner is gone, and its values with it
+
+
+_client_msgs = _ClientMessages()
+
+
+@internal_op
+def _del_clients(ctx: OpContext, rrids: list[RRID], client: int) -> None:
+    for r in rrids:
+        PGRP.del_client(r, client)
+
+
+@internal_op
+def _add_clients(ctx: OpContext, rrids: list[RRID], client: int) -> None:
+    for r in rrids:
+        PGRP.add_client(r, client)
+    ctx.reply(None)
+
+
+# -- owner-side operations on a Future's cell --------------------------------------------------
+@internal_op
+def _fetch_ref(ctx: OpContext, rrid: RRID) -> None:
+    PGRP.lookup_ref(rrid).add_callback(ctx.reply)   # type: ignore[union-attr]
+
+
+@internal_op
+def _wait_ref(ctx: OpContext, rrid: RRID) -> None:
+    PGRP.lookup_ref(rrid).add_callback(   # type: ignore[union-attr]
+        lambda v: ctx.reply(v if type(v) is Failure else None))
+
+
+@internal_op
+def _isready_ref(ctx: OpContext, rrid: RRID) -> None:
+    ctx.reply(PGRP.lookup_ref(rrid).ready())   # type: ignore[union-attr]
+
+
+@internal_op
+def _put_ref(ctx: OpContext, rrid: RRID, value: Any) -> None:
+    try:
+        PGRP.lookup_ref(rrid).set(value)   # type: ignore[union-attr]
+    except InvalidStateException as e:
+        ctx.reply(Failure(e))
+        return
+    ctx.reply(None)
+
+
+# -- the handle --------------------------------------------------------------------------------
+class AbstractRemoteRef:
+    """Base of ``Future`` and ``RemoteChannel``: a reference id and an owner."""
+
+    __slots__ = ("where", "rrid", "_released", "__weakref__")
+
+    where: int
+    rrid: RRID
+
+    def _register(self) -> "AbstractRemoteRef":
+        """Return the one handle of this process for ``rrid`` (this one if it is new)."""
+        existing = _handles.setdefault(self.rrid, self)
+        if existing is not self:
+            self._released = True
+        return existing
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            _client_msgs.release(self.where, self.rrid)
+
+    def __del__(self) -> None:
+        try:
+            self._release()
+        except Exception:   # interpreter shutdown: nothing left to notify
+            pass
+
+    def _note_sent(self) -> None:
+        """Called while pickling: make the destination a client of the owner first."""
+        dest = getattr(PGRP.sending, "pid", None)
+        if dest is None or dest == self.where:
+            return
+        if self.where == PGRP.myid:
+            PGRP.add_client(self.rrid, dest)
+        else:
+            call_on_owner(_add_clients, self.where, [self.rrid], dest)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.rrid == self.rrid   # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.rrid))
+
+
+class Future(AbstractRemoteRef):
+    """A write-once value living on process ``where`` (Julia's ``Future``)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self, pid: int | None = None) -> None:
+        where = PGRP.myid if pid is None else pid
+        PGRP.check_pid(where)
+        self.where = where
+        self.rrid = PGRP.next_rrid()
+        self._cache = _UNSET
+        self._released = False
+        if where == PGRP.myid:
+            PGRP.lookup_ref(self.rrid)
+        _handles[self.rrid] = self
+
+    @classmethod
+    def _for_call(cls, pid: int) -> "Future":
+        """A handle for the result of a call about to be sent to ``pid``."""
+        f = cls.__new__(cls)
+        f.where, f.rrid, f._cache, f._released = pid, PGRP.next_rrid(), _UNSET, False
+        _handles[f.rrid] = f
+        return f
+
+    def __repr__(self) -> str:
+        return f"Future({self.where}, {self.rrid.whence}, {self.rrid.id})"
+
+    def _local_cell(self) -> RemoteValue:
+        return PGRP.lookup_ref(self.rrid)   # type: ignore[return-value]
+
+    def fetch(self, timeout: float | None = None) -> Any:
+        """The value (blocking until set); raises the call's ``RemoteException`` if it failed."""
+        if self._cache is _UNSET:
+            if self.where == PGRP.myid:
+                value = wait_value(self._local_cell(), timeout, f"{self!r}")
+            else:
+                value = call_on_owner(_fetch_ref, self.where, self.rrid, timeout=timeout)
+            self._cache = value
+            if self.where != PGRP.myid:
+                self._release()   # the value is cached here now
+        return unwrap(self._cache)
+
+    def put(self, value: Any) -> "Future":
+        """Set the value; a Future can be set only once (``InvalidStateException``)."""
+        if self._cache is not _UNSET:
+            raise InvalidStateException(f"{self!r} can be set only once: it already holds a value")
+        if self.where == PGRP.myid:
+            self._local_cell().set(value)
+        else:
+            unwrap(call_on_owner(_put_ref, self.where, self.rrid, value))
+        self._cache = value
+        return self
+
+    def isready(self) -> bool:
+        """Whether the value is set (never blocks for the value itself)."""
+        if self._cache is not _UNSET:
+            return True
+        if self.where == PGRP.myid:
+            return self._local_cell().ready()
+        return bool(unwrap(call_on_owner(_isready_ref, self.where, self.rrid)))
+
+    def wait(self, timeout: float | None = None) -> "Future":
+        """Block until the value is set; raises the call's ``RemoteException`` if it failed."""
+        if self._cache is _UNSET:
+            if self.where == PGRP.myid:
+                unwrap(wait_value(self._local_cell(), timeout, f"{self!r}"))
+            else:
+                unwrap(call_on_owner(_wait_ref, self.where, self.rrid, timeout=timeout))
+        else:
+            unwrap(self._cache)
+        return self
+
+    def take(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("take() is for channels; use fetch() on a Future")
+
+    def __reduce__(self):
+        if self._cache is _UNSET:
+            self._note_sent()
+            return (_rebuild_future, (self.where, self.rrid, _UNSET_MARK))
+        return (_rebuild_future, (self.where, self.rrid, self._cache))
+
+
+class _UnsetMark:
+    """Pickles to a marker meaning 'no cached value'."""
+
+    def __reduce__(self):
+        return (_unset_mark, ())
+
+
+def _unset_mark() -> "_UnsetMark":
+    return _UNSET_MARK
+
+
+_UNSET_MARK = _UnsetMark()
+
+
+def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future:
+    existing = _handles.get(rrid)
+    if isinstance(existing, Future):
+        if cache is not _UNSET_MARK and existing._cache is _UNSET:
+            existing._cache = cache
+        return existing
+    f = Future.__new__(Future)
+    f.where, f.rrid, f._released = where, rrid, False
+    f._cache = _UNSET if cache is _UNSET_MARK else cache
+    if f._cache is not _UNSET:
+        f._released = True     # a handle with a value needs nothing from the owner
+    elif where == PGRP.myid:
+        PGRP.add_client(rrid, where)
+    return f._register()  # type: ignore[return-value]
+
+
+def remoteref_id(r: AbstractRemoteRef) -> RRID:
+    """The ``RRID(whence, id)`` of a reference."""
+    return r.rrid
