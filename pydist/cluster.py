@@ -83,7 +83,6 @@ class Worker:
         self.addresses: tuple[str, ...] = ()
         self.connected = threading.Event()   # set once a transport is up (or it died)
         self.gone = threading.Event()        # set once terminated
-        self.pending: set[RRID] = set()      # reply waiters that depend on this worker
         self.detail = ""                     # how it ended, for ProcessExitedException
         self.connect_lock = threading.Lock()
 
@@ -201,29 +200,23 @@ class ProcessGroup:
         rv = RemoteValue()
         with self.lock:
             self.waiting[rrid] = (rv, pid)
-            w = self.workers.get(pid)
-            if w is not None:
-                w.pending.add(rrid)
         return rrid, rv
 
     def forget_reply(self, rrid: RRID) -> None:
         with self.lock:
-            entry = self.waiting.pop(rrid, None)
-            if entry is not None:
-                w = self.workers.get(entry[1])
-                if w is not None:
-                    w.pending.discard(rrid)
+            self.waiting.pop(rrid, None)
 
     def complete_reply(self, rrid: RRID, value: Any) -> None:
         """Deliver a reply to its waiter (a late reply to a forgotten waiter is dropped)."""
         with self.lock:
             entry = self.waiting.pop(rrid, None)
-            if entry is None:
-                return
-            w = self.workers.get(entry[1])
-            if w is not None:
-                w.pending.discard(rrid)
-        entry[0].try_set(value)
+        if entry is not None:
+            entry[0].try_set(value)
+
+    def waits_on(self, pid: int) -> bool:
+        """Whether anything here waits for a reply from ``pid``."""
+        with self.lock:
+            return any(p == pid for _, p in self.waiting.values())
 
     # -- owned references ------------------------------------------------------------
     def lookup_ref(self, rrid: RRID, create: bool = True) -> RemoteValue | None:
@@ -261,13 +254,14 @@ class ProcessGroup:
             w.state = W_TERMINATED
             w.detail = w.detail or detail
             self.removed[w.id] = w.detail
-            pending = [self.waiting.pop(r, (None, 0))[0] for r in w.pending]
-            w.pending.clear()
+            # Scanning every waiter is fine: deaths are rare, and it needs no per-worker
+            # bookkeeping that could miss a waiter registered before the record existed.
+            doomed = [r for r, (_, p) in self.waiting.items() if p == w.id]
+            pending = [self.waiting.pop(r)[0] for r in doomed]
             t, w.transport = w.transport, None
         exc = ProcessExitedException(w.id, w.detail)
         for rv in pending:
-            if rv is not None:
-                rv.try_set(Failure(exc))
+            rv.try_set(Failure(exc))
         if t is not None:
             t.abort()
         w.connected.set()

@@ -32,6 +32,7 @@ The hello (before it, nothing is unpickled and frames are at most ``HELLO_MAX_FR
     2. on the peer's HELLO1, each sends  HELLO2 = b"PDHELLO2" | mac (32 bytes), where
          mac = HMAC-SHA256(cookie, b"pydist-hello" | version | own role | peer role
                                    | peer nonce | own nonce)
+       (every field has a fixed length, so the concatenation is unambiguous)
     3. on the peer's HELLO2, each recomputes the peer's mac from its own view and compares.
 
 The cookie never travels; fresh nonces on both sides make every proof good for one
@@ -53,7 +54,14 @@ from typing import Callable, NoReturn
 from . import serialize
 from .errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
 from .messages import KINDS, NULL_HEADER, NULL_RRID, RRID, TAGS, Message, MsgHeader
-from .transport import HELLO_MAX_FRAME, Buffer
+
+# Before the hello succeeds a peer may send only tiny frames; afterwards the limit is raised
+# to DEFAULT_MAX_FRAME (the largest single message pydist accepts).
+HELLO_MAX_FRAME = 4096
+DEFAULT_MAX_FRAME = 1 << 40
+
+# The bytes-like types frames are made of (the same as ``transport.Buffer``).
+Buffer = bytes | bytearray | memoryview
 
 __all__ = [
     "FRAME_HEADER", "FRAME_HEADER_SIZE", "NEED_DATA", "frame_header", "parse_frame_header",

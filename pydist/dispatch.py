@@ -37,8 +37,15 @@ def capture(exc: BaseException, pid: int | None = None) -> RemoteException:
 
 def run_call(f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """Run user code; its value, or a ``Failure`` carrying a ``RemoteException``."""
+    runner = PGRP._runner
     try:
-        return f(*args, **kwargs)
+        if runner is None:
+            return f(*args, **kwargs)
+        runner.enter_call()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            runner.exit_call()
     except BaseException as e:  # KeyboardInterrupt and SystemExit are the call's failure too
         return Failure(capture(e))
 
@@ -192,7 +199,7 @@ def _lost(w: Worker, detail: str) -> None:
     if w.state == W_TERMINATED:
         return
     detail = _exit_detail(w) or detail
-    busy = " while running a call" if w.pending else ""
+    busy = " while running a call" if PGRP.waits_on(w.id) else ""
     PGRP.worker_lost(w, detail + busy)
 
 

@@ -104,14 +104,21 @@ class TaskRunner:
             return False
 
     def _run(self, task: Callable[[], None]) -> None:
-        ident = threading.get_ident()
-        self._in_call[ident] = True
         try:
             task()
         except BaseException:  # a task reports its own errors; this is a last resort
             traceback.print_exc()
-        finally:
-            self._in_call[ident] = False
+
+    # -- user code ----------------------------------------------------------------------
+    # Only user code may be interrupted: never the sending of its result, which would
+    # leave a frame half-written and the connection unusable.
+    def enter_call(self) -> None:
+        """Mark the current thread as running user code (interruptible)."""
+        self._in_call[threading.get_ident()] = True
+
+    def exit_call(self) -> None:
+        """Mark the current thread as back in pydist's own code."""
+        self._in_call[threading.get_ident()] = False
 
     # -- blocking sections ----------------------------------------------------------
     @contextmanager

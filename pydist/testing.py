@@ -79,10 +79,15 @@ class _Task:
 
     def result(self, timeout: float) -> Any:
         """The call's value; re-raises its exception; AssertionError on timeout."""
-        error = self.wait(timeout)
-        if error is not None:
-            raise error
+        if self.wait(timeout) is not None:
+            raise self.error  # type: ignore[misc]
         return self.value
+
+    def discard(self) -> None:
+        """Give the call a moment to end, and abort the transport it returned, if any."""
+        self._thread.join(WAKE_TIMEOUT)
+        if self.done and self.error is None and hasattr(self.value, "abort"):
+            self.value.abort()
 
     def _stack(self) -> str:
         frame = sys._current_frames().get(self._thread.ident or -1)
@@ -133,9 +138,8 @@ def transport_pair(listen_url: str, *, timeout: float = STEP_TIMEOUT) -> tuple[T
             accepted, connected = _wait_all([accepting, connecting], timeout)
         except BaseException:
             listener.close()  # wakes the accept if it is still waiting
-            for task in (accepting, connecting):
-                if task.wait(WAKE_TIMEOUT) is None and task.value is not None:
-                    task.value.abort()
+            accepting.discard()
+            connecting.discard()
             raise
     finally:
         listener.close()
@@ -159,47 +163,44 @@ def _random_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def _digest(data: Any) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def _summary(data: Any) -> tuple[int, str]:
+    """Length and digest: enough to tell that a large frame arrived intact."""
+    return len(data), hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _transfer(src: Transport, dst: Transport, frames: list[list[Any]], what: str,
+              keep: Callable[[memoryview], Any] = bytes, timeout: float = STEP_TIMEOUT) -> list[Any]:
+    """Send ``frames`` (each a list of parts) from ``src`` while ``dst`` receives as many;
+    ``keep`` of each received frame."""
+    def send() -> None:
+        for parts in frames:
+            src.send_frame(parts)
+
+    def receive() -> list[Any]:
+        return [keep(dst.recv_frame()) for _ in frames]
+
+    return _wait_all([_Task(f"send {what}", send), _Task(f"receive {what}", receive)], timeout)[1]
 
 
 # -- ordering, sizes, parts -----------------------------------------------------------------
 
 def check_ordering(listen_url: str, *, count: int = 10_000) -> None:
     """``count`` small frames of varying length arrive complete and in order."""
-    def send(t: Transport) -> None:
-        for i in range(count):
-            t.send_frame([struct.pack("<Q", i) + bytes(i % 23)])
-
-    def receive(t: Transport) -> None:
-        for i in range(count):
-            frame = t.recv_frame()
-            assert len(frame) == 8 + i % 23, f"frame {i} has {len(frame)} bytes, expected {8 + i % 23}"
-            (seq,) = struct.unpack_from("<Q", frame)
-            assert seq == i, f"frame {i} arrived in position of frame {seq}"
-
+    frames = [[struct.pack("<Q", i) + bytes(i % 23)] for i in range(count)]
     with _pair(listen_url) as (a, b):
-        _wait_all([_Task("send numbered frames", send, a), _Task("receive numbered frames", receive, b)],
-                  STEP_TIMEOUT)
+        got = _transfer(a, b, frames, f"{count} numbered frames")
+    for i, (parts, frame) in enumerate(zip(frames, got)):
+        assert frame == parts[0], f"frame {i} arrived as {frame[:8]!r}+{len(frame) - 8} bytes"
 
 
 def check_frame_sizes(listen_url: str, *, big: int = BIG) -> None:
     """Frames of 0 B up to ``big`` arrive intact (digest-checked), in both directions."""
     sizes = [0, 1, 7, 8, 4095, 4096, 65536 + 1, 1 << 20, big]
-    payloads = [_random_bytes(n, seed=n) for n in sizes]
-    expected = [(len(p), _digest(p)) for p in payloads]
-
-    def send(t: Transport) -> None:
-        for p in payloads:
-            t.send_frame([p])
-
-    def receive(t: Transport) -> list[tuple[int, str]]:
-        return [(len(f), _digest(f)) for f in (t.recv_frame() for _ in sizes)]
-
+    frames = [[_random_bytes(n, seed=n)] for n in sizes]
+    expected = [_summary(parts[0]) for parts in frames]
     with _pair(listen_url) as (a, b):
         for src, dst, direction in ((a, b, "accepted -> connected"), (b, a, "connected -> accepted")):
-            _, got = _wait_all([_Task(f"send sizes {direction}", send, src),
-                                _Task(f"receive sizes {direction}", receive, dst)], BIG_TIMEOUT)
+            got = _transfer(src, dst, frames, f"sizes {direction}", _summary, BIG_TIMEOUT)
             for n, want, have in zip(sizes, expected, got):
                 assert have == want, f"{direction}: frame of {n} bytes arrived as {have}, expected {want}"
 
@@ -227,19 +228,10 @@ def check_multipart_frames(listen_url: str) -> None:
     """A frame sent as several parts (empty ones, memoryviews of typed buffers) arrives as
     their concatenation."""
     cases = _multipart_cases()
-    expected = [b"".join(bytes(memoryview(p)) for p in parts) for parts in cases]
-
-    def send(t: Transport) -> None:
-        for parts in cases:
-            t.send_frame(parts)
-
-    def receive(t: Transport) -> list[bytes]:
-        return [bytes(t.recv_frame()) for _ in cases]
-
     with _pair(listen_url) as (a, b):
-        _, got = _wait_all([_Task("send multipart", send, a), _Task("receive multipart", receive, b)],
-                           STEP_TIMEOUT)
-    for i, (want, have) in enumerate(zip(expected, got)):
+        got = _transfer(a, b, cases, "multipart frames")
+    for i, (parts, have) in enumerate(zip(cases, got)):
+        want = b"".join(bytes(memoryview(p)) for p in parts)
         assert have == want, (f"multipart case {i}: got {len(have)} bytes {have[:32]!r}..., "
                               f"expected {len(want)} bytes {want[:32]!r}...")
 
@@ -276,22 +268,16 @@ def check_simultaneous_big_sends(listen_url: str, *, big: int = BIG) -> None:
     """Both ends sending a ``big`` frame at once, each reading in another thread, do not
     deadlock, and both frames arrive intact."""
     data = _random_bytes(big, seed=1)
-    payloads = {"accepted": memoryview(data), "connected": memoryview(data)[1:]}
-
-    def receive(t: Transport) -> tuple[int, str]:
-        frame = t.recv_frame()
-        return len(frame), _digest(frame)
-
+    from_a, from_b = memoryview(data), memoryview(data)[1:]  # different lengths and contents
     with _pair(listen_url) as (a, b):
-        ends = {"accepted": a, "connected": b}
-        peer_of = {"accepted": "connected", "connected": "accepted"}
-        tasks = [_Task(f"receive on {name}", receive, t) for name, t in ends.items()]
-        tasks += [_Task(f"send {big} bytes from {name}", t.send_frame, [payloads[name]])
-                  for name, t in ends.items()]
-        results = _wait_all(tasks, BIG_TIMEOUT)
-    for name, got in zip(ends, results):
-        sent = payloads[peer_of[name]]
-        assert got == (len(sent), _digest(sent)), f"the big frame received on the {name} end is corrupt"
+        at_a, at_b, _, _ = _wait_all([
+            _Task("receive on the accepted end", lambda: _summary(a.recv_frame())),
+            _Task("receive on the connected end", lambda: _summary(b.recv_frame())),
+            _Task(f"send {big} bytes from the accepted end", a.send_frame, [from_a]),
+            _Task(f"send {big - 1} bytes from the connected end", b.send_frame, [from_b]),
+        ], BIG_TIMEOUT)
+    assert at_a == _summary(from_b), "the big frame received on the accepted end is corrupt"
+    assert at_b == _summary(from_a), "the big frame received on the connected end is corrupt"
 
 
 # -- closing --------------------------------------------------------------------------------
@@ -322,12 +308,10 @@ def check_close_wakes_self(listen_url: str) -> None:
 def check_close_is_idempotent(listen_url: str) -> None:
     """``close`` and ``abort`` may be called any number of times, in any order."""
     with _pair(listen_url) as (a, b):
-        for t in (a, b):
-            assert not t.closed, "a new transport says it is closed"
-        steps = _Task("close, close, abort, close", lambda: (a.close(), a.close(), a.abort(), a.close()))
-        steps.result(WAKE_TIMEOUT)
-        steps = _Task("abort, abort, close", lambda: (b.abort(), b.abort(), b.close()))
-        steps.result(WAKE_TIMEOUT)
+        assert not (a.closed or b.closed), "a new transport says it is closed"
+        for t, calls in ((a, "close close abort close"), (b, "abort abort close")):
+            steps = [getattr(t, name) for name in calls.split()]
+            _Task(calls, lambda: [step() for step in steps]).result(WAKE_TIMEOUT)
         assert a.closed and b.closed, "closed is False after close()/abort()"
 
 
@@ -351,8 +335,7 @@ def check_max_frame(listen_url: str, *, size: int = 8 << 20, limit: int = 1024) 
     length and the limit) without allocating room for it, and aborts the transport."""
     with _pair(listen_url) as (a, b):
         b.max_frame = limit
-        _wait_all([_Task("send a frame at the limit", a.send_frame, [bytes(limit)]),
-                   _Task("receive a frame at the limit", b.recv_frame)], STEP_TIMEOUT)
+        _transfer(a, b, [[bytes(limit)]], "a frame at the limit")
         payload = bytes(size)
         tracemalloc.start()
         try:
@@ -398,8 +381,10 @@ def _accept_from(listener: transport.Listener, child: subprocess.Popen) -> Trans
     while not accepting.done:
         if child.poll() is not None or time.monotonic() > deadline:
             listener.close()
-            err = child.communicate(timeout=STEP_TIMEOUT)[1].decode(errors="replace") if child.poll() is not None else ""
-            raise AssertionError(f"the child (exit status {child.poll()}) did not connect:\n{err}")
+            accepting.discard()
+            child.kill()
+            stderr = child.communicate(timeout=STEP_TIMEOUT)[1].decode(errors="replace")
+            raise AssertionError(f"the child (exit status {child.returncode}) did not connect:\n{stderr}")
         time.sleep(0.01)
     return accepting.result(0)
 

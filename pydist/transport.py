@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
+from .codec import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
 from .errors import TransportClosed, TransportBroken
 
 __all__ = [
@@ -23,11 +24,6 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
-
-# Before the hello succeeds a peer may send only tiny frames; afterwards the limit is raised
-# to DEFAULT_MAX_FRAME (the largest single message pydist will accept).
-HELLO_MAX_FRAME = 4096
-DEFAULT_MAX_FRAME = 1 << 40
 
 
 @runtime_checkable

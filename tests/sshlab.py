@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -76,6 +77,7 @@ SSHD = "/usr/sbin/sshd"
 GUARD_METRIC = 4242
 SSH_PORT = 22
 _BASE = ipaddress.ip_network("10.250.0.0/16")
+_SUBNETS = list(_BASE.subnets(new_prefix=24))[1:-1]  # 10.250.1.0/24 .. 10.250.254.0/24
 _PREFIX = "pdlab"
 _STATE_DIR = Path("/run/pydist-sshlab")
 _FIRST_HOST = 11
@@ -166,7 +168,8 @@ class SSHLab:
         self.ssh_config_path = ""
         self.sshflags: tuple[str, ...] = ()
         self._state: _LabState | None = None
-        self._sshd: dict[str, subprocess.Popen[bytes]] = {}
+        self._sshd: dict[str, subprocess.Popen[bytes]] = {}  # the running one per host
+        self._spawned: list[subprocess.Popen[bytes]] = []  # every one, to reap at teardown
         self._closed = False
 
     # ------------------------------------------------------------------ availability
@@ -206,7 +209,7 @@ class SSHLab:
 
     def start(self) -> None:
         """Build the lab; on any failure take down what was built and raise."""
-        if self._state is not None:
+        if self._state is not None or self._closed:
             raise SSHLabError("this lab was already started; make a new SSHLab")
         ok, reason = self.available()
         if not ok:
@@ -218,8 +221,8 @@ class SSHLab:
             self._make_keys_and_configs()
             self._make_network()
             for host in self.hosts:
-                self.start_sshd(host)
-            self._wait_for_sshds()
+                self.start_sshd(host, wait=False)
+            self._wait_for_sshds(self.hosts)
         except BaseException:
             self.close()
             raise
@@ -232,7 +235,7 @@ class SSHLab:
         atexit.unregister(self.close)
         state, self._state = self._state, None
         if state is not None:
-            _teardown(state, list(self._sshd.values()))
+            _teardown(state, self._spawned)
 
     # ------------------------------------------------------------------ using the lab
 
@@ -274,13 +277,19 @@ class SSHLab:
                  **kwargs: object) -> subprocess.Popen[bytes]:
         """Start ``argv`` in the host's network namespace; it is killed at teardown."""
         ns = self.host(host).netns
-        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kwargs)  # type: ignore[call-overload]
+        argv = ["ip", "netns", "exec", ns, *argv]
+        return subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
 
     def processes_in(self, host: LabHost | str | int) -> list[int]:
         """Pids (not zombies) whose network namespace is the host's."""
         return _processes_in_netns(self.host(host).netns)
 
-    def start_sshd(self, host: LabHost | str | int) -> None:
+    @property
+    def lab_id(self) -> str:
+        """The random id in this lab's names: namespaces ``pdlab-<id>*``, link ``pdlab<id>``."""
+        return self._require_state().lab_id
+
+    def start_sshd(self, host: LabHost | str | int, *, wait: bool = True) -> None:
         """Start the host's sshd (a fresh /dev/shm with it); no-op while it runs."""
         host = self.host(host)
         running = self._sshd.get(host.name)
@@ -295,6 +304,9 @@ class SSHLab:
             self._sshd[host.name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
+        self._spawned.append(self._sshd[host.name])
+        if wait:
+            self._wait_for_sshds([host])
 
     def kill_sshd(self, host: LabHost | str | int, timeout: float = 5.0) -> None:
         """Kill the host's sshd: new connections are refused; open sessions live on."""
@@ -319,7 +331,7 @@ class SSHLab:
         """Pick a free 10.250.X.0/24 and add its guard route (which is also the lock)."""
         taken = _networks_in_use()
         for _ in range(64):
-            subnet = list(_BASE.subnets(new_prefix=24))[1 + secrets.randbelow(254)]
+            subnet = secrets.choice(_SUBNETS)
             if any(subnet.overlaps(net) for net in taken):
                 continue
             state = _LabState(lab_id=secrets.token_hex(3), subnet=str(subnet),
@@ -387,9 +399,9 @@ class SSHLab:
         for host in self.hosts:
             _ip_batch(host.netns, [f"{neigh} eth0"])
 
-    def _wait_for_sshds(self) -> None:
+    def _wait_for_sshds(self, hosts: Sequence[LabHost]) -> None:
         deadline = time.monotonic() + self.start_timeout
-        for host in self.hosts:
+        for host in hosts:
             while not _ssh_banner(host.addr):
                 proc = self._sshd[host.name]
                 if proc.poll() is not None:
@@ -459,11 +471,15 @@ def _end_processes(namespaces: Sequence[str], sshds: Iterable[subprocess.Popen[b
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        for proc in sshds:
-            proc.poll()  # reap our own children
         if not pids or time.monotonic() > deadline:
-            return pids
+            break
         time.sleep(0.02)
+    for proc in sshds:  # reap our own children: no zombie of the lab outlives it
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pids.append(proc.pid)
+    return pids
 
 
 def _abort_sockets(subnet: str) -> None:
@@ -576,6 +592,7 @@ def _ssh_banner(addr: str) -> bool:
         return False
 
 
+@functools.cache
 def _ssh_version() -> tuple[int, int]:
     text = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr
     try:

@@ -60,7 +60,8 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def _start_listener(lab: SSHLab, host: sshlab.LabHost, bind: str) -> tuple[subprocess.Popen[str], int]:
+def _start_listener(lab: SSHLab, host: sshlab.LabHost,
+                    bind: str) -> tuple[subprocess.Popen[str], int]:
     command = f"{lab.python} -c {shlex.quote(_LISTENER)} {bind}"
     proc = subprocess.Popen(["ssh", *lab.sshflags, host.spec, command], text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
@@ -176,6 +177,27 @@ def test_local_port_forwarding_reaches_the_hosts_loopback(lab: SSHLab) -> None:
         _finish(proc)
 
 
+def test_one_multiplexed_connection_carries_more_than_ten_sessions(
+        lab: SSHLab, tmp_path: Path) -> None:
+    host, control = lab.hosts[0], str(tmp_path / "control")
+    master = subprocess.Popen(["ssh", *lab.sshflags, "-M", "-S", control, "-N", host.spec],
+                              stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(control):
+            assert master.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        sessions = [subprocess.Popen(["ssh", *lab.sshflags, "-S", control, host.spec,
+                                      "sleep 1; hostname"], text=True,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+                    for _ in range(16)]
+        outputs = [s.communicate(timeout=30)[0].strip() for s in sessions]
+        assert outputs == ["pdhost-a"] * 16
+    finally:
+        master.kill()
+        master.wait(5)
+
+
 def test_processes_in_sees_the_hosts_sshd_only(lab: SSHLab) -> None:
     a, b = lab.hosts
     assert lab._sshd[a.name].pid in lab.processes_in(a)
@@ -209,7 +231,7 @@ def test_the_dead_address_fails_fast(lab: SSHLab) -> None:
 
 def test_the_subnet_never_takes_the_default_route(lab: SSHLab) -> None:
     assert lab.subnet is not None
-    root_link = f"pdlab{lab._require_state().lab_id}"
+    root_link = f"pdlab{lab.lab_id}"
     routes = subprocess.run(["ip", "route", "show", str(lab.subnet)], capture_output=True,
                             text=True, timeout=10).stdout
     assert f"unreachable {lab.subnet} metric 4242" in routes
@@ -236,8 +258,8 @@ def test_kill_sshd_and_teardown_leave_nothing(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(sshlab, "_run", recording_run)
     with SSHLab(n_hosts=1) as lab:
         host = lab.hosts[0]
-        lab_id, subnet = lab._require_state().lab_id, str(lab.subnet)
-        tmpdir = lab._require_state().tmpdir
+        lab_id, subnet = lab.lab_id, str(lab.subnet)
+        tmpdir = str(Path(lab.ssh_config_path).parent)
         # A session that outlives sshd, a detached process, and an idle socket from here.
         session = subprocess.Popen(["ssh", *lab.sshflags, host.spec, "sleep 300"],
                                    stdin=subprocess.DEVNULL)
@@ -249,7 +271,6 @@ def test_kill_sshd_and_teardown_leave_nothing(monkeypatch: pytest.MonkeyPatch) -
         pids = lab.processes_in(host)
         assert len(pids) >= 2 and session.poll() is None  # the old session lives on
         lab.start_sshd(host)
-        lab._wait_for_sshds()
         assert lab.ssh(host, "hostname", timeout=20).stdout.strip() == "pdhost-a"
         pids += lab.processes_in(host)
         calls.clear()
@@ -277,7 +298,7 @@ def test_a_lab_whose_process_died_is_cleaned_up_by_the_next() -> None:
     _require_lab()
     script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from sshlab import SSHLab; "
               "lab = SSHLab(n_hosts=1); lab.start(); "
-              "print(lab._require_state().lab_id, lab.subnet, flush=True); time.sleep(120)")
+              "print(lab.lab_id, lab.subnet, flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent)],
                             text=True, stdout=subprocess.PIPE)
     try:

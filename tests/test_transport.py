@@ -270,3 +270,31 @@ def test_keyboard_interrupt_mid_frame_aborts(pair, monkeypatch):
     assert b.closed
     with pytest.raises(TransportClosed):
         b.recv_frame()
+
+
+def test_partial_sends_resume_without_losing_bytes(pair, monkeypatch):
+    a, b = pair
+
+    class Trickle:
+        """Accepts at most 7777 bytes per sendmsg, as a socket may under signals or timeouts."""
+
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock, self.calls = sock, 0
+
+        def sendmsg(self, bufs, ancdata, flags):
+            self.calls += 1
+            room, taken = 7777, []
+            for buf in bufs:
+                piece = memoryview(buf)[:room]
+                taken.append(piece)
+                room -= len(piece)
+                if not room:
+                    break
+            return self.sock.sendmsg(taken, ancdata, flags)
+
+    trickle = Trickle(a.socket)
+    monkeypatch.setattr(a, "_sock", trickle)
+    parts = [bytes([i % 256]) * (i % 50) for i in range(1500)] + [bytes(range(256)) * 1000]
+    a.send_frame(parts)
+    assert bytes(b.recv_frame()) == b"".join(parts)
+    assert trickle.calls > 10

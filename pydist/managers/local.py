@@ -68,6 +68,12 @@ class LocalManager(ClusterManager):
     def _spawn(self, params: dict[str, Any], cookie: str) -> subprocess.Popen:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in (params.get("env") or {}).items()})
+        # Make sure the worker finds this very pydist even when it is not installed
+        # (appended, so an installed copy on the default path still comes first).
+        home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if home not in paths:
+            env["PYTHONPATH"] = os.pathsep.join([*paths, home])
         if not params.get("enable_threaded_blas"):
             for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env.setdefault(var, "1")

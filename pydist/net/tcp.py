@@ -130,10 +130,11 @@ class TcpTransport:
         """Send the concatenation of ``parts`` as one frame; thread-safe."""
         bufs, total = _as_buffers(parts)
         bufs.insert(0, codec.frame_header(total))
+        total += _HEADER
         with self._send_lock:
             self._state.enter()
             try:
-                self._send_all(bufs)
+                self._send_all(bufs, total)
             except OSError as e:
                 self._state.raise_error(TransportBroken(f"sending to {self._peer} failed: {_why(e)}"))
             except BaseException:
@@ -147,9 +148,9 @@ class TcpTransport:
         self._state.enter()
         try:
             return self._read_frame()
+        except TransportError as e:
+            self._state.raise_error(e)
         except OSError as e:
-            if isinstance(e, TransportError):
-                self._state.raise_error(e)
             self._state.raise_error(TransportBroken(f"receiving from {self._peer} failed: {_why(e)}"))
         except BaseException:
             self.abort()  # stopped in the middle of a frame: the stream is lost
@@ -177,11 +178,14 @@ class TcpTransport:
 
     # -- sending ------------------------------------------------------------------------
 
-    def _send_all(self, bufs: list) -> None:
-        """Write every buffer, resuming after partial writes without copying."""
+    def _send_all(self, bufs: list, total: int) -> None:
+        """Write all ``total`` bytes of ``bufs``, resuming after partial writes without copying."""
         sock = self._sock
-        while bufs:
-            sent = sock.sendmsg(bufs[:_IOV_MAX], (), _SEND_FLAGS)
+        while True:
+            sent = sock.sendmsg(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX], (), _SEND_FLAGS)
+            total -= sent
+            if not total:
+                return
             bufs = _advance(bufs, sent)
 
     # -- receiving ----------------------------------------------------------------------
@@ -195,7 +199,10 @@ class TcpTransport:
         if n <= have:  # the whole frame is already buffered
             self._rpos = start + n
             return memoryview(bytearray(self._rview[start:start + n]))
-        out = bytearray(n)
+        try:
+            out = bytearray(n)
+        except MemoryError:
+            raise TransportBroken(f"no memory for a frame of {n} bytes from {self._peer}") from None
         out[:have] = self._rview[start:self._rend]
         self._rpos = self._rend = 0
         self._recv_exactly(memoryview(out)[have:], n)

@@ -1,0 +1,2 @@
+"""A module-level box that worker processes use to hold objects between test calls."""
+box: dict = {}
