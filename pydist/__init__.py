@@ -18,16 +18,20 @@ from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
 from .managers.local import LocalManager
 from .messages import RRID
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
-from .remoteref import AbstractRemoteRef, Future, remoteref_id
+from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
+from .channel import Channel
+from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
 from .bootstrap import init_worker, process_messages, start_worker
-from .api import fetch, isready, put, take, wait, worker_id_from_socket
+from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
 
 __all__ = [
     "myid", "procs", "workers", "nprocs", "nworkers", "addprocs", "rmprocs", "interrupt",
     "cluster_cookie", "remotecall", "remotecall_fetch", "remotecall_wait", "remote_do",
-    "Future", "AbstractRemoteRef", "RRID", "remoteref_id", "fetch", "put", "take", "isready",
+    "Future", "RemoteChannel", "Channel", "channel_from_id", "AbstractRemoteRef", "RRID",
+    "remoteref_id", "fetch", "put", "take", "isready", "close",
+    "ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed",
     "wait", "worker_id_from_socket", "RemoteException", "CapturedException",
     "ProcessExitedException", "InvalidStateException", "LaunchError", "AuthenticationError",
     "ClusterManager", "WorkerConfig", "LocalManager", "default_addprocs_params", "init_worker",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fetch", "put", "take", "isready", "wait", "worker_id_from_socket"]
+__all__ = ["fetch", "put", "take", "isready", "wait", "close", "worker_id_from_socket"]
 
 
 def fetch(x: Any, timeout: float | None = None) -> Any:
@@ -44,6 +44,13 @@ def wait(x: Any, timeout: float | None = None) -> Any:
     if not hasattr(x, "wait"):
         raise TypeError(f"wait() needs a Future, a channel or a pool, not {type(x).__name__}")
     return x.wait(timeout=timeout)
+
+
+def close(x: Any) -> None:
+    """Close a channel (or a pool, or anything with ``close``)."""
+    if not hasattr(x, "close"):
+        raise TypeError(f"close() needs a channel, not {type(x).__name__}")
+    x.close()
 
 
 def worker_id_from_socket(s: Any) -> int:

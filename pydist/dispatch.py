@@ -65,17 +65,24 @@ def reply(pid: int, rrid: RRID, value: Any) -> None:
 
 # -- pydist's own operations ---------------------------------------------------------
 class OpContext:
-    """What an internal operation knows of the message that asked for it."""
+    """What an internal operation knows of the message that asked for it.
 
-    __slots__ = ("sender", "rrid")
+    ``local`` replaces the reply message when the operation runs in the calling process.
+    """
 
-    def __init__(self, sender: int, rrid: RRID | None) -> None:
+    __slots__ = ("sender", "rrid", "local")
+
+    def __init__(self, sender: int, rrid: RRID | None,
+                 local: Callable[[Any], None] | None = None) -> None:
         self.sender = sender
         self.rrid = rrid
+        self.local = local
 
     def reply(self, value: Any) -> None:
         """Answer the caller (nothing to do for a ``remote_do``)."""
-        if self.rrid is not None:
+        if self.local is not None:
+            self.local(value)
+        elif self.rrid is not None:
             reply(self.sender, self.rrid, value)
 
 
