@@ -22,6 +22,7 @@ from . import transport as _transport
 from .cluster import PGRP
 from .join import accept_loop, serve_incoming
 from .managers.base import CONTACT_PREFIX
+from .net.address import format_tcp_url
 from .tasks import TaskRunner
 
 __all__ = ["init_worker", "start_worker", "worker_main", "exit_worker", "process_messages"]
@@ -76,10 +77,10 @@ def _read_cookie() -> str:
     return line.strip()
 
 
-def _listen(bind: str, transports: tuple[str, ...]) -> list[Any]:
+def _listen(bind: str, transports: tuple[str, ...], port: int = 0) -> list[Any]:
     listeners = []
     for scheme in transports:
-        url = f"tcp://{bind}:0" if scheme == "tcp" else f"{scheme}://"
+        url = format_tcp_url(bind, port) if scheme == "tcp" else f"{scheme}://"
         try:
             listeners.append(_transport.listen(url))
         except Exception as e:
@@ -111,8 +112,13 @@ _joined = threading.Event()
 
 def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_stdin: bool = True,
                  stderr_to_stdout: bool = True, bind: str = "127.0.0.1",
-                 transports: tuple[str, ...] = ("tcp", "shm"), lifeline: bool = False) -> None:
-    """Run this process as a worker until it is told to exit (never returns)."""
+                 transports: tuple[str, ...] = ("tcp", "shm"), lifeline: bool = False,
+                 port: int = 0, lease: float = 0.0) -> None:
+    """Run this process as a worker until it is told to exit (never returns).
+
+    ``lease`` > 0: exit when no heartbeat comes from the master for that many seconds
+    (see ``pydist.lease``); ``port``: the TCP port to listen on (0: any free one).
+    """
     init_worker(_read_cookie() if cookie is None else cookie)
     if stderr_to_stdout and hasattr(out, "fileno"):
         os.dup2(out.fileno(), 2)
@@ -123,7 +129,7 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
     runner = TaskRunner(main_thread=True)
     PGRP.set_runner(runner)
     runner.install_sigint()
-    PGRP.listeners = _listen(bind, transports)
+    PGRP.listeners = _listen(bind, transports, port)
     for listener in PGRP.listeners:
         threading.Thread(target=accept_loop, args=(listener,), name="pydist-accept",
                          daemon=True).start()
@@ -135,6 +141,9 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         sys.stdin.close()
     PGRP.on_joined = _joined.set
     threading.Thread(target=_join_watchdog, name="pydist-join-watchdog", daemon=True).start()
+    if lease > 0:
+        from .lease import watch
+        watch(lease, _joined, exit_worker)
     runner.run_main_loop()
     exit_worker(0)
 
@@ -157,6 +166,10 @@ def worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transports", default="tcp,shm", help="comma-separated: tcp, shm")
     parser.add_argument("--lifeline", action="store_true",
                         help="exit when standard input closes (the master holds it open)")
+    parser.add_argument("--port", type=int, default=0,
+                        help="TCP port to listen on (default 0: any free port)")
+    parser.add_argument("--lease", type=float, default=0.0, metavar="SECONDS",
+                        help="exit when the master sends no heartbeat for SECONDS (0: never)")
     args = parser.parse_args(argv)
-    start_worker(sys.stdout, None, bind=args.bind, lifeline=args.lifeline,
-                 transports=tuple(s for s in args.transports.split(",") if s))
+    start_worker(sys.stdout, None, bind=args.bind, lifeline=args.lifeline, port=args.port,
+                 lease=args.lease, transports=tuple(s for s in args.transports.split(",") if s))

@@ -111,7 +111,7 @@ def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: li
                    ntfy: threading.Condition, outcome: dict[str, Any]) -> list[int]:
     """Give each launched config an id and join it, until the launch is over."""
     seen, setups, joined, failures = 0, [], [], []
-    sequential = not params["lazy"]
+    sequential = not params["lazy"] or params["topology"] == "custom"
 
     def setup(w: Worker) -> None:
         try:

@@ -87,12 +87,13 @@ def join_worker(w: Worker, params: dict[str, Any]) -> None:
     t = w.manager.connect(w.id, w.config)
     try:
         authenticate(t, PGRP.cookie, "dial")
-        peers = tuple((p, o.addresses, o.host_key) for p, o in sorted(PGRP.workers.items())
-                      if p != w.id and o.state == W_CONNECTED)
+        live = [o for p, o in sorted(PGRP.workers.items()) if p != w.id and o.state == W_CONNECTED]
+        peers = tuple((o.id, o.addresses, o.host_key) for o in live)
         msg = JoinPGRPMsg(self_pid=w.id, other_workers=peers, topology=params["topology"],
                           lazy=params["lazy"],
                           enable_threaded_blas=bool(params.get("enable_threaded_blas")),
-                          sys_path=tuple(sys.path), master_host_key=PGRP.host_key)
+                          sys_path=tuple(sys.path), master_host_key=PGRP.host_key,
+                          connect_to=_peers_to_dial(w, live, params))
         answer = _exchange(t, msg, JOIN_TIMEOUT)
     except (TransportError, DecodeError, AuthenticationError) as e:
         t.abort()
@@ -106,6 +107,18 @@ def join_worker(w: Worker, params: dict[str, Any]) -> None:
     w.transport, w.state = t, W_CONNECTED
     w.connected.set()
     start_serving(w)
+
+
+def _peers_to_dial(w: Worker, live: list[Worker], params: dict[str, Any]) -> tuple[int, ...]:
+    """Which existing workers the new one connects to at once (the rest: lazily, or never)."""
+    if params["topology"] == "all_to_all":
+        return () if params["lazy"] else tuple(o.id for o in live)
+    if params["topology"] == "custom":
+        mine = set(w.config.connect_idents or ()) if w.config else set()
+        ident = w.config.ident if w.config else None
+        return tuple(o.id for o in live if o.config is not None and
+                     (o.config.ident in mine or (ident is not None and ident in (o.config.connect_idents or ()))))
+    return ()
 
 
 # -- the worker's half ---------------------------------------------------------------------
@@ -167,9 +180,8 @@ def _adopt(msg: JoinPGRPMsg, t: Transport) -> Worker:
     master.transport, master.state = t, W_CONNECTED
     master.connected.set()
     PGRP.add_worker(master)
-    if not msg.lazy and msg.topology == "all_to_all":
-        for pid, _, _ in msg.other_workers:
-            connect_peer(pid)
+    for pid in msg.connect_to:
+        _dial(PGRP.workers[pid])
     t.send_frame(encode_message(NULL_HEADER, JoinCompleteMsg(
         cpu_threads=os.cpu_count() or 1, ospid=os.getpid(), host_key=PGRP.host_key,
         hostname=_hostname())))
@@ -207,6 +219,9 @@ def connect_peer(pid: int) -> None:
     if PGRP.topology == "master_worker":
         raise ValueError(f"worker {PGRP.myid} cannot talk to worker {pid}: the cluster was "
                          f"started with topology='master_worker'; use 'all_to_all'")
+    if PGRP.topology == "custom":
+        raise ValueError(f"worker {PGRP.myid} is not connected to worker {pid} in this custom "
+                         f"topology; list it in WorkerConfig.connect_idents")
     w = _peer_record(pid)
     with w.connect_lock:
         if w.state == W_CONNECTED and w.transport is not None:

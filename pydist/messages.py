@@ -114,6 +114,7 @@ class JoinPGRPMsg(Message):
     enable_threaded_blas: bool = False
     sys_path: tuple = ()               # the master's sys.path, prepended where missing
     master_host_key: str = ""
+    connect_to: tuple = ()             # peers to dial before answering (non-lazy, custom)
 
 
 @dataclass(frozen=True, slots=True)

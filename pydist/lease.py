@@ -1,0 +1,159 @@
+"""Heartbeat leases: a remote worker lives only while its master keeps renewing its lease.
+
+A worker on this host learns of its master's death from its lifeline (the end of its
+standard input). Over SSH that end comes only when the ssh session closes, and a master
+that vanishes silently (a host powered off, a cable pulled, a process stopped) leaves its
+TCP connections open for a very long time. So a worker started with ``--lease SECONDS``
+also needs to hear from its master at least once per lease:
+
+- On the master, ``renew(pid, lease)`` puts worker ``pid`` on the heartbeat list: a daemon
+  thread sends it a tiny ``remote_do`` of ``_beat`` (an internal operation, run on the
+  worker's reader thread, never queued behind user calls) every ``lease / BEATS_PER_LEASE``
+  seconds, until ``forget(pid)`` or the worker is gone. A slow send to one worker (a big
+  frame in the way) never delays the others: each beat is sent by a small pool of threads
+  and a worker whose previous beat is still on its way is skipped.
+- On the worker, ``watch(lease, joined)`` starts a watchdog once the worker has joined: if
+  no beat arrives for ``lease`` seconds it says so on stderr and the worker exits.
+
+A beat is one small frame per worker per period: with the default lease of 30 s, one
+frame every 7.5 s.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from .cluster import PGRP
+from .dispatch import OpContext, internal_op
+from .errors import ProcessExitedException
+from .messages import NULL_HEADER, RemoteDoMsg
+
+__all__ = ["DEFAULT_LEASE", "BEATS_PER_LEASE", "renew", "forget", "leased", "watch",
+           "check_lease"]
+
+DEFAULT_LEASE = 30.0
+BEATS_PER_LEASE = 4
+_SENDERS = 4
+
+
+def check_lease(lease: object) -> float:
+    """``lease`` as seconds (0 means no lease); ``ValueError`` if it is not a number >= 0."""
+    if lease is None:
+        return 0.0
+    if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease >= 0:
+        raise ValueError(f"lease must be a number of seconds >= 0 (0: no lease), not {lease!r}")
+    return float(lease)
+
+
+# -- the master's side ------------------------------------------------------------------
+class _Heartbeat:
+    """The master's heartbeat thread and the workers it keeps alive."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._due: dict[int, tuple[float, float]] = {}   # pid -> (next beat, period)
+        self._in_flight: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def add(self, pid: int, lease: float) -> None:
+        period = lease / BEATS_PER_LEASE
+        with self._lock:
+            self._due[pid] = (0.0, period)   # the first beat goes out at once
+            if self._thread is None:
+                self._pool = ThreadPoolExecutor(_SENDERS, thread_name_prefix="pydist-beat")
+                self._thread = threading.Thread(target=self._run, name="pydist-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def remove(self, pid: int) -> None:
+        with self._lock:
+            self._due.pop(pid, None)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._due)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                ready = []
+                for pid, (at, period) in list(self._due.items()):
+                    if at <= now:
+                        self._due[pid] = (now + period, period)
+                        if pid not in self._in_flight:   # else skip: the last beat is still going
+                            self._in_flight.add(pid)
+                            ready.append(pid)
+                pool = self._pool
+                upcoming = [at for at, _ in self._due.values()]
+            for pid in ready:
+                assert pool is not None
+                pool.submit(self._send, pid)
+            wait = min(upcoming, default=now + 60.0) - time.monotonic()
+            with self._lock:
+                if wait > 0:
+                    self._wake.wait(wait)
+
+    def _send(self, pid: int) -> None:
+        try:
+            PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_beat, (), {}))
+        except (ProcessExitedException, ValueError, OSError):
+            self.remove(pid)   # gone: nothing left to keep alive
+        except Exception as e:  # never let one worker's trouble stop the thread
+            print(f"pydist: heartbeat to worker {pid} failed: {e!r}", file=sys.stderr)
+        finally:
+            with self._lock:
+                self._in_flight.discard(pid)
+
+
+_HEARTBEAT = _Heartbeat()
+
+
+def renew(pid: int, lease: float) -> None:
+    """Keep renewing worker ``pid``'s lease of ``lease`` seconds (on the master)."""
+    if lease > 0:
+        _HEARTBEAT.add(pid, lease)
+
+
+def forget(pid: int) -> None:
+    """Stop renewing worker ``pid``'s lease."""
+    _HEARTBEAT.remove(pid)
+
+
+def leased() -> list[int]:
+    """The workers whose leases this process renews."""
+    return _HEARTBEAT.pids()
+
+
+# -- the worker's side ------------------------------------------------------------------
+_last_beat = time.monotonic()
+
+
+@internal_op
+def _beat(ctx: OpContext) -> None:
+    """On a worker: the master is alive."""
+    global _last_beat
+    _last_beat = time.monotonic()
+
+
+def watch(lease: float, joined: threading.Event, on_expiry: Callable[[int], None]) -> None:
+    """On a worker: call ``on_expiry(1)`` if, once joined, no beat comes for ``lease`` s."""
+    def run() -> None:
+        global _last_beat
+        joined.wait()
+        _last_beat = time.monotonic()
+        while True:
+            left = _last_beat + lease - time.monotonic()
+            if left <= 0:
+                print(f"pydist-worker: no heartbeat from the master for {lease:g} s "
+                      f"(the lease); exiting", file=sys.stderr, flush=True)
+                on_expiry(1)
+                return
+            time.sleep(min(left, max(lease / 8, 0.05)))
+    threading.Thread(target=run, name="pydist-lease", daemon=True).start()
