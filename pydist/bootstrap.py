@@ -13,7 +13,9 @@ closing, or no master joining within ``JOIN_WAIT`` seconds.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 import threading
 from typing import Any, TextIO
@@ -126,6 +128,8 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         out.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     except (AttributeError, ValueError):
         pass
+    if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <worker>` prints every thread's stack
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     runner = TaskRunner(main_thread=True)
     PGRP.set_runner(runner)
     runner.install_sigint()
@@ -144,8 +148,13 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
     if lease > 0:
         from .lease import watch
         watch(lease, _joined, exit_worker)
-    runner.run_main_loop()
+    runner.run_main_loop(_master_inbox)
     exit_worker(0)
+
+
+def _master_inbox() -> Any:
+    master = PGRP.workers.get(1)
+    return None if master is None else master.inbox
 
 
 def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> None:

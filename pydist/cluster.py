@@ -85,6 +85,7 @@ class Worker:
         self.gone = threading.Event()        # set once terminated
         self.detail = ""                     # how it ended, for ProcessExitedException
         self.connect_lock = threading.Lock()
+        self.inbox: Any = None               # the read side of the connection (inbox.Inbox)
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state}>"
@@ -108,7 +109,6 @@ class ProcessGroup:
         self.next_pid = 2
         self.host_key = host_key()
         self._runner: TaskRunner | None = None
-        self.serve: Callable[[Worker], None] | None = None       # set by dispatch
         self.connect_peer: Callable[[int], None] | None = None   # set by join
         self.listeners: list[Any] = []
         self.sending = threading.local()   # .pid: the destination of the message being pickled
@@ -259,11 +259,15 @@ class ProcessGroup:
             doomed = [r for r, (_, p) in self.waiting.items() if p == w.id]
             pending = [self.waiting.pop(r)[0] for r in doomed]
             t, w.transport = w.transport, None
+            inbox = w.inbox
         exc = ProcessExitedException(w.id, w.detail)
         for rv in pending:
             rv.try_set(Failure(exc))
         if t is not None:
             t.abort()
+        if inbox is not None:
+            inbox.ended = True
+            inbox.notify()
         w.connected.set()
         w.gone.set()
         for cb in list(self.on_worker_lost):

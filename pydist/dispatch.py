@@ -1,8 +1,8 @@
-"""One handler per message kind, and the reader loop that feeds them (Julia's
+"""One handler per message kind, and ``read_one`` that feeds them (Julia's
 ``process_messages.jl``).
 
-Each connection has one reader thread running ``serve``. Handlers never block: user
-calls go to the process's ``TaskRunner``; pydist's own small operations (reference
+Whoever holds a connection's read role (``inbox.py``) calls ``read_one``. Handlers never
+block: user calls go to the process's ``TaskRunner``; pydist's own small operations (reference
 bookkeeping, fetches answered by callback, exit and interrupt requests) are marked with
 ``@internal_op`` and run right on the reader thread, so they are answered even while every
 runner is busy.
@@ -21,9 +21,10 @@ from .errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExi
                      describe_exit)
 from .messages import (CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader, RemoteDoMsg,
                        ResultMsg, RRID)
+from .inbox import Inbox
 from .values import Failure
 
-__all__ = ["serve", "internal_op", "OpContext", "run_call", "capture", "reply"]
+__all__ = ["read_one", "start_serving", "internal_op", "OpContext", "run_call", "capture", "reply"]
 
 
 # -- running user code -------------------------------------------------------------
@@ -169,41 +170,37 @@ def _on_undecodable(w: Worker, e: BodyDecodeError) -> None:
               f"{cause!r}", file=sys.stderr)
 
 
-# -- the reader loop -------------------------------------------------------------------
-def serve(w: Worker) -> None:
-    """Read and handle every message from ``w`` until its connection ends."""
+# -- reading a connection ------------------------------------------------------------------
+def read_one(w: Worker) -> str | None:
+    """Read and handle one message from ``w``; how the connection ended, or ``None``."""
     t = w.transport
-    detail = "closed its connection"
-    while t is not None:
-        try:
-            frame = t.recv_frame()
-        except TransportClosed:
-            break
-        except TransportBroken as e:
-            detail = f"lost its connection ({e})"
-            break
-        try:
-            header, msg = decode_message(frame)
-        except BodyDecodeError as e:
-            _on_undecodable(w, e)
-            continue
-        except DecodeError as e:
-            detail = f"sent a message that could not be decoded ({e})"
-            t.abort()
-            break
-        handler = HANDLERS.get(type(msg))
-        if handler is None:
-            detail = f"sent an unexpected {type(msg).__name__} after joining"
-            t.abort()
-            break
-        handler(w, header, msg)
-    if w.transport is t:
-        _lost(w, detail)
+    if t is None:
+        return w.detail or "closed its connection"
+    try:
+        frame = t.recv_frame()
+    except TransportClosed:
+        return "closed its connection"
+    except TransportBroken as e:
+        return f"lost its connection ({e})"
+    try:
+        header, msg = decode_message(frame)
+    except BodyDecodeError as e:
+        _on_undecodable(w, e)
+        return None
+    except DecodeError as e:
+        t.abort()
+        return f"sent a message that could not be decoded ({e})"
+    handler = HANDLERS.get(type(msg))
+    if handler is None:
+        t.abort()
+        return f"sent an unexpected {type(msg).__name__} after joining"
+    handler(w, header, msg)
+    return None
 
 
 def _lost(w: Worker, detail: str) -> None:
     """Turn the end of ``w``'s connection into ``ProcessExitedException`` for its waiters."""
-    if w.state == W_TERMINATED:
+    if w.state == W_TERMINATED or w.inbox is None or w.inbox.w is not w:
         return
     detail = _exit_detail(w) or detail
     busy = " while running a call" if PGRP.waits_on(w.id) else ""
@@ -223,11 +220,7 @@ def _exit_detail(w: Worker) -> str:
     return f"(pid {ospid}) {describe_exit(code)}"
 
 
-def start_serving(w: Worker) -> threading.Thread:
-    """Start ``w``'s reader thread."""
-    th = threading.Thread(target=serve, args=(w,), name=f"pydist-reader-{w.id}", daemon=True)
-    th.start()
-    return th
-
-
-PGRP.serve = serve
+def start_serving(w: Worker) -> Inbox:
+    """Start reading ``w``'s connection (its pumpers, or a background reader)."""
+    w.inbox = Inbox(w, read_one, _lost)
+    return w.inbox

@@ -161,7 +161,7 @@ def serve_incoming(t: Transport) -> None:
               f"{type(first).__name__}", file=sys.stderr)
         return
     if w is not None:
-        PGRP.serve(w)   # type: ignore[misc]
+        start_serving(w)
 
 
 def _adopt(msg: JoinPGRPMsg, t: Transport) -> Worker:

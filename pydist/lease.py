@@ -12,8 +12,10 @@ also needs to hear from its master at least once per lease:
   seconds, until ``forget(pid)`` or the worker is gone. A slow send to one worker (a big
   frame in the way) never delays the others: each beat is sent by a small pool of threads
   and a worker whose previous beat is still on its way is skipped.
-- On the worker, ``watch(lease, joined)`` starts a watchdog once the worker has joined: if
-  no beat arrives for ``lease`` seconds it says so on stderr and the worker exits.
+- On the worker, ``watch(lease, joined, on_expiry)`` starts a watchdog once the worker has
+  joined: if no beat arrives for ``lease`` seconds it says so on stderr and the worker
+  exits. A watchdog that was itself kept from running (a call holding the GIL) looks once
+  more before it decides, so beats that wait unread are not mistaken for silence.
 
 A beat is one small frame per worker per period: with the default lease of 30 s, one
 frame every 7.5 s.
@@ -144,16 +146,21 @@ def _beat(ctx: OpContext) -> None:
 
 def watch(lease: float, joined: threading.Event, on_expiry: Callable[[int], None]) -> None:
     """On a worker: call ``on_expiry(1)`` if, once joined, no beat comes for ``lease`` s."""
+    tick = max(lease / 8, 0.05)
+
     def run() -> None:
         global _last_beat
         joined.wait()
-        _last_beat = time.monotonic()
+        _last_beat = before = time.monotonic()
         while True:
-            left = _last_beat + lease - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            # A tick that comes late means this process could not run (a call holding the
+            # GIL, a stopped process): beats may be waiting unread, so decide a tick later.
+            starved, before = now - before > 2 * tick + 0.5, now
+            if _last_beat + lease <= now and not starved:
                 print(f"pydist-worker: no heartbeat from the master for {lease:g} s "
                       f"(the lease); exiting", file=sys.stderr, flush=True)
                 on_expiry(1)
                 return
-            time.sleep(min(left, max(lease / 8, 0.05)))
+            time.sleep(tick)
     threading.Thread(target=run, name="pydist-lease", daemon=True).start()

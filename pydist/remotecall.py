@@ -58,7 +58,7 @@ def remotecall_fetch(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any)
     rrid, rv = PGRP.expect_reply(pid)
     try:
         PGRP.send(pid, MsgHeader(notify_oid=rrid), CallFetchMsg(f, args, kwargs))
-        value = wait_value(rv, None, f"the call on process {pid}")
+        value = wait_value(rv, None, f"the call on process {pid}", via=pid)
     finally:
         PGRP.forget_reply(rrid)
     return unwrap(value)
@@ -82,7 +82,7 @@ def remotecall_wait(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) 
         PGRP.forget_reply(rrid)
         raise
     try:
-        value = wait_value(rv, None, f"the call on process {pid}")
+        value = wait_value(rv, None, f"the call on process {pid}", via=pid)
     finally:
         PGRP.forget_reply(rrid)
     if type(value) is Failure:

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 from .cluster import PGRP
 from .dispatch import OpContext, internal_op
 from .errors import InvalidStateException, ProcessExitedException
+from .inbox import SIGINT_DEFERRAL
 from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
 from .values import Failure, RemoteValue, unwrap
 
@@ -47,14 +48,36 @@ def blocking_section() -> Iterator[None]:
             yield
 
 
-def wait_value(rv: RemoteValue, timeout: float | None, what: str = "the value") -> Any:
-    """Block until ``rv`` is set (serving other calls meanwhile); its raw value."""
+def wait_value(rv: RemoteValue, timeout: float | None, what: str = "the value",
+               via: int | None = None) -> Any:
+    """Block until ``rv`` is set (serving other calls meanwhile); its raw value.
+
+    When the answer comes from process ``via`` and there is no deadline, this thread reads
+    that connection itself (``inbox.py``): no hand-off from a reader thread.
+    """
     if not rv.ready():
+        w = PGRP.workers.get(via) if via is not None else None
+        inbox = w.inbox if w is not None else None
         with blocking_section():
-            ok = rv.wait(timeout)
+            if inbox is None:
+                ok = rv.wait(timeout)
+            elif timeout is None and _may_pump():
+                inbox.pump(rv.ready)
+                ok = rv.ready() or rv.wait(None)
+            else:
+                ok = inbox.wait(rv.ready, timeout) or rv.wait(0)
         if not ok:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
     return rv.value
+
+
+def _may_pump() -> bool:
+    """Whether this thread may read a connection itself: not while it runs user code on a
+    worker, where ``interrupt`` could raise in the middle of a read (see inbox.py)."""
+    if threading.current_thread() is threading.main_thread() and PGRP.role != "worker":
+        return SIGINT_DEFERRAL.usable()
+    runner = PGRP._runner
+    return PGRP.role != "worker" or runner is None or not runner.in_user_call()
 
 
 def call_on_owner(op: Any, pid: int, *args: Any, timeout: float | None = None) -> Any:
@@ -62,7 +85,7 @@ def call_on_owner(op: Any, pid: int, *args: Any, timeout: float | None = None) -
     rrid, rv = PGRP.expect_reply(pid)
     try:
         PGRP.send(pid, MsgHeader(notify_oid=rrid), CallFetchMsg(op, args, {}))
-        return wait_value(rv, timeout, f"process {pid}")
+        return wait_value(rv, timeout, f"process {pid}", via=pid)
     finally:
         PGRP.forget_reply(rrid)
 

@@ -40,6 +40,10 @@ class Transport(Protocol):
 
     ``close()``: closes; idempotent; wakes a blocked ``recv_frame`` with ``TransportClosed``.
     ``abort()``: like close but never blocks (no flushing, no goodbye).
+
+    ``poll(timeout)`` (optional): whether ``recv_frame`` would return or raise without
+    blocking, after waiting up to ``timeout`` seconds; from the receiving thread only.
+    Lets a thread that must stay responsive to signals read without blocking for long.
     """
 
     max_frame: int

@@ -254,9 +254,10 @@ def test_received_frames_are_writable_and_independent(pair):
     assert (bytes(first), bytes(second)) == (b"First", b"second")
 
 
-def test_keyboard_interrupt_mid_frame_aborts(pair, monkeypatch):
+def test_keyboard_interrupt_mid_frame_resumes(pair, monkeypatch):
     a, b = pair
-    a.send_frame([bytes(1 << 20)])
+    payload = bytes(range(256)) * 4096                      # 1 MiB, recognisable
+    a.send_frame([payload])
 
     def interrupted(*args):
         raise KeyboardInterrupt
@@ -267,9 +268,42 @@ def test_keyboard_interrupt_mid_frame_aborts(pair, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         b.recv_frame()
     monkeypatch.setattr(b, "_sock", real)
-    assert b.closed
-    with pytest.raises(TransportClosed):
-        b.recv_frame()
+    assert not b.closed                                      # the connection survives ...
+    assert bytes(b.recv_frame()) == payload                  # ... and the frame resumes
+    a.send_frame([b"next"])
+    assert bytes(b.recv_frame()) == b"next"
+
+
+def test_keyboard_interrupt_mid_send_finishes_the_frame(pair, monkeypatch):
+    a, b = pair
+    payload = bytes(range(256)) * 4096
+    real = a.socket
+    state = {"n": 0}
+
+    class Flaky:
+        def sendmsg(self, bufs, ancdata, flags):
+            state["n"] += 1
+            if state["n"] == 2:
+                raise KeyboardInterrupt
+            room, taken = 100_000, []
+            for buf in bufs:
+                mv = memoryview(buf)[:room]
+                taken.append(mv)
+                room -= len(mv)
+                if not room:
+                    break
+            return real.sendmsg(taken, ancdata, flags)
+    monkeypatch.setattr(a, "_sock", Flaky())
+    got = []
+    reader = threading.Thread(target=lambda: got.append(bytes(b.recv_frame())))
+    reader.start()
+    with pytest.raises(KeyboardInterrupt):
+        a.send_frame([payload])
+    reader.join(10)
+    monkeypatch.setattr(a, "_sock", real)
+    assert got == [payload]
+    a.send_frame([b"after"])
+    assert bytes(b.recv_frame()) == b"after"
 
 
 def test_partial_sends_resume_without_losing_bytes(pair, monkeypatch):

@@ -107,6 +107,10 @@ class ClusterManager(abc.ABC):
         """Extra ``addprocs`` keywords this manager understands."""
         return ()
 
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Raise ``ValueError``/``TypeError`` for parameters this manager cannot use,
+        before anything is launched (the default accepts everything)."""
+
     @abc.abstractmethod
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: threading.Condition) -> None:

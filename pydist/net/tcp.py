@@ -13,13 +13,17 @@ process blocked in ``recv``/``send``/``accept`` on the socket, and the descripto
 closed only once no thread is inside a call on it, so a recycled descriptor number can never
 be read by a thread that woke late.
 
-A frame interrupted half-way (an exception, ``KeyboardInterrupt`` included, between its first
-and last byte) leaves the stream unusable, so the transport aborts itself.
+Both directions survive an exception raised by a signal handler (``KeyboardInterrupt`` from
+``interrupt()`` or Ctrl-C) in the middle of a frame: a receive keeps what it has read and the
+next ``recv_frame`` resumes it; a send that has put part of a frame on the wire finishes the
+frame and then raises. So interrupting a thread that is reading or writing never costs the
+connection.
 """
 from __future__ import annotations
 
 import errno
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -107,6 +111,9 @@ class TcpTransport:
         self._rview = memoryview(self._rbuf)
         self._rpos = 0  # unread bytes are _rbuf[_rpos:_rend]
         self._rend = 0
+        self._partial: tuple[bytearray, int] | None = None  # a payload being received, and its fill
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
     # -- the Transport protocol ---------------------------------------------------------
 
@@ -137,11 +144,18 @@ class TcpTransport:
                 self._send_all(bufs, total)
             except OSError as e:
                 self._state.raise_error(TransportBroken(f"sending to {self._peer} failed: {_why(e)}"))
-            except BaseException:
-                self.abort()  # part of a frame may be on the wire: the stream is lost
-                raise
             finally:
                 self._state.leave()
+
+    def poll(self, timeout: float) -> bool:
+        """Whether ``recv_frame`` would return (or raise) without waiting, after waiting up to
+        ``timeout`` seconds for that. Call from the receiving thread only."""
+        if self._rend > self._rpos or self._partial is not None or self._state.error is not None:
+            return True
+        try:
+            return bool(self._poller.poll(max(0, int(timeout * 1000))))
+        except (OSError, ValueError):
+            return True   # the socket is gone: recv_frame will say why
 
     def recv_frame(self) -> memoryview:
         """The next frame, in a buffer of its own. Call from one thread at a time."""
@@ -152,9 +166,6 @@ class TcpTransport:
             self._state.raise_error(e)
         except OSError as e:
             self._state.raise_error(TransportBroken(f"receiving from {self._peer} failed: {_why(e)}"))
-        except BaseException:
-            self.abort()  # stopped in the middle of a frame: the stream is lost
-            raise
         finally:
             self._state.leave()
 
@@ -179,18 +190,38 @@ class TcpTransport:
     # -- sending ------------------------------------------------------------------------
 
     def _send_all(self, bufs: list, total: int) -> None:
-        """Write all ``total`` bytes of ``bufs``, resuming after partial writes without copying."""
+        """Write all ``total`` bytes of ``bufs``, resuming after partial writes without copying.
+
+        An exception from a signal handler before the first byte cancels the frame; after it,
+        the frame is finished first (no byte left the call that raised) and then it is raised.
+        """
         sock = self._sock
+        started, deferred = False, None
         while True:
-            sent = sock.sendmsg(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX], (), _SEND_FLAGS)
+            try:
+                sent = sock.sendmsg(bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX], (), _SEND_FLAGS)
+            except OSError:
+                raise
+            except BaseException as e:
+                if not started:
+                    raise
+                deferred = deferred or e
+                continue
+            started = True
             total -= sent
             if not total:
-                return
+                break
             bufs = _advance(bufs, sent)
+        if deferred is not None:
+            raise deferred
 
     # -- receiving ----------------------------------------------------------------------
 
     def _read_frame(self) -> memoryview:
+        if self._partial is not None:  # an interrupted receive: resume it
+            out, have = self._partial
+            self._recv_exactly(out, have)
+            return memoryview(out)
         if not self._buffer_at_least(_HEADER):
             raise TransportClosed(f"{self._peer} closed the connection")
         start = self._rpos + _HEADER
@@ -205,7 +236,7 @@ class TcpTransport:
             raise TransportBroken(f"no memory for a frame of {n} bytes from {self._peer}") from None
         out[:have] = self._rview[start:self._rend]
         self._rpos = self._rend = 0
-        self._recv_exactly(memoryview(out)[have:], n)
+        self._recv_exactly(out, have)
         return memoryview(out)
 
     def _frame_length(self, header: memoryview) -> int:
@@ -230,13 +261,20 @@ class TcpTransport:
             self._rend += got
         return True
 
-    def _recv_exactly(self, view: memoryview, total: int) -> None:
-        """Fill ``view`` (the rest of a ``total``-byte payload) straight from the socket."""
-        while view:
-            got = self._sock.recv_into(view, 0, _RECV_FLAGS)
+    def _recv_exactly(self, out: bytearray, have: int) -> None:
+        """Fill ``out[have:]`` straight from the socket; progress is kept in ``_partial``
+        so that an interrupted receive resumes where it stopped."""
+        total = len(out)
+        view = memoryview(out)
+        self._partial = (out, have)
+        while have < total:
+            got = self._sock.recv_into(view[have:], 0, _RECV_FLAGS)
             if not got:
-                raise self._eof_mid_frame(total - len(view), total)
-            view = view[got:]
+                self._partial = None
+                raise self._eof_mid_frame(have, total)
+            have += got
+            self._partial = (out, have)
+        self._partial = None
 
     def _eof_mid_frame(self, got: int, total: int) -> TransportError:
         if self._state.error is not None:  # woken by our own close()

@@ -48,9 +48,7 @@ import os
 import platform
 import threading
 import time
-from typing import Callable, Sequence, Union
-
-Buffer = Union[bytes, memoryview]
+from typing import Callable, Sequence
 
 import posix_ipc
 
@@ -69,6 +67,8 @@ WAIT_TIMEOUT = 0.1  # seconds; every semaphore wait is bounded by this
 CHUNK = 256 * 1024  # publish progress at least this often, so the two ends pipeline
 _POLLS_PER_CLOCK = 32  # counter polls between two clock reads while spinning
 _TSO_MACHINES = {"x86_64", "amd64", "i386", "i686", "x86"}
+
+Bytes = bytes | memoryview  # a part as the transport hands it over: 1-D, byte-sized items
 
 
 def tso_by_default() -> bool:
@@ -230,22 +230,33 @@ class _End:
         self._state.broken = reason
         return TransportBroken(reason)
 
+    def detach(self) -> None:
+        """Drop our views of the shared memory, so the mapping can be closed; any later use
+        raises ValueError instead of touching unmapped memory."""
+        self._ctl.release()
+        self._data.release()
+
     def _wake_peer(self, sleep: int) -> None:
         """Post the peer's semaphore if its sleep word says it sleeps (once per episode)."""
         if sleep & 1 and sleep != self._last_woken:
             self._last_woken = sleep
             self._peer_sem.release()
 
-    def _wait(self, watch: int, seen: int, sleep_word: int, check: Callable[[], None]) -> None:
+    def _wait(self, watch: int, seen: int, sleep_word: int, closed_word: int,
+              check: Callable[[], None]) -> None:
         """Return once ``ctl[watch]`` has moved from ``seen`` (spin, then sleep)."""
+        policy = self._policy
+        if not policy.enabled:
+            self._sleep(watch, seen, sleep_word, closed_word, check)
+            return
         clock = time.perf_counter_ns
         start = clock()
-        budget = self._policy.budget()
+        budget = policy.budget()
         if budget and self._spin(watch, seen, start + budget):
-            self._policy.hit()
+            policy.hit()
             return
-        self._sleep(watch, seen, sleep_word, check)
-        self._policy.miss(clock() - start, spun=budget > 0)
+        self._sleep(watch, seen, sleep_word, closed_word, check)
+        policy.miss(clock() - start, budget > 0)
 
     def _spin(self, watch: int, seen: int, deadline: int) -> bool:
         # Plain loads are only a hint here; the caller re-reads through the fence. No
@@ -258,16 +269,22 @@ class _End:
             if clock() >= deadline:
                 return False
 
-    def _sleep(self, watch: int, seen: int, sleep_word: int, check: Callable[[], None]) -> None:
+    def _sleep(self, watch: int, seen: int, sleep_word: int, closed_word: int,
+               check: Callable[[], None]) -> None:
+        ctl, state, sem = self._ctl, self._state, self._own_sem
         self._episode += 1
         asleep = (self._episode << 1) | 1
         try:
             while self._store_load(sleep_word, asleep, watch) == seen:
+                if state.closed or state.broken is not None or ctl[closed_word]:
+                    check()  # cheap test first: this path runs before every sleep
+                _acquire(sem, WAIT_TIMEOUT)
+                if ctl[watch] != seen:  # woken with news (the caller re-reads it fenced)
+                    break
                 check()
-                _acquire(self._own_sem, WAIT_TIMEOUT)
         finally:
             # A plain store: if the peer sees "asleep" a little longer it merely posts once.
-            self._ctl[sleep_word] = asleep - 1
+            ctl[sleep_word] = asleep - 1
 
 
 class RingWriter(_End):
@@ -287,7 +304,7 @@ class RingWriter(_End):
         """A cheap hint that the consumer has closed (no fence: a stale answer is harmless)."""
         return self._ctl[READER_CLOSED] != 0
 
-    def try_write_frame(self, parts: Sequence[Buffer], total: int) -> bool:
+    def try_write_frame(self, parts: Sequence[Bytes], total: int) -> bool:
         """Fast path: write a length header and ``parts`` (``total`` bytes) and publish them,
         if they fit in the contiguous free space now; False (nothing written) otherwise."""
         n = _FRAME.size + total
@@ -308,7 +325,7 @@ class RingWriter(_End):
         self.flush()
         return True
 
-    def write(self, parts: Sequence[Buffer]) -> None:
+    def write(self, parts: Sequence[Bytes]) -> None:
         """Append the bytes of ``parts`` (1-D byte views); blocks while the ring is full."""
         data, cap, mask, chunk = self._data, self._cap, self._mask, self._chunk
         for src in parts:
@@ -318,7 +335,7 @@ class RingWriter(_End):
                 if free == 0:
                     free = self._make_room()
                 idx = self._head & mask
-                k = min(n - off, free, cap - idx)
+                k = min(n - off, free, cap - idx, chunk)
                 data[idx:idx + k] = src[off:off + k]
                 off += k
                 self._head += k
@@ -334,12 +351,9 @@ class RingWriter(_End):
             if sleep & 1:
                 self._wake_peer(sleep)
 
-    def mark_closed(self, *, fenced: bool = True) -> None:
+    def mark_closed(self) -> None:
         """Tell the consumer no more bytes will come (after the ones published)."""
-        if fenced:
-            self._store(WRITER_CLOSED, 1)
-        else:
-            self._ctl[WRITER_CLOSED] = 1
+        self._store(WRITER_CLOSED, 1)
 
     def _refresh(self) -> int:
         tail = self._load(TAIL)
@@ -352,7 +366,7 @@ class RingWriter(_End):
         self.flush()  # the consumer must see our bytes before we wait for it to take them
         free = self._refresh()
         while free == 0:
-            self._wait(TAIL, self._tail, WRITER_SLEEP, self._check)
+            self._wait(TAIL, self._tail, WRITER_SLEEP, READER_CLOSED, self._check)
             free = self._refresh()
         return free
 
@@ -387,7 +401,7 @@ class RingReader(_End):
             if avail == 0:
                 avail = self._await_bytes()
             idx = self._tail & mask
-            k = min(n - off, avail, cap - idx)
+            k = min(n - off, avail, cap - idx, chunk)
             dst[off:off + k] = data[idx:idx + k]
             off += k
             self._tail += k
@@ -429,12 +443,9 @@ class RingReader(_End):
             if sleep & 1:
                 self._wake_peer(sleep)
 
-    def mark_closed(self, *, fenced: bool = True) -> None:
+    def mark_closed(self) -> None:
         """Tell the producer nobody will read any more."""
-        if fenced:
-            self._store(READER_CLOSED, 1)
-        else:
-            self._ctl[READER_CLOSED] = 1
+        self._store(READER_CLOSED, 1)
 
     def _refresh(self) -> int:
         head = self._load(HEAD)
@@ -450,7 +461,7 @@ class RingReader(_End):
             return avail
         self.release()  # the producer may be waiting for exactly this space
         while avail == 0:
-            self._wait(HEAD, self._head, READER_SLEEP, self._check)
+            self._wait(HEAD, self._head, READER_SLEEP, WRITER_CLOSED, self._check)
             avail = self._refresh()
         return avail
 

@@ -62,6 +62,7 @@ _SEMS_PER_RING = (0, 0, 1)  # initial values: data, space, mutex
 _ABSTRACT = sys.platform.startswith("linux")
 _PEERCRED = getattr(socket, "SO_PEERCRED", None)
 _OFFER_MAX = 4096
+_ACCEPT_POLL_MS = 200
 _SMALL = 4096  # bytes parts up to this size are written as they are, without a memoryview
 
 
@@ -87,6 +88,7 @@ class ShmTransport:
         # re-checks `closed` after setting its flag, so one of the two always sees the other.
         self._receiving = False
         self._watching = False
+        self._shut_done = False  # _shut() has finished using the semaphores
         self._released = False
         self._lifeline = lifeline
         # If the object is dropped unclosed, the peer still learns of it through the lifeline.
@@ -114,9 +116,13 @@ class ShmTransport:
             with self._send_lock:
                 if state.closed or state.broken is not None:
                     state.check()
-                if tx.try_write_frame(views, total):
-                    return
-                self._send_slow(views, total)
+                start = tx.position
+                try:
+                    if not tx.try_write_frame(views, total):
+                        self._send_slow(views, total)
+                except BaseException as exc:
+                    self._after_error(exc, "send", tx.position != start)
+                    raise
         finally:
             if state.closed:
                 self._release_if_idle()
@@ -126,13 +132,8 @@ class ShmTransport:
         tx = self._tx
         if tx.peer_closed():
             raise TransportClosed(f"{self._peer} closed the connection")
-        start = tx.position
-        try:
-            tx.write([codec.frame_header(total), *views])
-            tx.flush()
-        except BaseException as exc:
-            self._after_error(exc, "send", tx.position != start)
-            raise
+        tx.write([codec.frame_header(total), *views])
+        tx.flush()
 
     def recv_frame(self) -> memoryview:
         """The next frame, copied once out of the ring into a fresh buffer."""
@@ -141,11 +142,11 @@ class ShmTransport:
         try:
             if state.closed:
                 state.check()
-            frame = rx.try_read_frame(self.max_frame)
-            if frame is not None:
-                return memoryview(frame)
             start = rx.position
             try:
+                frame = rx.try_read_frame(self.max_frame)
+                if frame is not None:
+                    return memoryview(frame)
                 return self._read_frame()
             except BaseException as exc:
                 self._after_error(exc, "receive", rx.position != start)
@@ -239,6 +240,7 @@ class ShmTransport:
             if locked:
                 self._send_lock.release()
         _shutdown(self._lifeline)
+        self._shut_done = True
         self._release_if_idle()
 
     def _wake_own(self) -> None:
@@ -252,13 +254,15 @@ class ShmTransport:
     def _release_if_idle(self) -> None:
         """Unmap once closed and no thread can touch the segment; otherwise the last user
         (or the garbage collector) does it."""
-        if (not self._state.closed or self._released or self._receiving or self._watching
+        if (not self._shut_done or self._released or self._receiving or self._watching
                 or self._send_lock.locked()):
             return
         with self._close_lock:
             if self._released:
                 return
             self._released = True
+        self._tx.detach()
+        self._rx.detach()
         self._seg.close()
 
     def _lifeline_ended(self) -> None:
@@ -427,10 +431,7 @@ def connect_shm(url: str, timeout: float | None = None, *, capacity: int = DEFAU
     segment: seg.Segment | None = None
     try:
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            sock.connect(address)
-        except OSError as exc:
-            raise TransportBroken(f"cannot connect to {url}: {exc.strerror or exc}") from exc
+        sock.connect(address)
         _check_peer_uid(sock, url)
         segment = _new_segment(capacity)
         offer = {"v": 1, "capacity": capacity, "shm": segment.name, "sems": segment.sem_names}
@@ -442,11 +443,13 @@ def connect_shm(url: str, timeout: float | None = None, *, capacity: int = DEFAU
         segment.unlink()
         sock.settimeout(None)
         return ShmTransport(segment, sock, dialer=True, peer=url, spin=spin)
-    except BaseException:
+    except BaseException as exc:
         if segment is not None:
             segment.unlink()
             segment.close()
         sock.close()
+        if isinstance(exc, OSError) and not isinstance(exc, TransportError):
+            raise TransportBroken(f"shared-memory rendezvous with {url} failed: {exc}") from exc
         raise
 
 
@@ -466,6 +469,7 @@ class ShmListener:
         try:
             self._sock.bind(address)
             self._sock.listen(64)
+            self._sock.setblocking(False)  # accept only after poll() said a peer waits
         except OSError as exc:
             self._sock.close()
             raise TransportBroken(f"cannot listen at {_url_of(address)}: "
@@ -474,7 +478,8 @@ class ShmListener:
         self._path = None if address.startswith("\0") else address
         self._spin = spin
         self._closed = False
-        self._wake_r, self._wake_w = os.pipe()
+        self._users = 0  # threads inside accept(); the socket is closed when the last leaves
+        self._lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -490,21 +495,34 @@ class ShmListener:
         A peer that fails the rendezvous (wrong uid, bad offer, timeout) is dropped and
         logged, and the wait goes on.
         """
-        while True:
-            conn = self._next_connection()
-            try:
-                return self._rendezvous(conn)
-            except (OSError, ValueError) as exc:
-                log.warning("shm rendezvous at %s failed: %s", self._address, exc)
-                conn.close()
+        with self._lock:
+            if self._closed:
+                raise TransportClosed(f"the listener at {self._address} was closed")
+            self._users += 1
+        try:
+            while True:
+                conn = self._next_connection()
+                try:
+                    return self._rendezvous(conn)
+                except (OSError, ValueError) as exc:
+                    log.warning("shm rendezvous at %s failed: %s", self._address, exc)
+                    conn.close()
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._release_if_idle()
 
     def close(self) -> None:
         """Stop listening; wakes a blocked ``accept``. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        os.write(self._wake_w, b"x")
-        self._sock.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked poll/accept on Linux
+            except OSError:
+                pass
+            self._release_if_idle()
         if self._path is not None:
             _remove_quietly(self._path, self._tmpdir)
 
@@ -517,20 +535,29 @@ class ShmListener:
     def __repr__(self) -> str:
         return f"<ShmListener {self._address}{' closed' if self._closed else ''}>"
 
+    def _release_if_idle(self) -> None:
+        # Only once no thread is inside accept(), so none can use a recycled descriptor.
+        if self._closed and not self._users:
+            self._sock.close()
+
     def _next_connection(self) -> socket.socket:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
         while True:
             if self._closed:
                 raise TransportClosed(f"the listener at {self._address} was closed")
-            try:
-                ready, _, _ = select.select([self._sock, self._wake_r], [], [])
-            except (OSError, ValueError):  # the socket was closed under us
-                continue
-            if self._wake_r in ready or self._closed:
+            # The timeout is only a backstop where shutdown() does not wake poll().
+            if not poller.poll(_ACCEPT_POLL_MS) or self._closed:
                 continue
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
+            except OSError:
+                if self._closed:
+                    continue
+                raise
+            conn.setblocking(True)
             return conn
 
     def _rendezvous(self, conn: socket.socket) -> ShmTransport:

@@ -1,0 +1,523 @@
+"""The shared-memory ring and transport: framing through a small ring, wrap-around, streaming,
+corrupted shared memory, wake-ups, and crashes that must leave nothing in /dev/shm."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+pytest.importorskip("posix_ipc")
+
+from pydist import transport  # noqa: E402
+from pydist.errors import TransportBroken, TransportClosed, TransportError  # noqa: E402
+from pydist.shm import ring  # noqa: E402
+from pydist.shm import transport as shm  # noqa: E402
+from pydist.shm.ring import SpinPolicy  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = 4096
+STEP = 30.0  # seconds: the bound on every wait in these tests
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm (Linux)")
+
+
+class Bg:
+    """A call in a daemon thread, awaited with a deadline (a hang fails, never blocks)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            self.value = fn(*args)
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self, timeout: float = STEP) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def make_pair(capacity: int = SMALL, *, spin: bool = True, tso: bool | None = None):
+    a, b = shm.shm_pair(capacity, spin=spin, tso=tso)
+    a.max_frame = b.max_frame = transport.DEFAULT_MAX_FRAME
+    return a, b
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def child(code: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def accept_child(listener: shm.ShmListener, proc: subprocess.Popen) -> shm.ShmTransport:
+    accepting = Bg(listener.accept)
+    try:
+        t = accepting.result(STEP)
+    except AssertionError:
+        proc.kill()
+        raise AssertionError(proc.communicate(timeout=STEP)[1].decode(errors="replace"))
+    t.max_frame = transport.DEFAULT_MAX_FRAME
+    return t
+
+
+def reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=STEP)
+
+
+# -- framing through a small ring, two threads -------------------------------------------------
+
+EDGES = [0, 1, 7, 8, 9, SMALL - 9, SMALL - 8, SMALL - 7, SMALL - 1, SMALL, SMALL + 1,
+         2 * SMALL, 3 * SMALL + 5]
+SIZES = st.one_of(st.sampled_from(EDGES), st.integers(0, 3 * SMALL))
+MODES = [(True, True), (False, True), (True, False)]  # (spin, tso): the locked path runs too
+
+
+def split(data: bytes, cuts: list[int]) -> list[Any]:
+    """``data`` as several parts (bytes, bytearray, memoryview), some of them empty."""
+    points = sorted({min(c, len(data)) for c in cuts})
+    bounds = [0, *points, len(data)]
+    kinds = [bytes, bytearray, memoryview]
+    return [kinds[i % 3](data[lo:hi]) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(SIZES, min_size=1, max_size=25),
+       cuts=st.lists(st.integers(0, 3 * SMALL), max_size=3),
+       mode=st.sampled_from(MODES))
+def test_frames_through_a_small_ring(sizes, cuts, mode):
+    spin, tso = mode
+    a, b = make_pair(spin=spin, tso=tso)
+    try:
+        frames = [payload(n, seed=i) for i, n in enumerate(sizes)]
+
+        def send() -> None:
+            for frame in frames:
+                a.send_frame(split(frame, cuts))
+        sending = Bg(send)
+        for i, frame in enumerate(frames):
+            got = Bg(b.recv_frame).result()
+            assert bytes(got) == frame, f"frame {i} of {len(frame)} bytes differs"
+        sending.result()
+    finally:
+        a.abort()
+        b.abort()
+
+
+@pytest.mark.parametrize("spin, tso", MODES)
+def test_many_wraparounds_both_directions(spin, tso):
+    a, b = make_pair(1024, spin=spin, tso=tso)
+    sizes = [random.Random(7).randrange(0, 3000) for _ in range(600)]
+    try:
+        for src, dst in ((a, b), (b, a)):
+            sending = Bg(lambda t=src: [t.send_frame([payload(n, n)]) for n in sizes])
+            for n in sizes:
+                assert bytes(Bg(dst.recv_frame).result()) == payload(n, n)
+            sending.result()
+    finally:
+        a.abort()
+        b.abort()
+
+
+@pytest.mark.parametrize("tso", [True, False])
+def test_no_wakeup_is_lost(monkeypatch, tso):
+    """Ping-pong with spinning off: every wait sleeps; none may need the timeout to end."""
+    slow: list[float] = []
+    real = ring._acquire
+
+    def timed(sem, timeout):
+        start = time.monotonic()
+        real(sem, timeout)
+        if time.monotonic() - start >= timeout * 0.9:
+            slow.append(time.monotonic() - start)
+    monkeypatch.setattr(ring, "_acquire", timed)
+    a, b = make_pair(spin=False, tso=tso)
+    try:
+        def echo() -> None:
+            for _ in range(3000):
+                b.send_frame([b.recv_frame()])
+        echoing = Bg(echo)
+        for i in range(3000):
+            a.send_frame([struct.pack("<Q", i)])
+            assert struct.unpack("<Q", Bg(a.recv_frame).result())[0] == i
+        echoing.result()
+    finally:
+        a.abort()
+        b.abort()
+    assert not slow, f"{len(slow)} waits ended by timeout: a wake-up was lost"
+
+
+def test_close_lets_the_peer_drain_first():
+    a, b = make_pair()
+    try:
+        for i in range(3):
+            a.send_frame([b"frame %d" % i])
+        a.close()
+        assert [bytes(b.recv_frame()) for _ in range(3)] == [b"frame 0", b"frame 1", b"frame 2"]
+        with pytest.raises(TransportClosed):
+            b.recv_frame()
+        with pytest.raises(TransportClosed):
+            b.send_frame([b"late"])
+        assert b.closed
+    finally:
+        b.abort()
+
+
+def test_closing_releases_the_mapping():
+    a, b = make_pair()
+    a.close()
+    b.close()
+    assert a._seg.buf.closed and b._seg.buf.closed
+
+
+# -- corrupted shared memory ----------------------------------------------------------------
+
+CTL0 = 64  # ring 0 (dialer -> acceptor) control block; its data starts at _DATA_OFFSET
+
+
+def poke(t: shm.ShmTransport, offset: int, value: int) -> None:
+    struct.pack_into("<Q", t._seg.buf, offset, value)
+
+
+def word(index: int) -> int:
+    return CTL0 + 8 * index
+
+
+def scribble_head_far(a, b):
+    poke(a, word(ring.HEAD), 10**12)
+    b.recv_frame()
+
+
+def scribble_head_back(a, b):
+    a.send_frame([b"x" * 100])
+    b.recv_frame()
+    poke(a, word(ring.HEAD), 3)
+    b.recv_frame()
+
+
+def scribble_length(a, b, length=2**62):
+    poke(a, shm._DATA_OFFSET, length)
+    poke(a, word(ring.HEAD), 8)
+    b.recv_frame()
+
+
+def scribble_closed_flag(a, b):
+    poke(a, word(ring.WRITER_CLOSED), 12345)
+    b.recv_frame()
+
+
+def scribble_tail_far(a, b):
+    poke(b, word(ring.TAIL), 10**12)
+    a.send_frame([bytes(SMALL + 100)])
+
+
+def scribble_tail_back(a, b):
+    for _ in range(2):
+        a.send_frame([bytes(3000)])
+        b.recv_frame()
+    poke(b, word(ring.TAIL), 5)
+    a.send_frame([bytes(3000)])
+
+
+CORRUPTIONS = [scribble_head_far, scribble_head_back, scribble_length,
+               lambda a, b: scribble_length(a, b, 2**64 - 1), scribble_closed_flag,
+               scribble_tail_far, scribble_tail_back]
+
+
+@pytest.mark.parametrize("tso", [True, False])
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: getattr(f, "__name__", "length_max"))
+def test_scribbled_shared_memory_is_broken(corrupt, tso):
+    a, b = make_pair(tso=tso)  # `a` and `b` map the segment separately: another mapping
+    try:
+        with pytest.raises(TransportBroken):
+            Bg(corrupt, a, b).result(5.0)
+        victim = b if corrupt is not scribble_tail_far and corrupt is not scribble_tail_back else a
+        assert victim.closed
+    finally:
+        a.abort()
+        b.abort()
+
+
+@settings(max_examples=60, deadline=None)
+@given(pokes=st.lists(st.tuples(st.sampled_from([word(i) for i in (0, 1, 2, 8, 9, 10)]
+                                                + [shm._DATA_OFFSET, shm._DATA_OFFSET + 8]),
+                                st.integers(0, 2**64 - 1)), min_size=1, max_size=4),
+       send_first=st.booleans())
+def test_random_scribbles_never_escape(pokes, send_first):
+    """Whatever is written into the control words or a length, the reader returns a frame
+    within its limit or raises TransportError: no other error, no hang, no huge buffer."""
+    a, b = make_pair()
+    b.max_frame = 1 << 20
+    try:
+        if send_first:
+            a.send_frame([b"before"])
+        for offset, value in pokes:
+            poke(a, offset, value)
+        receiving = Bg(b.recv_frame)
+        receiving._thread.join(0.05)
+        a.abort()  # ends a legitimate wait for bytes that will never come
+        try:
+            frame = receiving.result(5.0)
+            assert len(frame) <= b.max_frame
+        except TransportError:
+            pass
+    finally:
+        a.abort()
+        b.abort()
+
+
+# -- two processes ------------------------------------------------------------------------------
+
+ECHO = """
+import sys
+from pydist import transport
+from pydist.shm.transport import connect_shm
+t = connect_shm(sys.argv[1], 30, capacity=int(sys.argv[2]))
+t.max_frame = transport.DEFAULT_MAX_FRAME
+try:
+    while True:
+        t.send_frame([t.recv_frame()])
+except transport.TransportClosed:
+    pass
+"""
+
+
+@pytest.mark.parametrize("spin", [True, False])
+def test_echo_between_processes(spin):
+    rng = random.Random(5)
+    sizes = EDGES * 3 + [rng.randrange(0, 5 * SMALL) for _ in range(300)] + [1 << 20]
+    with shm.ShmListener(spin=spin) as listener:
+        proc = child(ECHO, listener.address, str(SMALL))
+        try:
+            t = accept_child(listener, proc)
+            sending = Bg(lambda: [t.send_frame(split(payload(n, n), [n // 3])) for n in sizes])
+            for n in sizes:
+                assert bytes(Bg(t.recv_frame).result()) == payload(n, n), f"{n}-byte frame"
+            sending.result()
+            t.close()
+            assert proc.wait(STEP) == 0, proc.stderr.read().decode(errors="replace")
+        finally:
+            reap(proc)
+
+
+STREAM = """
+import hashlib, json, sys
+from pydist import transport
+from pydist.shm.transport import connect_shm
+import random
+t = connect_shm(sys.argv[1], 30, capacity=int(sys.argv[2]))
+t.max_frame = transport.DEFAULT_MAX_FRAME
+block = bytearray(random.Random(1).randbytes(int(sys.argv[3])))
+digests = []
+for i in range(int(sys.argv[4])):
+    block[:8] = i.to_bytes(8, "little")
+    t.send_frame([block])
+    digests.append(hashlib.blake2b(block, digest_size=16).hexdigest())
+t.send_frame([json.dumps(digests).encode()])
+t.recv_frame()  # the parent's "done"
+"""
+
+
+def test_one_gib_through_a_256_kib_ring():
+    frame, count = 64 << 20, 16
+    with shm.ShmListener() as listener:
+        proc = child(STREAM, listener.address, str(256 << 10), str(frame), str(count))
+        try:
+            t = accept_child(listener, proc)
+            start = time.monotonic()
+            got = [hashlib.blake2b(Bg(t.recv_frame).result(), digest_size=16).hexdigest()
+                   for _ in range(count)]
+            sent = json.loads(bytes(Bg(t.recv_frame).result()))
+            elapsed = time.monotonic() - start
+            assert got == sent
+            t.send_frame([b"done"])
+            assert proc.wait(STEP) == 0, proc.stderr.read().decode(errors="replace")
+            assert elapsed < 60, f"1 GiB took {elapsed:.1f} s"
+        finally:
+            reap(proc)
+
+
+IDLE = """
+import sys
+from pydist.shm.transport import connect_shm
+t = connect_shm(sys.argv[1], 30, capacity=int(sys.argv[2]))
+sys.stdin.buffer.read()
+"""
+
+
+def test_peer_death_wakes_a_blocked_sender():
+    with shm.ShmListener() as listener:
+        proc = child(IDLE, listener.address, str(SMALL))
+        try:
+            t = accept_child(listener, proc)
+            sending = Bg(t.send_frame, [bytes(SMALL * 10)])  # more than the ring holds
+            time.sleep(0.2)
+            assert sending._thread.is_alive()
+            proc.kill()
+            start = time.monotonic()
+            with pytest.raises(TransportBroken, match="died"):
+                sending.result(2.0)
+            assert time.monotonic() - start < 1.0
+            assert t.closed
+        finally:
+            reap(proc)
+
+
+SERVE = """
+import sys
+from pydist.shm.transport import ShmListener
+listener = ShmListener()
+print(listener.address, flush=True)
+t = listener.accept()
+print(" ".join([t._seg.name, *t._seg.sem_names]), flush=True)
+data = bytes(1 << 20)
+while True:
+    t.send_frame([data])
+"""
+
+DRAIN = """
+import sys
+from pydist.shm.transport import connect_shm
+t = connect_shm(sys.argv[1], 30)
+t.max_frame = 1 << 30
+while True:
+    t.recv_frame()
+"""
+
+
+def leftovers(names: list[str]) -> list[str]:
+    paths = [f"/dev/shm/{n[1:]}" for n in names] + [f"/dev/shm/sem.{n[1:]}" for n in names]
+    return [p for p in paths if os.path.exists(p)]
+
+
+def test_kill_9_of_both_processes_leaves_nothing():
+    server = child(SERVE)
+    client = None
+    try:
+        address = server.stdout.readline().decode().strip()
+        assert address.startswith("shm://"), server.stderr.read().decode(errors="replace")
+        client = child(DRAIN, address)
+        names = server.stdout.readline().decode().split()
+        assert len(names) == 7, server.stderr.read().decode(errors="replace")
+        time.sleep(0.3)  # mid-transfer
+        assert server.poll() is None and client.poll() is None
+        assert not leftovers(names), "names must be unlinked as soon as both ends attached"
+        for proc in (server, client):
+            os.kill(proc.pid, signal.SIGKILL)
+        for proc in (server, client):
+            proc.wait(STEP)
+        assert not leftovers(names)
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                reap(proc)
+
+
+# -- rendezvous -----------------------------------------------------------------------------
+
+def test_listener_address_and_scheme_registry():
+    with transport.listen("shm://") as listener:
+        assert listener.address.startswith("shm://@pydist-")
+        connecting = Bg(transport.connect, listener.address, 10)
+        accepted = listener.accept()
+        connected = connecting.result()
+        try:
+            assert accepted.peer == connected.peer == listener.address
+            assert accepted.max_frame == transport.HELLO_MAX_FRAME
+            connected.send_frame([b"over the registry"])
+            assert bytes(accepted.recv_frame()) == b"over the registry"
+        finally:
+            accepted.close()
+            connected.close()
+
+
+def test_connect_to_nobody_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(TransportBroken, match="pydist-0000"):
+        shm.connect_shm("shm://@pydist-0000000000000000", 5)
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_silent_listener_times_the_dialer_out():
+    import socket
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind("\0pydist-silent-" + os.urandom(4).hex())
+    server.listen(1)
+    url = "shm://@" + server.getsockname()[1:].decode()
+    try:
+        start = time.monotonic()
+        with pytest.raises(TransportBroken, match="timed out"):
+            shm.connect_shm(url, 0.3)
+        assert time.monotonic() - start < 2.0
+    finally:
+        server.close()
+
+
+def test_bad_offers_are_dropped_and_accept_goes_on():
+    import socket
+    with shm.ShmListener() as listener:
+        address = "\0" + listener.address.removeprefix("shm://@")
+        for junk in (b"not json\n", b'{"v": 1, "capacity": 3}\n',
+                     b'{"v": 1, "capacity": 4096, "shm": "/etc", "sems": []}\n'):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(address)
+            s.sendall(junk)
+            s.close()
+        connecting = Bg(shm.connect_shm, listener.address, 10)
+        t = listener.accept()
+        connecting.result().close()
+        t.close()
+
+
+def test_bad_urls():
+    for url in ("tcp://x", "shm:/x", "shm://relative/path"):
+        with pytest.raises(ValueError):
+            shm.ShmListener(url)
+
+
+# -- the spin policy ------------------------------------------------------------------------
+
+def test_spin_policy_adapts():
+    p = SpinPolicy()
+    assert p.budget() == 20_000
+    p.miss(100_000, spun=True)  # short miss: spin longer next time
+    assert p.budget_ns == 30_000
+    for _ in range(5):
+        p.miss(100_000, spun=True)
+    assert p.budget_ns == SpinPolicy.MAX_NS
+    budgets = [p.budget() for _ in range(128)]  # three misses in a row: block...
+    assert budgets.count(0) == 126 and budgets[63] == budgets[127] == SpinPolicy.MAX_NS
+    p.hit()  # ...until a retry catches the peer
+    assert p.budget() == SpinPolicy.MAX_NS
+    p.miss(10_000_000, spun=True)  # a long wait halves the budget
+    assert p.budget_ns == SpinPolicy.MAX_NS // 2
+    assert SpinPolicy(enabled=False).budget() == 0
+
+
+def test_fence_mode_can_be_forced(monkeypatch):
+    monkeypatch.setenv("PYDIST_SHM_FENCE", "locked")
+    assert ring.tso_by_default() is False
+    monkeypatch.setenv("PYDIST_SHM_FENCE", "tso")
+    assert ring.tso_by_default() is True
