@@ -134,3 +134,29 @@ def _stash(fut):
 def _unstash(key):
     import tests_stash
     return tests_stash.box.pop(key).fetch(timeout=10)
+
+
+def megabyte() -> bytes:
+    return bytes(1_000_000)
+
+
+def rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def test_ten_thousand_dropped_megabyte_futures_leave_memory_flat(cluster):
+    a, _ = cluster
+    for _ in range(50):                      # warm up the allocator and the tables
+        pd.remotecall(megabyte, a).wait(timeout=10)
+    import gc
+    gc.collect()
+    before = pd.remotecall_fetch(rss, a)
+    for i in range(10_000):
+        f = pd.remotecall(megabyte, a)
+        if i % 50 == 0:
+            f.wait(timeout=30)               # keep the worker from running far behind
+        del f
+    assert wait_until(lambda: owned_refs(a) < 10, 20)
+    grown = pd.remotecall_fetch(rss, a) - before
+    assert grown < 50 * 2**20, f"the owner grew by {grown / 2**20:.0f} MiB"
