@@ -23,6 +23,7 @@ from .channel import Channel
 from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
 from .bootstrap import init_worker, process_messages, start_worker
 from .executor import Executor, ProcessPoolExecutor
+from .pool import Pool
 from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
@@ -36,5 +37,5 @@ __all__ = [
     "wait", "worker_id_from_socket", "RemoteException", "CapturedException",
     "ProcessExitedException", "InvalidStateException", "LaunchError", "AuthenticationError",
     "ClusterManager", "WorkerConfig", "LocalManager", "default_addprocs_params", "init_worker",
-    "start_worker", "process_messages", "Executor", "ProcessPoolExecutor",
+    "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
 ]
