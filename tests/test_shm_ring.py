@@ -2,6 +2,7 @@
 corrupted shared memory, wake-ups, and crashes that must leave nothing in /dev/shm."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,7 +66,8 @@ def payload(n: int, seed: int) -> bytes:
 
 
 def child(code: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -118,9 +120,9 @@ def test_frames_through_a_small_ring(sizes, cuts, mode):
                 a.send_frame(split(frame, cuts))
         sending = Bg(send)
         for i, frame in enumerate(frames):
-            got = Bg(b.recv_frame).result()
+            got = Bg(b.recv_frame).result(10.0)
             assert bytes(got) == frame, f"frame {i} of {len(frame)} bytes differs"
-        sending.result()
+        sending.result(10.0)
     finally:
         a.abort()
         b.abort()
@@ -521,3 +523,173 @@ def test_fence_mode_can_be_forced(monkeypatch):
     assert ring.tso_by_default() is False
     monkeypatch.setenv("PYDIST_SHM_FENCE", "tso")
     assert ring.tso_by_default() is True
+
+
+# -- interruptions and stuck peers ----------------------------------------------------------
+
+def test_interrupt_before_a_frame_leaves_the_transport_usable(monkeypatch):
+    a, b = make_pair()
+    try:
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+        monkeypatch.setattr(b._rx, "wait_readable", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            b.recv_frame()
+        monkeypatch.undo()
+        a.send_frame([b"still fine"])
+        assert bytes(b.recv_frame()) == b"still fine" and not b.closed
+    finally:
+        a.abort()
+        b.abort()
+
+
+def interrupt_on_call(obj: Any, name: str, calls: set[int], monkeypatch) -> list[int]:
+    """Make ``obj.name`` raise KeyboardInterrupt on the given (1-based) calls."""
+    real, seen = getattr(obj, name), []
+
+    def maybe(*args: Any) -> Any:
+        seen.append(1)
+        if len(seen) in calls:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(obj, name, maybe)
+    return seen
+
+
+@pytest.mark.parametrize("when", [{2}, {3}, {2, 3, 5}])
+def test_interrupt_mid_receive_resumes_the_frame(monkeypatch, when):
+    a, b = make_pair()
+    data = payload(5 * SMALL, seed=3)  # streams: larger than the ring
+    try:
+        sending = Bg(a.send_frame, [data])
+        interrupt_on_call(b._rx, "_await_bytes", when, monkeypatch)
+        for _ in when:
+            with pytest.raises(KeyboardInterrupt):
+                b.recv_frame()
+        assert not b.closed
+        assert bytes(b.recv_frame()) == data
+        sending.result()
+        a.send_frame([b"next"])
+        assert bytes(b.recv_frame()) == b"next"
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_interrupt_mid_send_finishes_the_frame(monkeypatch):
+    a, b = make_pair()
+    data = payload(5 * SMALL, seed=4)
+    try:
+        receiving = Bg(lambda: [bytes(b.recv_frame()) for _ in range(2)])
+        interrupt_on_call(a._tx, "_make_room", {1, 3}, monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            a.send_frame([data])
+        monkeypatch.undo()
+        a.send_frame([b"after"])
+        assert receiving.result() == [data, b"after"]
+        assert not a.closed
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_interrupt_before_the_first_byte_cancels_the_frame(monkeypatch):
+    a, b = make_pair()
+    try:
+        interrupt_on_call(a._tx, "try_write_frame", {1}, monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            a.send_frame([b"cancelled"])
+        a.send_frame([b"sent"])
+        assert bytes(b.recv_frame()) == b"sent"
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_poll():
+    a, b = make_pair()
+    try:
+        start = time.monotonic()
+        assert b.poll(0.2) is False
+        assert 0.15 < time.monotonic() - start < 2.0
+        a.send_frame([b"x"])
+        assert b.poll(5.0) is True and bytes(b.recv_frame()) == b"x"
+        waiting = Bg(b.poll, 10.0)
+        time.sleep(0.1)
+        a.send_frame([b"y"])
+        assert waiting.result(2.0) is True
+        assert bytes(b.recv_frame()) == b"y"
+        a.close()
+        assert b.poll(5.0) is True  # recv_frame would raise at once
+        with pytest.raises(TransportClosed):
+            b.recv_frame()
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_a_peer_dying_with_the_ring_mutex_held_is_noticed():
+    a, b = make_pair(tso=False)
+    mutex = a._seg.sems[2]  # ring 0's mutex, as if the peer died inside its critical section
+    mutex.acquire(1.0)
+    try:
+        receiving = Bg(b.recv_frame)
+        time.sleep(0.2)
+        a.abort()  # the peer's lifeline ends
+        with pytest.raises(TransportBroken):
+            receiving.result(2.0)
+    finally:
+        with contextlib.suppress(Exception):  # both ends may have closed their handles
+            mutex.release()
+        a.abort()
+        b.abort()
+
+
+def test_unsendable_parts_are_refused_before_anything_is_sent():
+    np = pytest.importorskip("numpy")
+    a, b = make_pair()
+    try:
+        with pytest.raises(ValueError, match="part 1 is not a contiguous"):
+            a.send_frame([b"ok", np.arange(10)[::2]])
+        with pytest.raises(TypeError):
+            a.send_frame(["text"])
+        fortran = np.asfortranarray(np.arange(24, dtype=np.int32).reshape(4, 6))
+        a.send_frame([fortran])
+        assert bytes(b.recv_frame()) == fortran.tobytes(order="F")
+    finally:
+        a.abort()
+        b.abort()
+
+
+PINNED = """
+import os, sys
+from pydist.shm.transport import connect_shm
+if sys.argv[2] != "-":
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+t = connect_shm(sys.argv[1], 30)
+t.send_frame([b"1" if t._rx._policy.enabled else b"0"])
+sys.stdin.buffer.read()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs and sched_setaffinity")
+@pytest.mark.parametrize("pinned", [False, True])
+def test_spin_only_when_pinned_to_other_vcpus(pinned, monkeypatch):
+    monkeypatch.delenv("PYDIST_SHM_SPIN", raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        if pinned:
+            os.sched_setaffinity(0, {cpus[0]})
+        with shm.ShmListener() as listener:
+            proc = child(PINNED, listener.address, str(cpus[1]) if pinned else "-")
+            try:
+                t = accept_child(listener, proc)
+                assert bytes(Bg(t.recv_frame).result()) == (b"1" if pinned else b"0")
+                assert t._rx._policy.enabled is pinned
+                t.close()
+            finally:
+                reap(proc)
+    finally:
+        os.sched_setaffinity(0, before)

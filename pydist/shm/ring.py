@@ -26,19 +26,22 @@ overwriting of consumed bytes; (2) "store my sleep word, then load the peer's co
 one side against "store my counter, then load the peer's sleep word" on the other (a
 Dekker pattern) must not both read stale values, or a wake-up is lost.
 
-* On x86-64 (``TSO`` fences, the default there) each store is one C call at its own
-  bytecode, so the compiler cannot reorder them, and the hardware keeps stores in order,
-  loads in order, and loads before later stores: (1) holds with plain 8-byte aligned stores
-  and loads (glibc's memcpy ends its non-temporal path with ``sfence``, and fast-string
-  stores are not reordered with later stores). Only store-then-load may be reordered, so for
-  (2) each end acquires and releases a ``threading.Lock`` between the two: that is a
-  ``lock``-prefixed instruction, a full barrier on x86 (~80 ns).
-* Everywhere else (aarch64, POWER: ``LOCKED`` fences) (1) is not given by the hardware and a
-  process-local lock is not a cross-process fence, so we do not pretend: every shared load
-  or store of a counter, sleep word or closed flag happens inside a critical section of a
-  process-shared semaphore (one per ring) used as a mutex. Its post is a release and its wait
-  an acquire, so both orderings follow from mutual exclusion. Spinning then reads ``HEAD``
-  with plain loads only as a hint, and re-reads it under the mutex before using it.
+* On x86-64 (``TSO`` mode, chosen by the machine) each access is one C call at its own
+  bytecode, so the compiler cannot reorder them, and every counter is an aligned 8-byte word
+  read or written whole through a ``"Q"`` memoryview. The hardware keeps stores in order,
+  loads in order, and loads before later stores, so (1) holds with plain accesses (glibc's
+  memcpy ends its non-temporal path with ``sfence``; fast-string stores are not reordered
+  with later stores). The per-frame fast path and the spin rely on exactly this, and on
+  nothing else. x86 may still let a load pass an earlier store, so for (2) each end
+  acquires and releases a ``threading.Lock`` between the two: a ``lock``-prefixed
+  instruction, a full barrier on x86 (~80 ns).
+* Elsewhere (aarch64, POWER: ``LOCKED`` mode) plain stores may be reordered, and a
+  process-local lock's acquire/release pair is not a full fence there (accesses may move
+  into the critical section), so we do not lean on it: every shared load or store of a
+  counter, sleep word or closed flag happens inside a critical section of a process-shared
+  semaphore (one per ring) used as a mutex. Its post is a release and its wait an acquire,
+  so both orderings follow from mutual exclusion. Spinning reads ``HEAD`` with plain loads
+  only as a hint and re-reads it under the mutex before touching data.
 * In both modes a blocked end also wakes every ``WAIT_TIMEOUT`` and re-checks, so even a lost
   wake-up (which the above rules out) would cost latency, not a hang.
 """
@@ -392,25 +395,30 @@ class RingReader(_End):
         """A cheap hint that the producer has closed (more bytes may still be readable)."""
         return self._ctl[WRITER_CLOSED] != 0
 
-    def read_into(self, dst: memoryview) -> None:
-        """Fill ``dst`` (a writable 1-D byte view) with the next ``len(dst)`` bytes."""
+    def read_into(self, dst: memoryview, start: int) -> None:
+        """Fill ``dst`` (a writable 1-D byte view) with stream bytes ``start ..`` on.
+
+        Progress is our own read counter, so a call cut short by an exception (say a
+        ``KeyboardInterrupt`` while waiting) is resumed by calling again with the same
+        arguments: a chunk copied but not yet counted is simply copied again.
+        """
         data, cap, mask, chunk = self._data, self._cap, self._mask, self._chunk
-        off, n = 0, len(dst)
-        while off < n:
+        n = len(dst)
+        while (off := self._tail - start) < n:
             avail = self._head - self._tail
             if avail == 0:
                 avail = self._await_bytes()
             idx = self._tail & mask
             k = min(n - off, avail, cap - idx, chunk)
             dst[off:off + k] = data[idx:idx + k]
-            off += k
             self._tail += k
             if self._tail - self._published >= chunk:
                 self.release()
 
-    def try_read_frame(self, limit: int) -> bytearray | None:
-        """Fast path: the next whole frame (length header + payload) if it is readable,
-        contiguous and within ``limit``; None (nothing consumed) otherwise."""
+    def try_read_frame(self, limit: int) -> memoryview | None:
+        """Fast path: the next whole frame (length header + payload) in a fresh buffer if it
+        is readable, contiguous and within ``limit``; None (nothing consumed) otherwise.
+        The caller must ``release()`` afterwards."""
         tail = self._tail
         idx = tail & self._mask
         if idx + _FRAME.size > self._cap:
@@ -424,10 +432,32 @@ class RingReader(_End):
         end = idx + _FRAME.size + length
         if length > limit or end > self._cap or _FRAME.size + length > avail:
             return None
-        frame = bytearray(self._data[idx + _FRAME.size:end])
-        self._tail = tail + _FRAME.size + length
-        self.release()
+        frame = memoryview(bytearray(self._data[idx + _FRAME.size:end]))
+        self._tail = tail + _FRAME.size + length  # no call between this and the return
         return frame
+
+    def readable(self, timeout: float) -> bool:
+        """Whether a byte is readable or reading would raise at once, waiting up to
+        ``timeout`` seconds for that (sleeping, never spinning)."""
+        if self._head != self._tail or self._refresh():
+            return True
+        deadline = time.monotonic() + timeout
+        ctl, sem, seen = self._ctl, self._own_sem, self._head
+        self._episode += 1
+        asleep = (self._episode << 1) | 1
+        try:
+            while self._store_load(READER_SLEEP, asleep, HEAD) == seen:
+                try:
+                    self._check()
+                except (TransportBroken, TransportClosed):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                _acquire(sem, min(remaining, WAIT_TIMEOUT))
+        finally:
+            ctl[READER_SLEEP] = asleep - 1
+        return True
 
     def wait_readable(self) -> None:
         """Block until at least one byte is readable (or raise why none ever will be)."""

@@ -1,10 +1,10 @@
 """POSIX shared memory and named semaphores for one connection, created safely.
 
 A ``Segment`` is one shared-memory object mapped into this process plus a few named
-semaphores. The side that dials ``create``\\ s it, tells the peer the names (over the
-rendezvous socket), the peer ``attach``\\ es, and then both ``unlink`` the names: from then
-on the objects live only as long as somebody has them mapped or open, so a ``kill -9`` of
-every process leaves nothing behind in ``/dev/shm``.
+semaphores. The dialing side calls ``Segment.create`` and tells the peer the names (over the
+rendezvous socket), the peer calls ``Segment.attach``, and then both ``unlink`` the names:
+from then on the objects live only as long as somebody has them mapped or open, so a
+``kill -9`` of every process leaves nothing behind in ``/dev/shm``.
 
 Names are ``/pydist-`` plus 64 random bits from ``secrets`` (16 hex digits, 24 characters:
 short enough for macOS's 31-character limit). They are never derived from a pid or a

@@ -25,13 +25,16 @@ in a private directory where abstract sockets do not exist):
 The Unix connection then stays open as a *lifeline*: a watcher thread on each end waits for
 its EOF. EOF after the peer marked its rings closed is a clean close; EOF without that mark
 means the peer died, and every blocked and later call raises ``TransportBroken``.
+
+Waiting spins briefly before sleeping only when the peer is pinned to other vCPUs than ours
+(see ``_spin_wanted``; ``PYDIST_SHM_SPIN=0``/``1`` forces it off/on).
 """
 from __future__ import annotations
 
 import json
-import pickle
 import logging
 import os
+import pickle
 import secrets
 import select
 import socket
@@ -52,7 +55,10 @@ __all__ = ["ShmTransport", "ShmListener", "connect_shm", "shm_pair", "DEFAULT_CA
 
 log = logging.getLogger("pydist.shm")
 
-DEFAULT_CAPACITY = 4 << 20  # per direction; measured: as fast as 16 MiB, a quarter the memory
+# Per direction. 1, 4 and 16 MiB rings moved 128 MiB equally fast here (within noise), but a
+# connection costs 2, 11 and 48 ms to set up (the pages are reserved and pre-faulted) and
+# 2x the ring in RAM; 4 MiB leaves slack for a briefly descheduled reader.
+DEFAULT_CAPACITY = 4 << 20
 MAX_CAPACITY = 1 << 30
 RENDEZVOUS_TIMEOUT = 10.0  # seconds, when the caller gives none
 _MAGIC = int.from_bytes(b"PYDSHM01", "little")
@@ -66,8 +72,30 @@ _ACCEPT_POLL_MS = 200
 _SMALL = 4096  # bytes parts up to this size are written as they are, without a memoryview
 
 
-def _spin_default() -> bool:
-    return os.environ.get("PYDIST_SHM_SPIN", "1") != "0"
+def _spin_wanted(lifeline: socket.socket) -> bool:
+    """Spin before sleeping only where it was measured to help: when the peer is pinned to
+    other vCPUs than ours. Sharing a vCPU, a spin only delays the peer (and in one process
+    the spinning thread holds the GIL the peer needs); unpinned, Linux co-locates a pair
+    that blocks often, and spinning made the median no better and the p99 twice as bad."""
+    forced = os.environ.get("PYDIST_SHM_SPIN", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        pid = _peer_creds(lifeline)[0]
+        if pid in (0, os.getpid()):
+            return False
+        return not os.sched_getaffinity(0) & os.sched_getaffinity(pid)
+    except (OSError, AttributeError):  # no SO_PEERCRED / sched_getaffinity here
+        return False
+
+
+def _peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket (Linux)."""
+    if _PEERCRED is None:
+        raise AttributeError("SO_PEERCRED is not available on this platform")
+    creds = sock.getsockopt(socket.SOL_SOCKET, _PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
 
 
 class ShmTransport:
@@ -80,7 +108,7 @@ class ShmTransport:
         self._peer = peer
         self._state = LinkState()
         self._tx, self._rx = _make_ends(segment, 0 if dialer else 1, self._state,
-                                        _spin_default() if spin is None else spin, tso)
+                                        _spin_wanted(lifeline) if spin is None else spin, tso)
         self._send_lock = threading.Lock()
         self._close_lock = threading.Lock()
         # Who may be touching the segment besides senders (who hold the send lock). Each flag
@@ -89,6 +117,8 @@ class ShmTransport:
         self._receiving = False
         self._watching = False
         self._shut_done = False  # _shut() has finished using the semaphores
+        self._ready: memoryview | None = None  # a frame read but not yet handed out
+        self._partial: tuple[memoryview, int, bool] | None = None  # a frame being read
         self._released = False
         self._lifeline = lifeline
         # If the object is dropped unclosed, the peer still learns of it through the lifeline.
@@ -109,7 +139,8 @@ class ShmTransport:
 
     def send_frame(self, parts: Sequence[transport.Buffer]) -> None:
         """Send the concatenation of ``parts`` as one frame; thread-safe; blocks while the
-        ring is full."""
+        ring is full. An exception from a signal handler before the first byte cancels the
+        frame; after it, the frame is finished first and the exception raised then."""
         views, total = _byte_views(parts)
         state, tx = self._state, self._tx
         try:
@@ -120,8 +151,12 @@ class ShmTransport:
                 try:
                     if not tx.try_write_frame(views, total):
                         self._send_slow(views, total)
+                except TransportError as exc:
+                    self._after_error(exc, "send")
+                    raise
                 except BaseException as exc:
-                    self._after_error(exc, "send", tx.position != start)
+                    if tx.position != start:
+                        self._finish_frame(views, total, start, exc)
                     raise
         finally:
             if state.closed:
@@ -135,22 +170,41 @@ class ShmTransport:
         tx.write([codec.frame_header(total), *views])
         tx.flush()
 
-    def recv_frame(self) -> memoryview:
-        """The next frame, copied once out of the ring into a fresh buffer."""
+    def poll(self, timeout: float) -> bool:
+        """Whether ``recv_frame`` would return (or raise) without waiting, after waiting up to
+        ``timeout`` seconds for that. Call from the receiving thread only."""
+        if self._ready is not None or self._state.closed or self._state.broken is not None:
+            return True
         self._receiving = True
-        state, rx = self._state, self._rx
+        try:
+            if self._state.closed:  # re-checked after announcing ourselves (see _release)
+                return True
+            return self._rx.readable(timeout)
+        except TransportError:
+            return True
+        finally:
+            self._receiving = False
+            if self._state.closed:
+                self._release_if_idle()
+
+    def recv_frame(self) -> memoryview:
+        """The next frame, copied once out of the ring into a fresh buffer.
+
+        An exception from a signal handler while receiving keeps what was read: the next
+        call resumes the same frame."""
+        self._receiving = True
+        state = self._state
         try:
             if state.closed:
                 state.check()
-            start = rx.position
-            try:
-                frame = rx.try_read_frame(self.max_frame)
-                if frame is not None:
-                    return memoryview(frame)
-                return self._read_frame()
-            except BaseException as exc:
-                self._after_error(exc, "receive", rx.position != start)
-                raise
+            if self._ready is None:
+                try:
+                    self._next_frame()
+                except TransportError as exc:
+                    self._after_error(exc, "receive")
+                    raise
+            frame, self._ready = self._ready, None
+            return frame
         finally:
             self._receiving = False
             if state.closed:
@@ -175,44 +229,73 @@ class ShmTransport:
 
     # -- frames ---------------------------------------------------------------------------
 
-    def _read_frame(self) -> memoryview:
-        """Wait for a frame; take it whole if it then fits, else stream it out."""
+    def _next_frame(self) -> None:
+        """Put the next frame in ``_ready``; every step can be interrupted and resumed.
+
+        A frame is first looked for whole (the fast path); otherwise its header and then its
+        payload are streamed out, with ``_partial`` holding (buffer, stream position of its
+        first byte, is-payload) so that the ring's read counter alone says how far we got.
+        The frame lands in ``_ready`` before anything that may raise is called.
+        """
         rx = self._rx
-        rx.wait_readable()
-        frame = rx.try_read_frame(self.max_frame)
-        if frame is not None:
-            return memoryview(frame)
-        header = memoryview(bytearray(codec.FRAME_HEADER_SIZE))
-        rx.read_into(header)
+        if self._partial is None:
+            frame = rx.try_read_frame(self.max_frame)
+            if frame is None:
+                rx.wait_readable()
+                frame = rx.try_read_frame(self.max_frame)
+            if frame is not None:
+                self._ready = frame
+                rx.release()
+                return
+            self._partial = (memoryview(bytearray(codec.FRAME_HEADER_SIZE)), rx.position, False)
+        view, start, is_payload = self._partial
+        rx.read_into(view, start)
+        if not is_payload:
+            view, start = self._payload_buffer(view), start + codec.FRAME_HEADER_SIZE
+            self._partial = (view, start, True)
+            rx.read_into(view, start)
+        self._ready = view
+        self._partial = None
+        rx.release()
+
+    def _payload_buffer(self, header: memoryview) -> memoryview:
+        """A buffer for the payload announced by ``header``, after checking its length."""
         try:
             length = codec.parse_frame_header(header, self.max_frame)
         except DecodeError as exc:
             raise self._break(f"{exc} (from {self._peer})") from None
-        buf = bytearray(length)
-        view = memoryview(buf)
-        if length:
-            rx.read_into(view)
-        rx.release()
-        return view
+        try:
+            return memoryview(bytearray(length))
+        except MemoryError:
+            raise self._break(f"no memory for a frame of {length} bytes "
+                              f"from {self._peer}") from None
 
-    def _after_error(self, exc: BaseException, what: str, mid_frame: bool) -> None:
-        """Shut the transport when an error leaves it unusable.
+    def _finish_frame(self, views: list, total: int, start: int, exc: BaseException) -> None:
+        """Write the rest of a frame an exception interrupted (further such exceptions are
+        held back too), so the stream stays whole; the caller then raises ``exc``."""
+        tx = self._tx
+        parts = [codec.frame_header(total), *views]
+        while True:
+            try:
+                tx.write(_skip(parts, tx.position - start))
+                tx.flush()
+                return
+            except TransportError as err:
+                self._after_error(err, "send")
+                raise err from exc
+            except BaseException:
+                continue
 
-        A broken link, or a frame cut short by any other exception (``KeyboardInterrupt``
-        included), aborts. The peer's clean close seen by the receiver closes this end too;
-        seen by a sender it does not, so the receiver can still drain what the peer sent.
-        """
+    def _after_error(self, exc: TransportError, what: str) -> None:
+        """Shut this end when an error leaves it unusable: a broken link aborts; the peer's
+        clean close seen by the receiver closes this end too (seen by a sender it does not,
+        so the receiver can still drain what the peer sent before closing)."""
         if self._state.closed:
             return
         if isinstance(exc, TransportBroken):
             self.abort()
-        elif isinstance(exc, TransportClosed):
-            if what == "receive":
-                self.close()
-        elif mid_frame:
-            self._state.broken = (f"a {what} on the connection to {self._peer} was "
-                                  f"interrupted mid-frame by {type(exc).__name__}")
-            self.abort()
+        elif isinstance(exc, TransportClosed) and what == "receive":
+            self.close()
 
     def _break(self, reason: str) -> TransportBroken:
         self._state.broken = reason
@@ -349,6 +432,19 @@ def _watch(sock: socket.socket, ref: weakref.ref) -> None:
         owner._lifeline_ended()
 
 
+def _skip(parts: list, n: int) -> list:
+    """``parts`` without their first ``n`` bytes."""
+    out = []
+    for part in parts:
+        size = len(part)
+        if n >= size:
+            n -= size
+            continue
+        out.append(memoryview(part)[n:] if n else part)
+        n = 0
+    return out
+
+
 def _byte_views(parts: Sequence[transport.Buffer]) -> tuple[list[memoryview], int]:
     """1-D byte views of ``parts`` and their total size, checked before anything is sent."""
     views, total = [], 0
@@ -396,8 +492,7 @@ def _check_peer_uid(sock: socket.socket, url: str) -> None:
     """Refuse a peer running as another user (where the OS tells us who it is)."""
     if _PEERCRED is None:
         return  # the socket file lives in a 0700 directory there
-    creds = sock.getsockopt(socket.SOL_SOCKET, _PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("3i", creds)
+    pid, uid = _peer_creds(sock)
     if uid != os.geteuid():
         raise PermissionError(f"{url}: peer process {pid} runs as uid {uid}, not as us "
                               f"({os.geteuid()}); refusing it")
