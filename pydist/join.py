@@ -122,7 +122,31 @@ def _peers_to_dial(w: Worker, live: list[Worker], params: dict[str, Any]) -> tup
 
 
 # -- the worker's half ---------------------------------------------------------------------
-_hello_slots = threading.BoundedSemaphore(MAX_UNAUTHENTICATED)
+class _Unproven:
+    """Connections still proving themselves; past the cap the oldest is dropped, so idle
+    connections can delay a legitimate peer by one hello at most, never lock it out."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._lock = threading.Lock()
+        self._conns: dict[int, Transport] = {}
+
+    def admit(self, t: Transport) -> None:
+        with self._lock:
+            self._conns[id(t)] = t
+            victims = []
+            while len(self._conns) > self._cap:
+                oldest = next(iter(self._conns))
+                victims.append(self._conns.pop(oldest))
+        for v in victims:
+            v.abort()
+
+    def done(self, t: Transport) -> None:
+        with self._lock:
+            self._conns.pop(id(t), None)
+
+
+_unproven = _Unproven(MAX_UNAUTHENTICATED)
 
 
 def accept_loop(listener: Any) -> None:
@@ -132,9 +156,7 @@ def accept_loop(listener: Any) -> None:
             t = listener.accept()
         except TransportError:
             return
-        if not _hello_slots.acquire(blocking=False):
-            t.abort()   # too many connections are still proving themselves
-            continue
+        _unproven.admit(t)
         threading.Thread(target=serve_incoming, args=(t,), name="pydist-incoming",
                          daemon=True).start()
 
@@ -146,10 +168,11 @@ def serve_incoming(t: Transport) -> None:
             authenticate(t, PGRP.cookie or "", "accept")
             first = _read_first(t, JOIN_TIMEOUT)
         finally:
-            _hello_slots.release()
+            _unproven.done(t)
     except (AuthenticationError, TransportError, DecodeError) as e:
         t.abort()
-        print(f"pydist: process {PGRP.myid} refused a connection: {e}", file=sys.stderr)
+        if "refused" in str(e):   # a wrong proof is worth a line; a dropped idle socket is not
+            print(f"pydist: process {PGRP.myid} refused a connection: {e}", file=sys.stderr)
         return
     if isinstance(first, JoinPGRPMsg) and PGRP.role == "worker" and 1 not in PGRP.workers:
         w = _adopt(first, t)
