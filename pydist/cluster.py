@@ -275,6 +275,9 @@ class ProcessGroup:
                 cb(w.id)
             except Exception:   # a listener's bug must not stop the others
                 pass
+        with self.lock:        # only its id and how it ended are kept (in ``removed``)
+            if self.workers.get(w.id) is w:
+                del self.workers[w.id]
 
 
 PGRP = ProcessGroup()

@@ -215,12 +215,21 @@ def _kill(w: Worker) -> None:
     finally:
         if w.transport is not None and not w.gone.wait(1.0):
             PGRP.worker_lost(w, w.detail)
-        PGRP.worker_lost(w, w.detail)
-        if w.manager is not None and w.config is not None:
-            try:
-                w.manager.manage(w.id, w.config, "deregister")
-            except Exception:
-                pass
+        PGRP.worker_lost(w, w.detail)   # and so deregistered, through the hook below
+
+
+def _deregister(pid: int) -> None:
+    """A worker is gone (removed or dead): tell its manager (Julia's :deregister)."""
+    w = PGRP.workers.get(pid)
+    if w is None or w.manager is None or w.config is None:
+        return
+    try:
+        w.manager.manage(pid, w.config, "deregister")
+    except Exception as e:  # a manager's failure must not hide the death itself
+        print(f"pydist: {w.manager!r} failed to deregister worker {pid}: {e}", file=sys.stderr)
+
+
+PGRP.on_worker_lost.append(_deregister)
 
 
 def request_exit(pid: int) -> None:

@@ -86,9 +86,39 @@ def cluster(transport):
     remove_all_workers()
 
 
+# Threads pydist keeps for the life of the process, once started.
+SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-pool-timers")
+
+
+def _threads() -> set[tuple[int, str]]:
+    import threading
+    return {(t.ident, t.name) for t in threading.enumerate()
+            if not t.name.startswith(SERVICE_THREADS)}
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @pytest.fixture
-def fresh(transport):
-    """A factory of throwaway workers for tests that break them; all removed afterwards."""
+def leak_oracle():
+    """After the test: no new process (orphan or zombie), nothing new in /dev/shm, and the
+    file descriptors and threads back to where they were."""
+    children = {p.pid for p in live_children()}
+    shm, fds, threads = shm_entries(), _fds(), _threads()
+    yield
+    assert wait_until(lambda: not ({p.pid for p in live_children()} - children), 10), \
+        f"processes left: {[(p.pid, p.status()) for p in live_children() if p.pid not in children]}"
+    assert wait_until(lambda: shm_entries() <= shm, 5), f"/dev/shm left: {sorted(shm_entries() - shm)}"
+    assert wait_until(lambda: _fds() <= fds + 2, 5), f"file descriptors: {fds} before, {_fds()} after"
+    assert wait_until(lambda: _threads() <= threads, 5), \
+        f"threads left: {sorted(n for _, n in _threads() - threads)}"
+
+
+@pytest.fixture
+def fresh(transport, leak_oracle):
+    """A factory of throwaway workers for tests that break them; all removed afterwards,
+    and checked for leaks."""
     made: list[int] = []
 
     def make(n: int = 1) -> list[int]:

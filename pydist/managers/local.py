@@ -104,17 +104,26 @@ class LocalManager(ClusterManager):
         elif op == "interrupt":
             if config.process is not None and config.process.poll() is None:
                 config.process.send_signal(signal.SIGINT)
+        elif op == "deregister":
+            _close_lifeline(config)
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Ask the worker to exit, then SIGTERM and SIGKILL with deadlines; close its lifeline."""
         super().kill(pid, config)
-        proc = config.process
-        if proc is not None:
-            for stream in (proc.stdin,):
-                try:
-                    stream.close()
-                except Exception:
-                    pass
+        _close_lifeline(config)
+
+
+def _close_lifeline(config: WorkerConfig) -> None:
+    """Close the worker's stdin (its lifeline: the worker exits) and reap it if it is gone."""
+    proc = config.process
+    if proc is None:
+        return
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    except Exception:   # a broken pipe: the worker is gone already
+        pass
+    proc.poll()
 
 
 def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
@@ -148,10 +157,13 @@ def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
 def _relay(config: WorkerConfig, ids: dict[int, int]) -> None:
     """Copy a worker's output to ours, each line prefixed with the worker's id."""
     stream = config.io
-    for raw in iter(stream.readline, b""):
-        pid = ids.get(id(config), "?")
-        try:
-            sys.stdout.write(f"      From worker {pid}:\t{raw.decode(errors='replace')}")
-            sys.stdout.flush()
-        except (ValueError, OSError):
-            return
+    try:
+        for raw in iter(stream.readline, b""):
+            pid = ids.get(id(config), "?")
+            try:
+                sys.stdout.write(f"      From worker {pid}:\t{raw.decode(errors='replace')}")
+                sys.stdout.flush()
+            except (ValueError, OSError):
+                return
+    finally:
+        stream.close()   # the worker is gone (end of its output)
