@@ -21,11 +21,11 @@ until the frame it needs has been handled by whoever holds it.
 """
 from __future__ import annotations
 
+import _signal
 import signal
 import threading
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .cluster import Worker
@@ -34,6 +34,7 @@ __all__ = ["Inbox", "GRACE"]
 
 GRACE = 0.005
 _POLL = 0.05
+_SIGINT = int(signal.SIGINT)
 
 
 class Inbox:
@@ -84,24 +85,31 @@ class Inbox:
         idle main thread, whose SIGINT handler ignores signals between calls).
         """
         main = not safe and threading.current_thread() is threading.main_thread()
+        hits = SIGINT_DEFERRAL.hits
         with self._changed:
             self._pumpers += 1
+        if main:
+            SIGINT_DEFERRAL.active = True
         try:
-            with _deferred_sigint(main) as interrupted:
-                while not done() and not self.ended and not interrupted:
-                    if self._role.acquire(blocking=False):
-                        self.reader = threading.get_ident()   # before re-checking done(): tasks.py
-                        try:
-                            while not done() and not self.ended and not interrupted:
-                                self._read_held(poll=main)
-                        finally:
-                            self._release()
-                    else:
-                        self._wait_for_role(done)
+            while not done() and not self.ended and not (main and hits):
+                if self._role.acquire(False):
+                    self.reader = threading.get_ident()   # before re-checking done(): tasks.py
+                    try:
+                        while not done() and not self.ended and not (main and hits):
+                            self._read_held(main)
+                    finally:
+                        self._release()
+                else:
+                    self._wait_for_role(done)
         finally:
+            if main:
+                SIGINT_DEFERRAL.active = False
             with self._changed:
                 self._pumpers -= 1
                 self._last_pump = time.monotonic()
+            if main and hits:
+                hits.clear()
+                raise KeyboardInterrupt
 
     def _wait_for_role(self, done: Callable[[], bool]) -> None:
         with self._changed:
@@ -173,7 +181,7 @@ class _SigintDeferral:
     def usable(self) -> bool:
         """Whether the main thread may pump (installing the handler on first use)."""
         try:
-            current = signal.getsignal(signal.SIGINT)
+            current = _signal.getsignal(_SIGINT)   # the C function: no enum conversion per call
             if current is self:
                 return True
             if current is signal.default_int_handler:
@@ -185,24 +193,3 @@ class _SigintDeferral:
 
 
 SIGINT_DEFERRAL = _SigintDeferral()
-
-
-@contextmanager
-def _deferred_sigint(main: bool) -> Iterator[list]:
-    """Around a pump on the main thread: hold SIGINT back, re-raise it afterwards.
-
-    Yields a list that becomes non-empty (truthy) once a SIGINT arrived, so the pump can
-    stop at the next frame boundary.
-    """
-    if not main:
-        yield []
-        return
-    d = SIGINT_DEFERRAL
-    d.active = True
-    try:
-        yield d.hits
-    finally:
-        d.active = False
-        if d.hits:
-            d.hits.clear()
-            raise KeyboardInterrupt

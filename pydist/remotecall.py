@@ -54,8 +54,7 @@ def remotecall_fetch(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any)
         return _pool_call("remotecall_fetch", f, pid, args, kwargs)
     if pid == PGRP.myid:
         return unwrap(run_call(f, args, kwargs))
-    PGRP.check_pid(pid)
-    rrid, rv = PGRP.expect_reply(pid)
+    rrid, rv = PGRP.expect_reply(pid)      # send() checks pid (its fast path costs nothing)
     try:
         PGRP.send(pid, MsgHeader(notify_oid=rrid), CallFetchMsg(f, args, kwargs))
         value = wait_value(rv, None, f"the call on process {pid}", via=pid)

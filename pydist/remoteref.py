@@ -55,19 +55,25 @@ def wait_value(rv: RemoteValue, timeout: float | None, what: str = "the value",
     When the answer comes from process ``via`` and there is no deadline, this thread reads
     that connection itself (``inbox.py``): no hand-off from a reader thread.
     """
-    if not rv.ready():
-        w = PGRP.workers.get(via) if via is not None else None
-        inbox = w.inbox if w is not None else None
-        with blocking_section():
-            if inbox is None:
-                ok = rv.wait(timeout)
-            elif timeout is None and _may_pump():
-                inbox.pump(rv.ready)
-                ok = rv.ready() or rv.wait(None)
-            else:
-                ok = inbox.wait(rv.ready, timeout) or rv.wait(0)
-        if not ok:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+    if rv.ready():
+        return rv.value
+    w = PGRP.workers.get(via) if via is not None else None
+    inbox = w.inbox if w is not None else None
+    runner = PGRP._runner
+    blocked = runner.enter_blocking() if runner is not None else False
+    try:
+        if inbox is None:
+            ok = rv.wait(timeout)
+        elif timeout is None and _may_pump():
+            inbox.pump(rv.ready)
+            ok = rv.ready() or rv.wait(None)
+        else:
+            ok = inbox.wait(rv.ready, timeout) or rv.wait(0)
+    finally:
+        if blocked:
+            runner.exit_blocking()   # type: ignore[union-attr]
+    if not ok:
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
     return rv.value
 
 

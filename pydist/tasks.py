@@ -184,12 +184,11 @@ class TaskRunner:
         self._in_call[threading.get_ident()] = False
 
     # -- blocking sections ----------------------------------------------------------
-    @contextmanager
-    def blocking(self) -> Iterator[None]:
-        """Mark the current runner as blocked so that queued calls still get served."""
+    def enter_blocking(self) -> bool:
+        """The current thread is about to block in a pydist wait: if it is a runner, make
+        sure queued calls still get served. Returns whether ``exit_blocking`` is owed."""
         if not getattr(self._local, "runner", False):
-            yield
-            return
+            return False
         start_spare = False
         with self._lock:
             self._blocked += 1
@@ -197,11 +196,21 @@ class TaskRunner:
                 start_spare = True
         if start_spare:
             self._start_runner(None, spare=True)
+        return True
+
+    def exit_blocking(self) -> None:
+        with self._lock:
+            self._blocked -= 1
+
+    @contextmanager
+    def blocking(self) -> Iterator[None]:
+        """``enter_blocking``/``exit_blocking`` around a block of code."""
+        owed = self.enter_blocking()
         try:
             yield
         finally:
-            with self._lock:
-                self._blocked -= 1
+            if owed:
+                self.exit_blocking()
 
     # -- interrupts -------------------------------------------------------------------
     def install_sigint(self) -> None:
