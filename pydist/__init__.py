@@ -22,6 +22,9 @@ from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id
 from .channel import Channel
 from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
 from .bootstrap import init_worker, process_messages, start_worker
+from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
+                         remote)
+from .pmap import pmap
 from .executor import Executor, ProcessPoolExecutor
 from .pool import Pool
 from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
@@ -38,4 +41,6 @@ __all__ = [
     "ProcessExitedException", "InvalidStateException", "LaunchError", "AuthenticationError",
     "ClusterManager", "WorkerConfig", "LocalManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
+    "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
+    "pmap",
 ]

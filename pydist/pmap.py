@@ -7,7 +7,8 @@ How the work flows (one ``_Mapper`` per call, driven by the calling thread):
    waiting for a retry, or done.
 2. Workers are taken from the pool (all idle ones, and more as they become free or are
    added) and each is kept busy with up to ``WINDOW`` chunks in flight, so a worker never
-   waits for a round trip. The function is shipped to each worker once (the CachingPool
+   waits for a round trip. While someone else waits for a worker of the same pool, the
+   map hands one back at each poll (keeping one for itself). The function is shipped to each worker once (the CachingPool
    mechanism; a private cache for this call unless the pool is a CachingPool).
 3. A chunk is one remote call running ``f`` over several elements and answering each
    element's value or captured failure separately. With ``batch_size=1`` (the default) its
@@ -34,8 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .cluster import PGRP
 from .dispatch import capture
-from .errors import ProcessExitedException, RemoteException, SerializationError
-from .messages import RRID
+from .errors import ProcessExitedException, SerializationError
 from .values import Failure
 from .workerpool import (AbstractWorkerPool, CachingPool, _drop_caches, _FunctionCache,
                          _is_cache_miss, _start, default_worker_pool)
@@ -251,6 +251,7 @@ class _Mapper:
         self.singles: list[int] = []         # elements to send one by one
         self.held: dict[int, int] = {}       # worker -> chunks in flight
         self.inflight = 0                    # chunks in flight, to held workers or lost ones
+        self.yielding: set[int] = set()      # held workers to hand back once idle
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.fixed = _auto_batch(n, len(pool)) if batch_size == "auto" else batch_size
         self.adaptive = batch_size == 1
@@ -316,8 +317,14 @@ class _Mapper:
     # -- workers --------------------------------------------------------------------------------------
     def _acquire(self, block: bool) -> None:
         want = max(1, min(self._unsent(), 256))
-        for pid in self.pool._take_some(want):
+        got, waiting = self.pool._poll(want)
+        for pid in got:
             self.held.setdefault(pid, 0)
+        working = [p for p in self.held if p not in self.yielding]
+        if waiting and len(working) > 1:
+            # Someone else waits for a worker of this pool: hand one over (once its calls
+            # here are done), one per poll, always keeping one for this map.
+            self.yielding.add(min(working, key=lambda p: self.held[p]))
         if block and not self.held:
             try:
                 pid = self.pool.take(timeout=POLL)
@@ -327,9 +334,12 @@ class _Mapper:
 
     def _give_back_unneeded(self) -> None:
         if self._unsent() or self.later:
-            return
-        for pid in [p for p, n in self.held.items() if n == 0]:
+            done = [p for p in self.yielding if self.held.get(p) == 0]
+        else:
+            done = [p for p, n in self.held.items() if n == 0]
+        for pid in done:
             del self.held[pid]
+            self.yielding.discard(pid)
             self._put_back(pid)
 
     def _put_back(self, pid: int) -> None:
@@ -340,6 +350,7 @@ class _Mapper:
 
     def _lose(self, pid: int) -> None:
         self.held.pop(pid, None)
+        self.yielding.discard(pid)
 
     # -- sending ---------------------------------------------------------------------------------------
     def _window(self) -> int:
@@ -351,7 +362,7 @@ class _Mapper:
         window = self._window()
         for level in range(1, window + 1):
             for pid in list(self.held):
-                if self.held.get(pid, window) < level:
+                if self.held.get(pid, window) < level and pid not in self.yielding:
                     chunk = self._next_chunk()
                     if chunk is None:
                         return

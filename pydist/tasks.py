@@ -107,6 +107,7 @@ class TaskRunner:
                     return
                 if task is not None:
                     self._run(task)
+                task = None   # do not keep the call's arguments alive while idle
             except KeyboardInterrupt:
                 continue   # an interrupt that arrived between calls: nothing to interrupt
 
@@ -144,6 +145,7 @@ class TaskRunner:
         self._local.runner = True
         if first is not None:
             self._run(first)
+            first = None
         while True:
             if spare and self._should_retire():
                 return
@@ -156,6 +158,7 @@ class TaskRunner:
                     self._runners -= 1
                 return
             self._run(task)
+            task = None   # do not keep the call's arguments alive while idle
 
     def _should_retire(self) -> bool:
         """A spare retires once another runner is active (not blocked) or idle-reading."""

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 
 from .cluster import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING
 from .control import on_workers_added
-from .dispatch import OpContext, capture, internal_op, run_call
+from .dispatch import OpContext, internal_op, run_call
 from .errors import ProcessExitedException, RemoteException
 from .messages import (NULL_HEADER, RRID, CallFetchMsg, CallWaitMsg, MsgHeader, RemoteDoMsg)
 from .remoteref import AbstractRemoteRef, Future, call_on_owner, wait_value
@@ -150,15 +150,12 @@ _timers = _Timers()
 class _Waiter:
     """Someone waiting on a pool: a taker (wants a worker) or a watcher (wants readiness)."""
 
-    __slots__ = ("client", "_ctx", "_latch", "value")
+    __slots__ = ("client", "_ctx", "_given", "value")
 
     def __init__(self, client: int, ctx: OpContext | None = None) -> None:
         self.client = client
         self._ctx = ctx
-        self._latch: threading.Lock | None = None
-        if ctx is None:
-            self._latch = threading.Lock()
-            self._latch.acquire()
+        self._given = threading.Event() if ctx is None else None
         self.value: Any = None
 
     def give(self, value: Any) -> None:
@@ -167,14 +164,15 @@ class _Waiter:
             self._ctx.reply(value)
         else:
             self.value = value
-            self._latch.release()   # type: ignore[union-attr]
+            self._given.set()       # type: ignore[union-attr]
 
     def wait(self, timeout: float | None) -> bool:
+        """Whether something was handed over within ``timeout`` (may be called again)."""
         runner = PGRP._runner
         if runner is None:
-            return self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))  # type: ignore[union-attr]
+            return self._given.wait(timeout)    # type: ignore[union-attr]
         with runner.blocking():
-            return self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))  # type: ignore[union-attr]
+            return self._given.wait(timeout)    # type: ignore[union-attr]
 
 
 # -- the owner's state --------------------------------------------------------------------------
@@ -301,6 +299,11 @@ class _PoolState:
                 out.append(pid)
         return out
 
+    def waiting(self) -> int:
+        """How many takers wait for a worker."""
+        with self.lock:
+            return len(self.takers)
+
     def ready(self) -> bool:
         with self.lock:
             return bool(self.idle) or self._lending()
@@ -394,6 +397,8 @@ def _pool_op(ctx: OpContext, rrid: RRID, name: str, args: tuple) -> None:
             ctx.reply(None)
         elif name == "take_some":
             ctx.reply(st.take_some(args[0], ctx.sender))
+        elif name == "poll":
+            ctx.reply((st.take_some(args[0], ctx.sender), st.waiting()))
         elif name == "len":
             ctx.reply(len(st.members))
         elif name == "isready":
@@ -478,6 +483,10 @@ class AbstractWorkerPool(ABC):
                 break
         return out
 
+    def _poll(self, n: int) -> tuple[list[int], int]:
+        """Up to ``n`` idle workers (as ``_take_some``), and how many takers wait."""
+        return self._take_some(n), 0
+
     def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Run one of the four remote calls on a worker taken from this pool."""
         for attempt in (0, 1):
@@ -507,7 +516,8 @@ class AbstractWorkerPool(ABC):
                 return fut
             if kind == "remote_do":
                 return None
-            value = wait_value(done, None, f"the call on process {pid}")
+            value = wait_value(done, None, f"the call on process {pid}",
+                               via=pid if pid != PGRP.myid else None)
             if attempt == 0 and _is_cache_miss(value):
                 self._forget(g, pid)
                 continue    # the worker's cache was cleared meanwhile: ship the function again
@@ -614,22 +624,52 @@ class WorkerPool(AbstractWorkerPool):
     def take(self, timeout: float | None = None) -> int:
         st = self._state()
         if st is None:
-            return self._remote("take", timeout)
+            return self._take_remote(timeout)
         waiter = _Waiter(PGRP.myid)
         pid = st.take(waiter, None)     # the timeout is kept here
         if pid is not None:
             return pid
-        if not waiter.wait(timeout):
+        try:
+            got = waiter.wait(timeout)
+        except BaseException:           # interrupted: a worker handed over goes back
+            if not st.cancel(waiter):
+                waiter.wait(None)
+                st.put_back(waiter.value)
+            raise
+        if not got:
             if st.cancel(waiter):
                 raise TimeoutError(f"timed out after {timeout} s waiting for a worker of {self!r}")
             waiter.wait(None)           # handed a worker while giving up: keep it
         return waiter.value
+
+    def _take_remote(self, timeout: float | None) -> int:
+        """``take`` from the owner, which keeps the deadline."""
+        where, rrid = self._ref.where, self._ref.rrid
+        reply_id, rv = PGRP.expect_reply(where)
+        try:
+            PGRP.send(where, MsgHeader(notify_oid=reply_id),
+                      CallFetchMsg(_pool_op, (rrid, "take", (timeout,)), {}))
+        except BaseException:
+            PGRP.forget_reply(reply_id)
+            raise
+        try:
+            value = wait_value(rv, None, f"a worker of {self!r}", via=where)
+        except BaseException:           # interrupted: a worker handed over later goes back
+            rv.add_callback(lambda v: type(v) is int and self.put_back(v))
+            raise
+        return unwrap(value)
 
     def _take_some(self, n: int) -> list[int]:
         st = self._state()
         if st is None:
             return self._remote("take_some", n)
         return st.take_some(n, PGRP.myid)
+
+    def _poll(self, n: int) -> tuple[list[int], int]:
+        st = self._state()
+        if st is None:
+            return tuple(self._remote("poll", n))    # type: ignore[return-value]
+        return st.take_some(n, PGRP.myid), st.waiting()
 
     def __len__(self) -> int:
         st = self._state()

@@ -87,7 +87,7 @@ def cluster(transport):
 
 
 # Threads pydist keeps for the life of the process, once started.
-SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-pool-timers")
+SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-pool-timers", "pydist-reaper", "pydist-heartbeat")
 
 
 def _threads() -> set[tuple[int, str]]:
@@ -138,6 +138,6 @@ def no_leaks_at_end():
     yield
     remove_all_workers()
     assert wait_until(lambda: not live_children(), 10), \
-        f"processes left behind: {[(p.pid, p.cmdline()) for p in live_children()]}"
+        f"processes left behind: {[(p.pid, p.status()) for p in live_children()]}"
     leaked = shm_entries() - before
     assert not leaked, f"shared memory left behind: {sorted(leaked)}"

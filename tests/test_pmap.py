@@ -138,6 +138,29 @@ def test_workers_go_back_to_the_pool(cluster):
     assert all_idle(p, 2)
 
 
+def test_a_long_map_shares_its_pool(cluster):
+    """Calls and other maps on the same pool get a worker before a long map ends."""
+    p = WorkerPool(cluster)
+    ends = {}
+
+    def long_map():
+        pmap(lambda x: time.sleep(0.01), range(150), pool=p)      # ~0.75 s on 2 workers
+        ends["long"] = time.monotonic()
+    t0 = time.monotonic()
+    t = threading.Thread(target=long_map)
+    t.start()
+    time.sleep(0.15)
+    assert pd.remotecall_fetch(pd.myid, p) in cluster
+    ends["call"] = time.monotonic()
+    assert pmap(lambda x: x, range(20), pool=p) == list(range(20))
+    ends["short"] = time.monotonic()
+    t.join(30)
+    # served within a poll or two (~0.2 s), not once the long map is over (~0.8 s)
+    assert ends["short"] - t0 < 0.5 and ends["short"] < ends["long"] - 0.2, \
+        {k: round(v - t0, 3) for k, v in ends.items()}
+    assert all_idle(p, 2)
+
+
 # -- errors -----------------------------------------------------------------------------------------
 def test_first_failure_is_raised(cluster):
     with pytest.raises(pd.RemoteException) as info:

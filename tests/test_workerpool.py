@@ -338,6 +338,31 @@ def test_empty_default_pool_lends_process_1(transport):
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+def test_interrupted_take_gives_the_worker_back(transport):
+    """Ctrl-C while ``take`` waits: a worker handed over afterwards returns to the pool
+    (local pool, and a pool owned by a worker). In a master of its own: it gets SIGINT."""
+    script = textwrap.dedent(f"""
+        import os, signal, threading, time, pydist as pd
+        from pydist.workerpool import WorkerPool
+        a, b = pd.addprocs(2, transport={transport!r})
+        def interrupted(pool):
+            threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+            try:
+                pool.take(timeout=20)
+            except KeyboardInterrupt:
+                return True
+        for pool in (WorkerPool([a]), pd.remotecall_fetch(lambda w: WorkerPool([w]), b, a)):
+            assert pool.take(timeout=5) == a
+            assert interrupted(pool)
+            pool.put_back(a)
+            assert pool.take(timeout=5) == a      # not lost to the abandoned take
+        print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 # -- CachingPool ----------------------------------------------------------------------------------------
 def test_caching_pool_ships_a_big_closure_once_per_worker(cluster):
     key = "big-closure"
