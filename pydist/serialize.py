@@ -25,8 +25,6 @@ import io
 import pickle
 from typing import Any, Iterable
 
-import cloudpickle
-
 from .errors import SerializationError
 
 __all__ = ["PICKLE_PROTOCOL", "dumps", "loads"]
@@ -60,6 +58,7 @@ def _cloudpickle_dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
     try:
+        import cloudpickle   # on first need: workers that run importable code never load it
         cloudpickle.Pickler(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(obj)
     except Exception as e:
         raise SerializationError(
