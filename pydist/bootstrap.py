@@ -133,6 +133,8 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
     runner = TaskRunner(main_thread=True)
     PGRP.set_runner(runner)
     runner.install_sigint()
+    _allow_shm_moves()
+    PGRP.on_joined = _joined.set   # before anyone can dial in: a quick master must not be missed
     PGRP.listeners = _listen(bind, transports, port)
     for listener in PGRP.listeners:
         threading.Thread(target=accept_loop, args=(listener,), name="pydist-accept",
@@ -143,13 +145,22 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         threading.Thread(target=_watch_stdin, name="pydist-lifeline", daemon=True).start()
     elif close_stdin:
         sys.stdin.close()
-    PGRP.on_joined = _joined.set
     threading.Thread(target=_join_watchdog, name="pydist-join-watchdog", daemon=True).start()
     if lease > 0:
         from .lease import watch
         watch(lease, _joined, exit_worker)
     runner.run_main_loop(_master_inbox)
     exit_worker(0)
+
+
+def _allow_shm_moves() -> None:
+    """Let the shared-memory transport move this worker's waiting threads off the vCPU its
+    peer runs on (``pydist/shm/placement.py``); a master is never moved."""
+    try:
+        from .shm.placement import allow_moves
+    except ImportError:
+        return
+    allow_moves()
 
 
 def _master_inbox() -> Any:

@@ -269,12 +269,12 @@ class ProcessGroup:
             inbox.ended = True
             inbox.notify()
         w.connected.set()
-        w.gone.set()
         for cb in list(self.on_worker_lost):
             try:
                 cb(w.id)
             except Exception:   # a listener's bug must not stop the others
                 pass
+        w.gone.set()           # after the listeners: rmprocs returns once the manager knows
         with self.lock:        # only its id and how it ended are kept (in ``removed``)
             if self.workers.get(w.id) is w:
                 del self.workers[w.id]

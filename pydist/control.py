@@ -78,6 +78,7 @@ def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown transport {params['transport']!r}; choose one of {', '.join(TRANSPORTS)}")
     if params["topology"] not in TOPOLOGIES:
         raise ValueError(f"unknown topology {params['topology']!r}; choose one of {', '.join(TOPOLOGIES)}")
+    manager.check_params(params)
     return params
 
 
@@ -223,10 +224,11 @@ def _deregister(pid: int) -> None:
     w = PGRP.workers.get(pid)
     if w is None or w.manager is None or w.config is None:
         return
-    try:
-        w.manager.manage(pid, w.config, "deregister")
-    except Exception as e:  # a manager's failure must not hide the death itself
-        print(f"pydist: {w.manager!r} failed to deregister worker {pid}: {e}", file=sys.stderr)
+    for op in ("deregister", "finalize"):    # the record is forgotten next: finalize it too
+        try:
+            w.manager.manage(pid, w.config, op)
+        except Exception as e:  # a manager's failure must not hide the death itself
+            print(f"pydist: {w.manager!r} failed to {op} worker {pid}: {e}", file=sys.stderr)
 
 
 PGRP.on_worker_lost.append(_deregister)

@@ -22,6 +22,7 @@ frame every 7.5 s.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ __all__ = ["DEFAULT_LEASE", "BEATS_PER_LEASE", "renew", "forget", "leased", "wat
 DEFAULT_LEASE = 30.0
 BEATS_PER_LEASE = 4
 _SENDERS = 4
+_EXIT_DEADLINE = 5.0
 
 
 def check_lease(lease: object) -> float:
@@ -83,24 +85,24 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                now = time.monotonic()
-                ready = []
-                for pid, (at, period) in list(self._due.items()):
-                    if at <= now:
-                        self._due[pid] = (now + period, period)
-                        if pid not in self._in_flight:   # else skip: the last beat is still going
-                            self._in_flight.add(pid)
-                            ready.append(pid)
+            with self._lock:   # find the due beats and wait under one lock: no lost wake-up
+                while True:
+                    now = time.monotonic()
+                    ready = []
+                    for pid, (at, period) in list(self._due.items()):
+                        if at <= now:
+                            self._due[pid] = (now + period, period)
+                            if pid not in self._in_flight:   # else skip: the last is still going
+                                self._in_flight.add(pid)
+                                ready.append(pid)
+                    if ready:
+                        break
+                    upcoming = min((at for at, _ in self._due.values()), default=now + 60.0)
+                    self._wake.wait(max(0.0, upcoming - now))
                 pool = self._pool
-                upcoming = [at for at, _ in self._due.values()]
+            assert pool is not None
             for pid in ready:
-                assert pool is not None
                 pool.submit(self._send, pid)
-            wait = min(upcoming, default=now + 60.0) - time.monotonic()
-            with self._lock:
-                if wait > 0:
-                    self._wake.wait(wait)
 
     def _send(self, pid: int) -> None:
         try:
@@ -150,7 +152,8 @@ def watch(lease: float, joined: threading.Event, on_expiry: Callable[[int], None
 
     def run() -> None:
         global _last_beat
-        joined.wait()
+        while not joined.wait(0.5) and 1 not in PGRP.workers:
+            pass
         _last_beat = before = time.monotonic()
         while True:
             now = time.monotonic()
@@ -158,6 +161,10 @@ def watch(lease: float, joined: threading.Event, on_expiry: Callable[[int], None
             # GIL, a stopped process): beats may be waiting unread, so decide a tick later.
             starved, before = now - before > 2 * tick + 0.5, now
             if _last_beat + lease <= now and not starved:
+                # Exit even if saying goodbye blocks (output to a master that is gone).
+                deadline = threading.Timer(_EXIT_DEADLINE, os._exit, (1,))
+                deadline.daemon = True
+                deadline.start()
                 print(f"pydist-worker: no heartbeat from the master for {lease:g} s "
                       f"(the lease); exiting", file=sys.stderr, flush=True)
                 on_expiry(1)

@@ -116,7 +116,8 @@ def test_custom_manager_lifecycle(dial_myself):
         assert {c[1] for c in mgr.calls if c[-1] == "register"} == set(pids)
         # Remote calls, worker to worker too.
         assert pd.remotecall_fetch(os.getpid, pids[0]) != os.getpid()
-        assert pd.remotecall_fetch(lambda q: pd.remotecall_fetch(pd.myid, q), pids[0], pids[1]) == pids[1]
+        ask = lambda q: pd.remotecall_fetch(pd.myid, q)   # noqa: E731
+        assert pd.remotecall_fetch(ask, pids[0], pids[1]) == pids[1]
         # Interrupt goes through manage(..., "interrupt").
         box = pd.Future()
         fut = pd.remotecall(sleeper, pids[1], box)
@@ -134,7 +135,8 @@ def test_custom_manager_lifecycle(dial_myself):
     assert wait_until(lambda: {c[1] for c in mgr.calls if c[-1] == "deregister"} == set(pids), 10)
     assert all(p.poll() is not None for p in procs)
     assert not set(pids) & set(pd.workers())
-    assert wait_until(lambda: not [c for c in live_children() if c.pid in {p.pid for p in procs}], 10)
+    ours = {p.pid for p in procs}
+    assert wait_until(lambda: not [c for c in live_children() if c.pid in ours], 10)
 
 
 def pd_worker(pid: int):

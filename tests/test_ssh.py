@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -29,7 +28,7 @@ from sshlab import SSHLab
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sshlab():
     ok, reason = SSHLab.available()
     if not ok:
@@ -151,15 +150,38 @@ def test_interrupt_reaches_a_remote_call(sshlab, four):
 
 
 def test_rmprocs_leaves_nothing_on_either_host(sshlab, four):
-    on_hosts = lambda: {p for h in sshlab.hosts for p in sshlab.processes_in(h)}
+    on_hosts = lambda: {p for h in sshlab.hosts for p in sshlab.processes_in(h)}   # noqa: E731
     gone, kept = [four[0], four[-1]], four[1:-1]
+    ospid = {p: PGRP.workers[p].ospid for p in four}
     pd.rmprocs(*gone, waitfor=30)
     assert not set(gone) & set(pd.workers())
-    assert wait_until(lambda: not {PGRP.workers[p].ospid for p in gone} & on_hosts(), 10)
-    assert {PGRP.workers[p].ospid for p in kept} <= on_hosts()
+    assert wait_until(lambda: not {ospid[p] for p in gone} & on_hosts(), 10)
+    assert {ospid[p] for p in kept} <= on_hosts()
     pd.rmprocs(*kept, waitfor=30)
     assert_hosts_clean(sshlab)
     assert wait_until(lambda: sum(ssh_sessions(sshlab, h) for h in sshlab.hosts) == 0, 10)
+
+
+def stuck(box: pd.Future) -> None:
+    """Run on a worker: say so, then hold the GIL in C for a minute (deaf to everything)."""
+    import ctypes
+    box.put(pd.myid())
+    ctypes.PyDLL(None).sleep(60)
+
+
+def test_rmprocs_reaches_a_stuck_worker(sshlab):
+    _, b = sshlab.hosts
+    [pid] = add(sshlab, [b.spec])
+    box = pd.Future()
+    fut = pd.remotecall(stuck, pid, box)
+    assert box.fetch(timeout=20) == pid
+    started = time.monotonic()
+    pd.rmprocs(pid, waitfor=30)
+    assert_hosts_clean(sshlab)
+    assert time.monotonic() - started < 20
+    with pytest.raises(pd.ProcessExitedException):
+        fut.fetch(timeout=10)
+    assert wait_until(lambda: ssh_sessions(sshlab, b) == 0, 10)
 
 
 # -- parameters ---------------------------------------------------------------------------
@@ -189,7 +211,8 @@ def test_tunnel(sshlab):
         assert sorted(map(hostname_of, pids)) == sorted([a.name, a.name, b.name])
         # Workers of one host still reach each other (over their host's loopback).
         on_a = [p for p in pids if hostname_of(p) == a.name]
-        assert pd.remotecall_fetch(lambda q: pd.remotecall_fetch(pd.myid, q), on_a[1], on_a[0]) == on_a[0]
+        ask = lambda q: pd.remotecall_fetch(pd.myid, q)   # noqa: E731
+        assert pd.remotecall_fetch(ask, on_a[1], on_a[0]) == on_a[0]
     finally:
         pd.rmprocs(*pids, waitfor=30)
     assert_hosts_clean(sshlab)

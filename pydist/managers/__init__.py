@@ -3,5 +3,7 @@ from __future__ import annotations
 
 from .base import ClusterManager, WorkerConfig, default_addprocs_params
 from .local import LocalManager
+from .ssh import SSHManager
 
-__all__ = ["ClusterManager", "WorkerConfig", "default_addprocs_params", "LocalManager"]
+__all__ = ["ClusterManager", "WorkerConfig", "default_addprocs_params", "LocalManager",
+           "SSHManager"]

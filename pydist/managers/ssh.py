@@ -2,8 +2,9 @@
 
 One ssh session per worker runs, in the remote login shell (POSIX quoting)::
 
-    cd -- <dir> && export <env...> && export PYTHONPATH=...<this pydist> && set -- $SSH_CONNECTION \\
-      && exec <exename> <exeflags> -m pydist.worker --lifeline --transports tcp --lease <s> --bind <addr>
+    cd -- <dir> && export <env...> && export PYTHONPATH=...<this pydist> \\
+      && set -- $SSH_CONNECTION && exec <exename> <exeflags> -m pydist.worker \\
+      --lifeline --transports tcp --lease <seconds> --bind <addr>
 
 1. The cluster cookie goes over the session's standard input (never argv or the
    environment); that input then stays open as the worker's lifeline: when the master
@@ -18,9 +19,10 @@ One ssh session per worker runs, in the remote login shell (POSIX quoting)::
    prefixed with the worker's id.
 4. The master renews each worker's heartbeat lease (``pydist.lease``) so that a worker
    whose master vanished without closing its connections exits on its own.
-5. ``kill`` asks the worker to exit, then closes the session (the lifeline) and ends the
-   ssh client with a deadline on each rung. A worker lost in any other way gets its
-   session closed the same way, so nothing is left on the remote host.
+5. ``kill`` asks the worker to exit, then closes the session's input (the lifeline), then
+   SIGKILLs the worker on its host (over a new ssh command) if it still runs, and ends the
+   ssh client; each rung has a deadline. A worker lost in any other way gets its session
+   closed the same way, so nothing is left on the remote host.
 
 ``multiplex=True`` opens one ssh master connection per host (``ControlMaster``, with a
 ``ControlPersist`` so that it ends on its own once idle) and runs every session of that
@@ -31,8 +33,8 @@ from __future__ import annotations
 import os
 import queue
 import re
+import secrets
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +58,7 @@ CONNECT_TIMEOUT = 15       # ssh's own ConnectTimeout (a silent host), unless ss
 CONTROL_PERSIST = 10       # seconds an idle multiplexing master connection stays open
 SHELLS = ("posix",)
 _GRACE = 5.0               # for a worker asked to exit, before its session is closed
+_LIFELINE_WAIT = 2.0       # for a worker whose session's input was closed, before SIGKILL
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -163,7 +166,8 @@ class _Options:
             raise ValueError(f"max_parallel must be a positive int, not {max_parallel!r}")
         timeout = params.get("launch_timeout", LAUNCH_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"launch_timeout must be a positive number of seconds, not {timeout!r}")
+            raise ValueError(f"launch_timeout must be a positive number of seconds, "
+                             f"not {timeout!r}")
         exename = params.get("exename") or sys.executable
         if not isinstance(exename, str):
             raise TypeError(f"exename must be the path of the remote interpreter (a str), "
@@ -236,6 +240,7 @@ class _Session:
                  proc: subprocess.Popen) -> None:
         self.manager, self.machine, self.opts, self.proc = manager, m, opts, proc
         self.pid: int | None = None
+        self.config: WorkerConfig | None = None       # its ospid is known once it joined
         self.tunnel: subprocess.Popen | None = None   # the forwarding ssh (without multiplex)
         self.forward = ""                              # its -L spec
         self.tunnel_url = ""                           # where the master dials, with a tunnel
@@ -245,17 +250,30 @@ class _Session:
 
     def finish(self, grace: float = 0.0) -> None:
         """Close the session: wait ``grace`` s for it to end on its own, then close its
-        standard input (the lifeline), SIGTERM and SIGKILL the ssh client (idempotent)."""
+        standard input (the lifeline), then SIGKILL a worker deaf to that on its host, then
+        SIGTERM and SIGKILL the ssh client; each rung with its deadline (idempotent)."""
         with self._lock:
             if self._finished.is_set():
                 return
             self._finished.set()
         _wait(self.proc, grace)
         _close_stdin(self.proc)
+        if _wait(self.proc, _LIFELINE_WAIT) is None:
+            self._kill_remote()
         _end(self.proc)
         self.close_tunnel()
         self.manager._forget(self)
         _BY_PID.pop(self.pid, None)
+
+    def _kill_remote(self) -> None:
+        """The last rung for a worker that ignores its lifeline (stuck in C code holding
+        the GIL): SIGKILL it on its host, if that pid still runs a pydist worker."""
+        ospid = self.config.ospid if self.config is not None else None
+        if not ospid:
+            return
+        check = f"ps -p {int(ospid)} -o command= | grep -q pydist.worker && kill -9 {int(ospid)}"
+        _run_ssh(self.manager._ssh_argv(self.machine, self.opts, remote=check), 20.0)
+        _wait(self.proc, _LIFELINE_WAIT)
 
     def open_tunnel(self) -> None:
         """Forward a local port to the worker's loopback listener."""
@@ -349,11 +367,13 @@ class SSHManager(ClusterManager):
             raise ValueError("SSHManager needs at least one machine")
         self._lock = threading.Lock()
         self._sessions: dict[int, _Session] = {}   # id(config) -> session
-        self._control_dir: str | None = None
+        tmp = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+        self._control_prefix = os.path.join(tmp, f"pydist-ssh-{secrets.token_hex(8)}-")
         self._masters: dict[tuple, _Master] = {}   # (user, host, port) -> its master
 
     def __repr__(self) -> str:
-        return f"SSHManager({[m.spec if m.count == 1 else (m.spec, m.count) for m in self.machines]!r})"
+        machines = [m.spec if m.count == 1 else (m.spec, m.count) for m in self.machines]
+        return f"SSHManager({machines!r})"
 
     def default_params(self) -> dict[str, Any]:
         return {"tunnel": False, "multiplex": False, "sshflags": (), "shell": "posix",
@@ -391,8 +411,8 @@ class SSHManager(ClusterManager):
             if opts.multiplex:
                 self._open_master(m, opts, deadline)
             count = self._cpu_count(m, opts, deadline) if m.count == "auto" else int(m.count)
-        except LaunchError as e:
-            errors.append(str(e))
+        except Exception as e:
+            errors.append(str(e) if isinstance(e, LaunchError) else f"SSH host {m.name}: {e!r}")
             return
         gate = threading.Semaphore(opts.max_parallel)
         starts = [threading.Thread(target=self._launch_worker,
@@ -420,7 +440,8 @@ class SSHManager(ClusterManager):
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as e:
-                self._release_master(m) if opts.multiplex else None
+                if opts.multiplex:
+                    self._release_master(m)
                 errors.append(f"SSH host {m.name}: cannot run ssh: {e}")
                 return
             session = _Session(self, m, opts, proc)
@@ -429,9 +450,9 @@ class SSHManager(ClusterManager):
                 session.remote_url = _await_contact(proc, m, deadline)
                 if opts.tunnel:
                     session.open_tunnel()
-            except LaunchError as e:
+            except Exception as e:   # LaunchError, or an OSError starting the tunnel
                 session.finish()
-                errors.append(str(e))
+                errors.append(str(e) if isinstance(e, LaunchError) else f"SSH host {m.name}: {e!r}")
                 return
         config = WorkerConfig(
             exename=opts.exename, exeflags=opts.exeflags, host=m.host, port=m.port,
@@ -441,6 +462,7 @@ class SSHManager(ClusterManager):
             bind_addr=parse_tcp_url(session.remote_url).host, tunnel=opts.tunnel,
             multiplex=opts.multiplex, transport="tcp", addresses=(session.remote_url,),
             io=proc.stdout)
+        session.config = config
         with self._lock:
             self._sessions[id(config)] = session
         threading.Thread(target=_relay, args=(session,), name="pydist-ssh-output",
@@ -475,10 +497,10 @@ class SSHManager(ClusterManager):
         return argv + ([remote] if remote else [])
 
     def _control_path(self) -> str:
-        with self._lock:
-            if self._control_dir is None:
-                self._control_dir = tempfile.mkdtemp(prefix="pydist-ssh-")
-            return os.path.join(self._control_dir, "%C")
+        """The control sockets: straight in /tmp (a short path, as sockets need, and no
+        directory to leave behind when the master dies), under a random name; ssh creates
+        each socket with mode 0600 and refuses a path that already exists."""
+        return self._control_prefix + "%C"
 
     # -- multiplexing: one master connection per host ------------------------------------
     def _master(self, m: Machine) -> "_Master":
@@ -518,12 +540,6 @@ class SSHManager(ClusterManager):
                 return
             opts, master.opts = master.opts, None
         _run_ssh(self._ssh_argv(m, opts, "-O", "exit"), 10.0)
-        with self._lock:
-            if any(x.opts is not None or x.holds for x in self._masters.values()):
-                return
-            path, self._control_dir = self._control_dir, None
-        if path is not None:
-            shutil.rmtree(path, ignore_errors=True)
 
     # -- the cluster's callbacks ---------------------------------------------------------
     def _session(self, config: WorkerConfig) -> _Session | None:
