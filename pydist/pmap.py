@@ -37,8 +37,9 @@ from .cluster import PGRP
 from .dispatch import capture
 from .errors import ProcessExitedException, SerializationError
 from .values import Failure
-from .workerpool import (AbstractWorkerPool, CachingPool, _drop_caches, _FunctionCache,
-                         _is_cache_miss, _start, default_worker_pool)
+from .abstractpool import _start
+from .funccache import _drop_caches, _FunctionCache, _is_cache_miss
+from .workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
 from . import serialize
 
 __all__ = ["pmap"]

@@ -16,6 +16,7 @@ reference that travels back and forth is counted once per process.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections import defaultdict
@@ -107,6 +108,11 @@ class _ClientMessages:
         self._thread: threading.Thread | None = None
 
     def release(self, where: int, rrid: RRID) -> None:
+        if sys.is_finalizing():
+            return      # the interpreter is going away, and every connection with it
+        if where == PGRP.myid and self._thread is None:
+            PGRP.del_client(rrid, where)   # nothing to send: no thread needed
+            return
         with self._lock:
             self._pending[where].append(rrid)
             if self._thread is None:

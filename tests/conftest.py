@@ -87,7 +87,7 @@ def cluster(transport):
 
 
 # Threads pydist keeps for the life of the process, once started.
-SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-pool-timers", "pydist-reaper", "pydist-heartbeat")
+SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-reaper", "pydist-heartbeat")
 
 
 def _threads() -> set[tuple[int, str]]:

@@ -1,0 +1,175 @@
+"""The function cache: ship a function to a worker once, then refer to it by a short id.
+
+A ``_FunctionCache`` is one process's record of what it shipped to which worker, under a
+key (a ``CachingPool``'s id, or a single ``pmap``'s). The function travels as ``_Cached``,
+which unpickles *on the worker's reader thread, while the message is decoded*: the first
+time as a store into that worker's cache (``_cache_store``), later as a lookup in it
+(``_cache_lookup``), so in-order delivery on a connection is all the bookkeeping needs. A lookup
+that finds nothing (the cache was dropped meanwhile) fails with ``_CacheMiss``, and the
+caller ships the function again. ``_drop_caches`` tells workers to forget a key's functions.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable
+
+from .cluster import PGRP
+from .dispatch import OpContext, internal_op
+from .errors import ProcessExitedException, RemoteException
+from .messages import NULL_HEADER, RRID, RemoteDoMsg
+from .remoteref import call_on_owner
+from .values import Failure
+
+
+# -- on each worker: the functions shipped to it -------------------------------------------------
+class _CacheMiss(LookupError):
+    """A cached function was asked for that the worker no longer has (``clear`` ran)."""
+
+
+_cache: dict[RRID, dict[RRID, Any]] = {}     # on each worker: pool key -> fid -> function
+_unpickled: dict[RRID, int] = {}             # pool key -> functions unpickled here
+_cache_lock = threading.Lock()
+
+
+def _cache_store(key: RRID, fid: RRID, f: Any) -> Any:
+    """Unpickling a shipped function: keep it for later references."""
+    with _cache_lock:
+        _cache.setdefault(key, {})[fid] = f
+        _unpickled[key] = _unpickled.get(key, 0) + 1
+    return f
+
+
+def _cache_lookup(key: RRID, fid: RRID) -> Any:
+    """Unpickling a reference to a shipped function."""
+    try:
+        return _cache[key][fid]
+    except KeyError:
+        raise _CacheMiss(f"process {PGRP.myid} has no function {fid.whence}:{fid.id} cached "
+                         f"for pool {key.whence}:{key.id} (was the pool cleared?)") from None
+
+
+@internal_op
+def _cache_drop(ctx: OpContext, key: RRID, whence: int | None, forget_count: bool) -> None:
+    with _cache_lock:
+        fns = _cache.get(key, {})
+        for fid in [fid for fid in fns if whence is None or fid.whence == whence]:
+            del fns[fid]
+        if not fns:
+            _cache.pop(key, None)
+        if forget_count:
+            _unpickled.pop(key, None)
+    ctx.reply(None)
+
+
+@internal_op
+def _cache_info(ctx: OpContext, key: RRID) -> None:
+    with _cache_lock:
+        ctx.reply((_unpickled.get(key, 0), len(_cache.get(key, {}))))
+
+
+# -- on the shipping side -----------------------------------------------------------------------
+def _is_cache_miss(value: Any) -> bool:
+    """Whether a call's value says the worker no longer had the function (ship it again)."""
+    if type(value) is not Failure or not isinstance(value.exc, RemoteException):
+        return False
+    return isinstance(value.exc.captured.ex, _CacheMiss)
+
+
+class _Cached:
+    """A function on its way to a worker's cache: shipped whole once, then by id."""
+
+    __slots__ = ("key", "fid", "f", "ship")
+
+    def __init__(self, key: RRID, fid: RRID, f: Any, ship: bool) -> None:
+        self.key, self.fid, self.f, self.ship = key, fid, f, ship
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.f(*args, **kwargs)
+
+    def __reduce__(self):
+        if self.ship:
+            return (_cache_store, (self.key, self.fid, self.f))
+        return (_cache_lookup, (self.key, self.fid))
+
+
+class _FunctionCache:
+    """This process's record of which function it shipped to which worker, under which id."""
+
+    def __init__(self, key: RRID) -> None:
+        self.key = key
+        self.lock = threading.Lock()
+        self.fids: dict[int, tuple[Any, RRID]] = {}        # id(f) -> (f, fid); keeps f alive
+        self.sent: dict[tuple[int, RRID], Any] = {}         # (pid, fid) -> _Cached ref or Event
+
+    def prepare(self, f: Any, pid: int) -> tuple[Any, Any]:
+        """(what to send to ``pid`` as ``f``, token for ``settle``)."""
+        if pid == PGRP.myid:
+            return f, None
+        with self.lock:
+            entry = self.fids.get(id(f))
+            if entry is None:
+                entry = self.fids[id(f)] = (f, PGRP.next_rrid())
+        fid = entry[1]
+        while True:
+            with self.lock:
+                s = self.sent.get((pid, fid))
+                if s is None:
+                    ev = threading.Event()
+                    self.sent[(pid, fid)] = ev
+                    return _Cached(self.key, fid, f, True), (pid, fid, ev, f)
+                if type(s) is _Cached:
+                    return s, None
+            s.wait(1.0)   # another thread is shipping it to pid right now
+
+    def settle(self, token: Any, sent: bool) -> None:
+        if token is None:
+            return
+        pid, fid, ev, f = token
+        with self.lock:
+            if sent:
+                self.sent[(pid, fid)] = _Cached(self.key, fid, f, False)
+            else:
+                self.sent.pop((pid, fid), None)
+        ev.set()
+
+    def forget(self, g: Any, pid: int) -> None:
+        if type(g) is _Cached:
+            with self.lock:
+                self.sent.pop((pid, g.fid), None)
+
+    def shipped_to(self) -> set[int]:
+        with self.lock:
+            return {pid for pid, _ in self.sent}
+
+    def reset(self) -> set[int]:
+        with self.lock:
+            pids = {pid for pid, _ in self.sent}
+            self.fids.clear()
+            self.sent.clear()
+        return pids
+
+
+# -- dropping what was shipped -------------------------------------------------------------------
+def _drop_caches(key: RRID, pids: Iterable[int], whence: int | None, final: bool,
+                 wait: bool) -> None:
+    """Tell each of ``pids`` to drop the functions cached under ``key``."""
+    for pid in pids:
+        if pid == PGRP.myid:
+            _cache_drop(OpContext(pid, None), key, whence, final)
+            continue
+        try:
+            if wait:
+                call_on_owner(_cache_drop, pid, key, whence, final)
+            else:
+                PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_cache_drop, (key, whence, final), {}))
+        except (ProcessExitedException, ValueError, OSError):
+            pass   # gone, and its cache with it
+
+
+def _drop_later(key: RRID, cache: _FunctionCache, whence: int) -> None:
+    """A CachingPool handle was collected: free what it shipped (from a thread of its own)."""
+    pids = cache.shipped_to()
+    if pids:
+        threading.Thread(target=_drop_caches, args=(key, pids, whence, False, False),
+                         daemon=True).start()
+
