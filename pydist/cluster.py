@@ -240,8 +240,9 @@ class ProcessGroup:
     def add_client(self, rrid: RRID, client: int) -> None:
         with self.lock:
             rv = self.refs.get(rrid)
-            if rv is None:
+            if rv is None:           # first mention here: its creator holds it too
                 rv = RemoteValue()
+                rv.clients.add(rrid.whence)
                 self.refs[rrid] = rv
             rv.clients.add(client)
 
