@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
-import psutil
 import pytest
 
 import pydist as pd
@@ -13,63 +11,8 @@ import pydist as pd
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def available_transports() -> list[str]:
-    """Every transport this machine can run; each cluster test runs on all of them."""
-    if os.environ.get("PYDIST_TEST_TRANSPORTS"):
-        return os.environ["PYDIST_TEST_TRANSPORTS"].split(",")
-    found = ["tcp"]
-    try:
-        import pydist.shm.transport  # noqa: F401
-        found.append("shm")
-    except Exception:
-        pass
-    return found
-
-
-TRANSPORTS = available_transports()
-
-
-def shm_entries() -> set[str]:
-    """pydist's names in /dev/shm (segments and semaphores)."""
-    try:
-        return {n for n in os.listdir("/dev/shm") if "pydist" in n}
-    except FileNotFoundError:
-        return set()
-
-
-def live_children() -> list[psutil.Process]:
-    """Processes started by this test process that are still running (zombies count)."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            out.append(child) if child.is_running() else None
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; its last answer."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for a Python subprocess that must import this very pydist."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(pd.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
-
-
-def remove_all_workers() -> None:
-    ids = [p for p in pd.workers() if p != 1]
-    if ids:
-        pd.rmprocs(*ids, waitfor=30)
+from testkit import (TRANSPORTS, live_children, remove_all_workers, shm_entries,  # noqa: E402
+                     subprocess_env, wait_until)
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)

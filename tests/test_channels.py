@@ -179,7 +179,7 @@ def test_a_factory_must_make_a_channel(cluster):
 def test_dropped_remote_channels_are_freed(cluster):
     a, _ = cluster
     from test_future import count_refs
-    from conftest import wait_until
+    from testkit import wait_until
     base = pd.remotecall_fetch(count_refs, a)
     chans = [pd.RemoteChannel(pid=a) for _ in range(50)]
     assert pd.remotecall_fetch(count_refs, a) >= 50

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import pydist as pd
-from conftest import live_children, subprocess_env, wait_until
+from testkit import live_children, subprocess_env, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

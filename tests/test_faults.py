@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import pydist as pd
-from conftest import subprocess_env, wait_until
+from testkit import subprocess_env, wait_until
 
 
 def test_sigkill_mid_call_reaches_every_waiter_within_a_second(fresh):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import pydist as pd
-from conftest import wait_until
+from testkit import wait_until
 
 def count_refs() -> int:
     from pydist.cluster import PGRP

@@ -13,7 +13,7 @@ import pydist as pd
 from pydist.pmap import pmap
 from pydist.workerpool import CachingPool, WorkerPool, default_worker_pool
 
-from conftest import wait_until
+from testkit import wait_until
 
 
 # -- helpers that travel to workers by reference ----------------------------------------------------

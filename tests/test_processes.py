@@ -6,7 +6,7 @@ import os
 import pytest
 
 import pydist as pd
-from conftest import live_children, wait_until
+from testkit import live_children, wait_until
 
 
 def test_ids_and_queries(cluster):

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import pydist as pd
-from conftest import subprocess_env, wait_until
+from testkit import subprocess_env, wait_until
 from pydist.cluster import PGRP
 from pydist.errors import LaunchError
 from pydist.managers.ssh import SSHManager, parse_machine

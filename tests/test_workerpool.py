@@ -18,7 +18,7 @@ from pydist.cluster import PGRP
 from pydist.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
                                default_worker_pool, remote)
 
-from conftest import subprocess_env, wait_until
+from testkit import subprocess_env, wait_until
 
 
 # -- helpers that travel to workers by reference ----------------------------------------------------
