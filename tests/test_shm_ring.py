@@ -22,7 +22,7 @@ pytest.importorskip("posix_ipc")
 
 from pydist import transport  # noqa: E402
 from pydist.errors import TransportBroken, TransportClosed, TransportError  # noqa: E402
-from pydist.shm import ring  # noqa: E402
+from pydist.shm import buffers, fence, layout, placement, ring, wait  # noqa: E402
 from pydist.shm import transport as shm  # noqa: E402
 from pydist.shm.ring import SpinPolicy  # noqa: E402
 
@@ -147,14 +147,14 @@ def test_many_wraparounds_both_directions(spin, tso):
 def test_no_wakeup_is_lost(monkeypatch, tso):
     """Ping-pong with spinning off: every wait sleeps; none may need the timeout to end."""
     slow: list[float] = []
-    real = ring._acquire
+    real = wait._acquire
 
     def timed(sem, timeout):
         start = time.monotonic()
         real(sem, timeout)
         if time.monotonic() - start >= timeout * 0.9:
             slow.append(time.monotonic() - start)
-    monkeypatch.setattr(ring, "_acquire", timed)
+    monkeypatch.setattr(wait, "_acquire", timed)
     a, b = make_pair(spin=False, tso=tso)
     try:
         def echo() -> None:
@@ -220,7 +220,7 @@ def scribble_head_back(a, b):
 
 
 def scribble_length(a, b, length=2**62):
-    poke(a, shm._DATA_OFFSET, length)
+    poke(a, layout.DATA_OFFSET, length)
     poke(a, word(ring.HEAD), 8)
     b.recv_frame()
 
@@ -264,7 +264,7 @@ def test_scribbled_shared_memory_is_broken(corrupt, tso):
 
 @settings(max_examples=60, deadline=None)
 @given(pokes=st.lists(st.tuples(st.sampled_from([word(i) for i in (0, 1, 2, 8, 9, 10)]
-                                                + [shm._DATA_OFFSET, shm._DATA_OFFSET + 8]),
+                                                + [layout.DATA_OFFSET, layout.DATA_OFFSET + 8]),
                                 st.integers(0, 2**64 - 1)), min_size=1, max_size=4),
        send_first=st.booleans())
 def test_random_scribbles_never_escape(pokes, send_first):
@@ -520,9 +520,9 @@ def test_spin_policy_adapts():
 
 def test_fence_mode_can_be_forced(monkeypatch):
     monkeypatch.setenv("PYDIST_SHM_FENCE", "locked")
-    assert ring.tso_by_default() is False
+    assert fence.tso_by_default() is False
     monkeypatch.setenv("PYDIST_SHM_FENCE", "tso")
-    assert ring.tso_by_default() is True
+    assert fence.tso_by_default() is True
 
 
 # -- interruptions and stuck peers ----------------------------------------------------------
@@ -664,32 +664,244 @@ def test_unsendable_parts_are_refused_before_anything_is_sent():
 PINNED = """
 import os, sys
 from pydist.shm.transport import connect_shm
-if sys.argv[2] != "-":
-    os.sched_setaffinity(0, {int(sys.argv[2])})
+os.sched_setaffinity(0, {int(sys.argv[2])})
 t = connect_shm(sys.argv[1], 30)
-t.send_frame([b"1" if t._rx._policy.enabled else b"0"])
+t.send_frame([t.recv_frame()])  # it waits once, and says where it runs when it wakes
 sys.stdin.buffer.read()
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs two CPUs and sched_setaffinity")
-@pytest.mark.parametrize("pinned", [False, True])
-def test_spin_only_when_pinned_to_other_vcpus(pinned, monkeypatch):
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
+                    or placement.current_cpu() is None,
+                    reason="needs two CPUs, sched_setaffinity and sched_getcpu")
+@pytest.mark.parametrize("apart", [False, True])
+def test_spin_only_when_the_peer_runs_on_another_vcpu(apart, monkeypatch):
     monkeypatch.delenv("PYDIST_SHM_SPIN", raising=False)
     cpus = sorted(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
     try:
-        if pinned:
-            os.sched_setaffinity(0, {cpus[0]})
+        os.sched_setaffinity(0, {cpus[0]})
         with shm.ShmListener() as listener:
-            proc = child(PINNED, listener.address, str(cpus[1]) if pinned else "-")
+            proc = child(PINNED, listener.address, str(cpus[1] if apart else cpus[0]))
             try:
                 t = accept_child(listener, proc)
-                assert bytes(Bg(t.recv_frame).result()) == (b"1" if pinned else b"0")
-                assert t._rx._policy.enabled is pinned
+                t.send_frame([b"where are you?"])
+                assert bytes(Bg(t.recv_frame).result()) == b"where are you?"
+                waiter = t._rx.waiter
+                assert waiter.policy.enabled and waiter._consult  # "auto" between processes
+                waiter._placement.apart()  # may answer "we have just woken the peer"
+                assert bool(waiter._placement.apart()) is apart  # the vCPUs answer
                 t.close()
             finally:
                 reap(proc)
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_only_the_thread_that_sent_last_spins():
+    """A spin holds the GIL: a thread that reads for others must not keep them waiting."""
+    import posix_ipc
+    asked: list[int] = []
+
+    class Everywhere:
+        def apart(self) -> int:
+            asked.append(threading.get_ident())
+            return 1
+
+        def publish(self) -> None:
+            pass
+
+    sem = posix_ipc.Semaphore(None, posix_ipc.O_CREX, 0o600, 0)
+    try:
+        ctl = memoryview(bytearray(ring.CTL_SIZE)).cast("Q")
+        state = wait.LinkState()
+        waiter = wait.Waiter(ctl, lambda i, v, j: ctl[j], own_sem=sem, peer_sem=sem,
+                             state=state, placement=Everywhere(), mode="auto")
+        args = (ring.HEAD, 0, ring.READER_SLEEP, ring.WRITER_CLOSED, state.check)
+        assert waiter.wait(*args, timeout=0.01) is False and not asked  # nobody sent yet
+        state.sender = threading.get_ident()
+        assert waiter.wait(*args, timeout=0.01) is False and asked == [state.sender]
+        state.sender = -1  # another thread sent last
+        assert waiter.wait(*args, timeout=0.01) is False and len(asked) == 1
+    finally:
+        sem.unlink()
+        sem.close()
+
+
+def test_spin_mode(monkeypatch):
+    monkeypatch.delenv("PYDIST_SHM_SPIN", raising=False)
+    assert wait.spin_mode(None, same_process=False) == "auto"
+    assert wait.spin_mode(None, same_process=True) == "off"  # threads would fight for the GIL
+    assert wait.spin_mode(True, same_process=True) == "on"
+    monkeypatch.setenv("PYDIST_SHM_SPIN", "0")
+    assert wait.spin_mode(None, same_process=False) == "off"
+    assert wait.spin_mode(True, same_process=False) == "on"
+    monkeypatch.setenv("PYDIST_SHM_SPIN", "1")
+    assert wait.spin_mode(None, same_process=True) == "on"
+    monkeypatch.delenv("PYDIST_SHM_SPIN")
+    a, b = shm.shm_pair(SMALL)
+    try:
+        assert not a._rx.waiter.policy.enabled and not b._tx.waiter.policy.enabled
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_placement_compares_vcpus():
+    words = memoryview(bytearray(2 * ring.CTL_SIZE)).cast("Q")
+    mine, theirs = words[:16], words[16:]
+    p = placement.Placement(mine, theirs, ring.WRITER_CPU, frozenset({10**6}))
+    cpu = placement.current_cpu()
+    if cpu is None:
+        assert p.apart()  # the fallback answers: our affinity and {10**6} are disjoint
+        return
+    assert mine[ring.WRITER_CPU] != 0  # published on creation: a vCPU number + 1
+    assert not p.apart()  # the peer has said nothing yet: do not spin
+    theirs[ring.WRITER_CPU] = 10**6  # a vCPU this process never runs on
+    assert p.apart()
+    theirs[ring.WRITER_CPU] = 2**64 - 1  # a scribble is only a wrong hint
+    assert p.apart()
+
+
+@pytest.mark.skipif(placement.current_cpu() is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs sched_getcpu and two CPUs")
+def test_a_waiting_thread_moves_off_its_peers_vcpu_and_keeps_its_mask(monkeypatch):
+    monkeypatch.setattr(placement, "_runnable", lambda: 1)  # nothing else wants a vCPU
+    words = memoryview(bytearray(2 * ring.CTL_SIZE)).cast("Q")
+    mine, theirs = words[:16], words[16:]
+    p = placement.Placement(mine, theirs, ring.WRITER_CPU, may_move=True)
+    mask = os.sched_getaffinity(0)
+    placement.allow_moves()
+    try:
+        answers = []
+        for _ in range(placement.MOVE_AFTER):
+            theirs[ring.WRITER_CPU] = placement.current_cpu() + 1  # the peer, awake right here
+            answers.append(p.apart())
+        assert answers[:-1] == [0] * (placement.MOVE_AFTER - 1)
+        assert answers[-1] == placement.MOVED
+        assert placement.current_cpu() + 1 != theirs[ring.WRITER_CPU]
+        assert mine[ring.WRITER_CPU] == placement.current_cpu() + 1  # told the peer
+        assert os.sched_getaffinity(0) == mask  # moved, not pinned
+        theirs[ring.WRITER_CPU] = placement.current_cpu() + 1
+        for _ in range(2 * placement.MOVE_AFTER):  # at most one move per MOVE_EVERY
+            assert p.apart() == 0
+    finally:
+        placement.allow_moves(False)
+        os.sched_setaffinity(0, mask)
+
+
+def test_no_move_without_consent_or_a_free_vcpu(monkeypatch):
+    runnable = placement._runnable
+    if os.path.exists("/proc/loadavg"):
+        assert 1 <= runnable() < 1 << 20  # counts at least this thread
+    moves: list[int] = []
+    monkeypatch.setattr(placement, "_move_off", lambda cpu: moves.append(cpu) or True)
+    words = memoryview(bytearray(2 * ring.CTL_SIZE)).cast("Q")
+    mine, theirs = words[:16], words[16:]
+    p = placement.Placement(mine, theirs, ring.WRITER_CPU, may_move=True)
+    if placement.current_cpu() is None:
+        return
+    for _ in range(3 * placement.MOVE_AFTER):  # this process did not allow moves
+        theirs[ring.WRITER_CPU] = placement.current_cpu() + 1
+        assert p.apart() == 0
+    placement.allow_moves()
+    try:
+        dialer = placement.Placement(mine, theirs, ring.WRITER_CPU, may_move=False)
+        for _ in range(3 * placement.MOVE_AFTER):  # the dialing end never moves
+            theirs[ring.WRITER_CPU] = placement.current_cpu() + 1
+            assert dialer.apart() == 0
+    finally:
+        placement.allow_moves(False)
+    assert not moves
+    monkeypatch.undo()
+    monkeypatch.setattr(placement, "_runnable", lambda: 1 << 20)  # a busy machine
+    assert placement._move_off(placement.current_cpu()) is False
+
+
+def test_after_waking_the_peer_a_spin_is_worth_it():
+    words = memoryview(bytearray(2 * ring.CTL_SIZE)).cast("Q")
+    mine, theirs = words[:16], words[16:]
+    p = placement.Placement(mine, theirs, ring.WRITER_CPU)
+    if placement.current_cpu() is None:
+        return
+    theirs[ring.WRITER_CPU] = placement.current_cpu() + 1
+    p.woke_peer()  # the OS places a woken peer anew: its word is stale
+    assert p.apart() == 1
+    theirs[ring.WRITER_CPU] = placement.current_cpu() + 1
+    assert p.apart() == 0  # once only
+
+
+def test_the_spin_policy_starts_afresh_after_a_move():
+    policy = SpinPolicy()
+    for _ in range(SpinPolicy.MISSES_TO_BLOCK):
+        policy.miss(1_000_000, spun=True)
+    assert policy.budget() == 0
+    policy.reset()
+    assert policy.budget() == SpinPolicy.START_NS
+
+
+# -- receive buffers ------------------------------------------------------------------------
+
+BIG = buffers.LARGE + 12345  # a frame that lands in pooled memory
+
+
+def test_large_frames_reuse_their_memory_once_nothing_refers_to_it():
+    a, b = make_pair(1 << 20)  # smaller than the frames: they stream through
+    try:
+        sending = Bg(a.send_frame, [payload(BIG, 1)])
+        first = Bg(b.recv_frame).result()
+        sending.result()
+        assert bytes(first) == payload(BIG, 1)
+        memory, pooled = id(first.obj), buffers.pool_stats()
+        del first  # the last reference: the memory may serve again
+        sending = Bg(a.send_frame, [payload(BIG, 2)])
+        second = Bg(b.recv_frame).result()
+        sending.result()
+        assert id(second.obj) == memory and buffers.pool_stats() == pooled
+        assert bytes(second) == payload(BIG, 2)
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_memory_an_array_still_uses_is_never_handed_out_again():
+    np = pytest.importorskip("numpy")
+    a, b = make_pair(4 << 20)  # larger than the frames: the one-step path
+    try:
+        a.send_frame([payload(BIG, 3)])
+        frame = b.recv_frame()
+        array = np.frombuffer(frame, dtype=np.uint8)[10:]  # a view of a view
+        memory = frame.obj
+        del frame
+        for seed in range(4, 8):
+            a.send_frame([payload(BIG, seed)])
+            other = b.recv_frame()
+            assert other.obj is not memory and bytes(other) == payload(BIG, seed)
+            del other
+        assert array.tobytes() == payload(BIG, 3)[10:]
+    finally:
+        a.abort()
+        b.abort()
+
+
+def test_the_buffer_pool_is_bounded_in_size_and_in_time(monkeypatch):
+    pool = buffers._Pool()
+    monkeypatch.setattr(buffers, "POOL_BYTES", 4 * buffers.LARGE)
+    monkeypatch.setattr(buffers, "IDLE_SECONDS", 0.05)
+    huge = pool.get(4 * buffers.LARGE + 1)  # larger than the whole pool: never kept
+    assert pool.stats() == (0, 0)
+    held = [pool.get(buffers.LARGE) for _ in range(5)]  # four fit; the fifth is on its own
+    assert pool.stats() == (4, 4 * buffers.LARGE)
+    del held[1:], huge
+    again = pool.get(buffers.LARGE)  # an idle one serves again
+    assert pool.stats() == (4, 4 * buffers.LARGE) and again.obj is not held[0].obj
+    del held, again
+    deadline = time.monotonic() + STEP
+    while pool.stats() != (0, 0):  # idle memory goes back to the OS
+        assert time.monotonic() < deadline, f"the pool still holds {pool.stats()}"
+        time.sleep(0.02)
+
+
+def test_small_frames_get_plain_memory():
+    frame = buffers.receive_buffer(buffers.LARGE - 1)
+    assert isinstance(frame.obj, bytearray) and len(frame) == buffers.LARGE - 1

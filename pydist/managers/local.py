@@ -6,15 +6,6 @@ directory (or ``dir``) with the master's environment (plus ``env``). The cookie 
 its standard input, which the master then keeps open as the worker's lifeline: when the
 master dies, the pipe closes and the worker exits. The worker's output is relayed to the
 master's standard output, each line prefixed with the worker's id, as Julia does.
-
-A worker that will talk shared memory is pinned to a vCPU of its own, one the master is
-not running on and no other pinned worker holds, while such a vCPU is left (so on two vCPUs
-the first worker is pinned and later ones are left to the OS). The ring ends spin briefly
-instead of sleeping only when the two processes run on different vCPUs, and a blocking
-wake-up costs about as much as the whole round trip, so a worker that stays apart from the
-master answers several times faster. The master itself is never pinned. Workers started
-with ``enable_threaded_blas=True`` are not pinned (their threads need every vCPU), nor any
-when ``PYDIST_PIN_WORKERS=0`` or ``LocalManager(..., pin=False)``.
 """
 from __future__ import annotations
 
@@ -25,8 +16,6 @@ import sys
 import threading
 import time
 from typing import Any
-
-import psutil
 
 from ..errors import LaunchError
 from .base import ClusterManager, WorkerConfig, parse_contact_line
@@ -39,12 +28,11 @@ LAUNCH_TIMEOUT = 60.0
 class LocalManager(ClusterManager):
     """Starts ``np`` workers on this host; ``restrict=True`` keeps them on loopback."""
 
-    def __init__(self, np: int, restrict: bool = True, pin: bool | None = None) -> None:
+    def __init__(self, np: int, restrict: bool = True) -> None:
         if not isinstance(np, int) or isinstance(np, bool) or np < 1:
             raise ValueError(f"LocalManager needs a positive number of workers, got {np!r}")
         self.np = np
         self.restrict = restrict
-        self.pin = os.environ.get("PYDIST_PIN_WORKERS", "1") != "0" if pin is None else pin
         self._ids: dict[int, int] = {}   # id(config) -> worker id, for output prefixes
 
     def __repr__(self) -> str:
@@ -101,9 +89,6 @@ class LocalManager(ClusterManager):
         except OSError as e:
             raise LaunchError(f"could not start a local worker with {cmd[0]!r} in "
                               f"{params['dir']!r}: {e}") from e
-        if self.pin and params.get("transport") in ("auto", "shm") \
-                and not params.get("enable_threaded_blas"):
-            _place(proc)
         assert proc.stdin is not None
         proc.stdin.write((cookie + "\n").encode())
         proc.stdin.flush()
@@ -140,31 +125,6 @@ def _close_lifeline(config: WorkerConfig) -> None:
         pass
     if proc.poll() is None:   # reap it whenever it ends, so it never lingers as a zombie
         threading.Thread(target=proc.wait, name="pydist-reaper", daemon=True).start()
-
-
-_pinned: dict[int, tuple[subprocess.Popen, int]] = {}   # ospid -> (worker, its vCPU)
-_pinned_lock = threading.Lock()
-
-
-def _place(proc: subprocess.Popen) -> None:
-    """Pin ``proc`` to a vCPU the master is not on and no live pinned worker holds, if one
-    is left (see the module's story). Pinning is only an optimization: it never fails."""
-    if not hasattr(psutil.Process, "cpu_affinity"):
-        return
-    try:
-        master = psutil.Process()
-        with _pinned_lock:
-            for ospid, (other, _) in list(_pinned.items()):
-                if other.poll() is not None:
-                    del _pinned[ospid]
-            taken = {cpu for _, cpu in _pinned.values()} | {master.cpu_num()}
-            free = sorted(set(master.cpu_affinity()) - taken)
-            if not free:
-                return
-            psutil.Process(proc.pid).cpu_affinity([free[0]])
-            _pinned[proc.pid] = (proc, free[0])
-    except (psutil.Error, OSError, ValueError, AttributeError):
-        pass
 
 
 def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
