@@ -12,7 +12,7 @@ may pump: Python raises ``KeyboardInterrupt`` at any bytecode, and one raised be
 ``recv`` and the bookkeeping after it would lose bytes. So a worker thread running user
 code (which ``interrupt`` may hit) waits instead (``wait``) and lets the background
 reader read for it; the master's main thread pumps with SIGINT deferred to the moments
-between frames (``_deferred_sigint``), polling so that Ctrl-C still acts within 50 ms.
+between frames (``_SigintDeferral``), polling so that Ctrl-C still acts within 50 ms.
 
 The background reader takes the role when someone waits without pumping, or when
 nobody has pumped for ``GRACE`` seconds (so calls on the master, reference counting and
@@ -109,7 +109,7 @@ class Inbox:
                 self._last_pump = time.monotonic()
             if main and hits:
                 hits.clear()
-                raise KeyboardInterrupt
+                SIGINT_DEFERRAL.deliver()   # Python's default raises KeyboardInterrupt here
 
     def _wait_for_role(self, done: Callable[[], bool]) -> None:
         with self._changed:
@@ -163,20 +163,28 @@ class Inbox:
 class _SigintDeferral:
     """SIGINT on the master's main thread while it pumps: held back until a frame boundary.
 
-    Installed once, and only over Python's default handler (a program's own handler is
-    left alone; its main thread then waits instead of pumping). Outside a pump it acts as
-    the default handler does: it raises ``KeyboardInterrupt``.
+    Installed once, over the handler in place (Python's default, or the program's own, which
+    it then calls: outside a pump at once, inside a pump at the next frame boundary). Where
+    SIGINT is left to the OS (``SIG_DFL``), or a program installs another handler later, the
+    main thread waits instead of pumping.
     """
 
     def __init__(self) -> None:
         self.active = False
         self.hits: list[int] = []
+        self.previous: Any = signal.default_int_handler
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.active:
             self.hits.append(signum)
             return
-        raise KeyboardInterrupt
+        self.deliver(signum, frame)
+
+    def deliver(self, signum: int = _SIGINT, frame: Any = None) -> None:
+        """Run the handler this one stands in front of."""
+        previous = self.previous
+        if callable(previous):
+            previous(signum, frame)
 
     def usable(self) -> bool:
         """Whether the main thread may pump (installing the handler on first use)."""
@@ -184,10 +192,11 @@ class _SigintDeferral:
             current = _signal.getsignal(_SIGINT)   # the C function: no enum conversion per call
             if current is self:
                 return True
-            if current is signal.default_int_handler:
+            if callable(current) or current == signal.SIG_IGN:
+                self.previous = current
                 signal.signal(signal.SIGINT, self)
                 return True
-        except ValueError:   # not the main thread of the main interpreter
+        except (ValueError, TypeError):   # not the main thread of the main interpreter
             pass
         return False
 
