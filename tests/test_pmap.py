@@ -13,7 +13,7 @@ import pydist as pd
 from pydist.pmap import pmap
 from pydist.workerpool import CachingPool, WorkerPool, default_worker_pool
 
-from testkit import wait_until
+from testkit import Unloadable, wait_until
 
 
 # -- helpers that travel to workers by reference ----------------------------------------------------
@@ -183,19 +183,6 @@ def test_on_error_replaces_failed_elements(cluster):
 def test_unpicklable_result_fails_only_its_element(cluster):
     out = pmap(lambda x: threading.Lock() if x == 5 else x, range(20), on_error=lambda e: "lock")
     assert out == ["lock" if x == 5 else x for x in range(20)]
-
-
-class Unloadable:
-    """Pickles here; unpickling raises on any worker."""
-
-    def __reduce__(self):
-        return (_rebuild_unloadable, ())
-
-
-def _rebuild_unloadable():
-    if pd.myid() != 1:
-        raise ImportError("this object cannot be rebuilt on a worker")
-    return Unloadable()
 
 
 def test_element_that_cannot_be_read_there_fails_alone(cluster):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pydist as pd
+from testkit import Unloadable
 
 
 def mul(a, b=1):
@@ -106,19 +107,6 @@ def test_remotecall_wait_raises_the_failure(cluster):
         f.wait(timeout=10)
     with pytest.raises(pd.RemoteException):
         f.fetch(timeout=10)
-
-
-class Unloadable:
-    """Pickles on the master; unpickling raises everywhere but on process 1."""
-
-    def __reduce__(self):
-        return (_rebuild_unloadable, ())
-
-
-def _rebuild_unloadable():
-    if pd.myid() != 1:
-        raise ImportError("this object cannot be rebuilt on a worker")
-    return Unloadable()
 
 
 def test_argument_that_fails_to_unpickle_is_answered(cluster):

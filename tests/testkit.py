@@ -66,3 +66,16 @@ def remove_all_workers() -> None:
     ids = [p for p in pd.workers() if p != 1]
     if ids:
         pd.rmprocs(*ids, waitfor=30)
+
+
+class Unloadable:
+    """Pickles on the master; unpickling raises everywhere but on process 1."""
+
+    def __reduce__(self):
+        return (_rebuild_unloadable, ())
+
+
+def _rebuild_unloadable():
+    if pd.myid() != 1:
+        raise ImportError("this object cannot be rebuilt on a worker")
+    return Unloadable()
