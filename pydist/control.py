@@ -190,7 +190,7 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
     _only_master("remove workers")
     if len(pids) == 1 and isinstance(pids[0], (list, tuple)):
         pids = tuple(pids[0])
-    targets = []
+    targets, killers = [], []
     for pid in _validate_pids(pids, "rmprocs"):
         w = PGRP.workers.get(pid)
         if w is None or w.state == W_TERMINATED:
@@ -198,13 +198,19 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
         w.detail = w.detail or "was removed by rmprocs"
         w.state = W_TERMINATING
         targets.append(w)
-        threading.Thread(target=_kill, args=(w,), name=f"pydist-kill-{pid}", daemon=True).start()
+        t = threading.Thread(target=_kill, args=(w,), name=f"pydist-kill-{pid}", daemon=True)
+        t.start()
+        killers.append(t)
     deadline = None if waitfor is None else time.monotonic() + waitfor
     for w in targets:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not w.gone.wait(left):
             alive = [t.id for t in targets if not t.gone.is_set()]
             raise TimeoutError(f"rmprocs: workers {alive} were still running after {waitfor} s")
+    # The connection closes a moment before the process ends: wait (within the deadline) for
+    # the managers to see the processes exit, so that a return means they are gone.
+    for t in killers:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _kill(w: Worker) -> None:

@@ -521,6 +521,7 @@ class _Core:
         self.stop_done = threading.Event()
         self.steal_timer: threading.Timer | None = None
         self.used_pids: set[int] = set()
+        self.exiting = 0                    # retired workers whose processes are not gone yet
         _live.add(self)
 
     # -- submitting ------------------------------------------------------------------------------
@@ -874,7 +875,18 @@ class _Core:
 
     def _retire(self, w: _Worker) -> None:
         if w.owned and w.pid is not None:
-            self._helper(rmprocs, w.pid, waitfor=30)
+            with self.lock:
+                self.exiting += 1
+            self._helper(self._remove_retired, w.pid)
+
+    def _remove_retired(self, pid: int) -> None:
+        """Remove a retired worker; its process counts against the bound until it is gone."""
+        try:
+            rmprocs(pid, waitfor=30)
+        finally:
+            with self.lock:
+                self.exiting -= 1
+            self.dispatch()
 
     def _grow(self) -> None:
         """(Under the lock.) Start workers where tasks wait and no worker is idle."""
@@ -886,6 +898,8 @@ class _Core:
         have = sum(1 for w in self.workers if not w.retiring or w.pid is None)
         if have >= self.max_workers:
             return
+        # Processes still exiting count too: never more than twice max_workers at once.
+        room = 2 * self.max_workers - len(self.workers) - self.exiting
         if self.eager and not self.shutdown:
             need = self.max_workers - have
         else:
@@ -893,6 +907,7 @@ class _Core:
             idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
             queued = len(self.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
             need = min(queued - idle, self.max_workers - have)
+        need = min(need, room)
         if need <= 0:
             return
         fresh = [_Worker(None, owned=True) for _ in range(need)]
