@@ -27,300 +27,35 @@ One ssh session per worker runs, in the remote login shell (POSIX quoting)::
 ``multiplex=True`` opens one ssh master connection per host (``ControlMaster``, with a
 ``ControlPersist`` so that it ends on its own once idle) and runs every session of that
 host through it.
+
+The parts live beside this module: machine specs in ``machines.py``, the launch's options
+and the remote command line in ``sshcommand.py``, and one worker's ssh session (cookie,
+contact line, output relay, tunnel, the rungs of ``kill``) in ``sshsession.py``.
 """
 from __future__ import annotations
 
 import os
-import queue
-import re
 import secrets
 import shlex
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .. import lease as _lease
-from .. import transport as _transport
-from ..cluster import PGRP, W_CONNECTED
-from ..errors import LaunchError, TransportError
-from ..net.address import format_tcp_url, parse_tcp_url
-from .base import ClusterManager, WorkerConfig, parse_contact_line
+from ..errors import LaunchError
+from ..net.address import parse_tcp_url
+from .base import ClusterManager, WorkerConfig
+from .machines import Machine, parse_machine
+from .sshcommand import LAUNCH_TIMEOUT, _Options, _remote_command
+from .sshsession import (_BY_PID, _GRACE, _Session, _await_contact, _relay, _run_ssh,
+                         _send_cookie)
 
 __all__ = ["SSHManager", "Machine", "parse_machine", "LAUNCH_TIMEOUT", "CONNECT_TIMEOUT"]
 
-LAUNCH_TIMEOUT = 60.0      # the whole launch of one machine: ssh, interpreter start, contact line
 CONNECT_TIMEOUT = 15       # ssh's own ConnectTimeout (a silent host), unless sshflags set one
 CONTROL_PERSIST = 10       # seconds an idle multiplexing master connection stays open
-SHELLS = ("posix",)
-_GRACE = 5.0               # for a worker asked to exit, before its session is closed
-_LIFELINE_WAIT = 2.0       # for a worker whose session's input was closed, before SIGKILL
-_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?\Z")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-# -- machine specs --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Machine:
-    """One parsed machine spec: ``[user@]host[:port] [bind_addr[:port]]`` and a count."""
-
-    spec: str
-    host: str
-    user: str | None = None
-    port: int | None = None
-    bind_addr: str | None = None
-    bind_port: int | None = None
-    count: int | str = 1          # a number of workers, or "auto": the host's CPU count
-
-    @property
-    def name(self) -> str:
-        """How messages name the host: the ssh part of the spec."""
-        return self.spec.split()[0]
-
-    def ssh_target(self) -> list[str]:
-        """ssh's arguments that name the host (after every option)."""
-        args = ["-p", str(self.port)] if self.port else []
-        args += ["-l", self.user] if self.user else []
-        return [*args, "--", self.host]
-
-
-def _split_host_port(spec: str, text: str, what: str) -> tuple[str, int | None]:
-    try:
-        host, port = parse_tcp_url("tcp://" + text, listen=True)
-    except ValueError as e:
-        reason = str(e).split(": ", 1)[-1] if ": " in str(e) else str(e)
-        raise ValueError(f"machine spec {spec!r}: {what} {text!r} does not parse ({reason}); "
-                         f"expected '[user@]host[:port] [bind_addr[:port]]'") from None
-    given = text.rpartition("]")[2] if text.startswith("[") else text
-    if ":" in given:
-        if port == 0:
-            raise ValueError(f"machine spec {spec!r}: port 0 in {text!r} is not a port")
-        return host, port
-    if not text or text.startswith(":"):
-        raise ValueError(f"machine spec {spec!r}: {what} {text!r} has no host")
-    return host, None
-
-
-def parse_machine(entry: Any) -> Machine:
-    """Parse a machine: a spec string, ``(spec, count)`` or ``(spec, "auto")``."""
-    count: Any = 1
-    if isinstance(entry, tuple):
-        if len(entry) != 2:
-            raise ValueError(f"a machine is a spec or a (spec, count) pair, not {entry!r}")
-        entry, count = entry
-        if count != "auto" and (not isinstance(count, int) or isinstance(count, bool)
-                                or count < 1):
-            raise ValueError(f"machine {entry!r}: the count must be a positive int or "
-                             f"'auto', not {count!r}")
-    if not isinstance(entry, str):
-        raise TypeError(f"a machine spec must be a str like 'user@host:22', not "
-                        f"{type(entry).__name__} ({entry!r})")
-    words = entry.split()
-    if not 1 <= len(words) <= 2:
-        raise ValueError(f"machine spec {entry!r} does not parse: expected "
-                         f"'[user@]host[:port] [bind_addr[:port]]'")
-    user, at, hostport = words[0].rpartition("@")
-    if at and not _USER.match(user):
-        raise ValueError(f"machine spec {entry!r}: {user!r} is not a valid user name")
-    host, port = _split_host_port(entry, hostport, "host")
-    bind_addr = bind_port = None
-    if len(words) == 2:
-        bind_addr, bind_port = _split_host_port(entry, words[1], "bind address")
-    return Machine(entry.strip(), host, user or None, port, bind_addr, bind_port, count)
-
-
-# -- what one addprocs call asks for ------------------------------------------------------
-@dataclass(frozen=True)
-class _Options:
-    sshflags: tuple[str, ...]
-    exename: str
-    exeflags: tuple[str, ...]
-    dir: str
-    env: tuple[tuple[str, str], ...]
-    tunnel: bool
-    multiplex: bool
-    max_parallel: int
-    lease: float
-    launch_timeout: float
-    threaded_blas: bool
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "_Options":
-        shell = params.get("shell", "posix")
-        if shell not in SHELLS:
-            raise ValueError(f"shell={shell!r} is not supported; remote commands are quoted "
-                             f"for {', '.join(SHELLS)} shells")
-        if params.get("transport", "auto") == "shm":
-            raise ValueError("transport='shm' cannot reach workers on other hosts; "
-                             "SSH workers use 'tcp' (or say 'auto')")
-        flags = params.get("sshflags") or ()
-        flags = tuple(shlex.split(flags)) if isinstance(flags, str) else tuple(map(str, flags))
-        max_parallel = params.get("max_parallel")
-        max_parallel = 10 if max_parallel is None else max_parallel
-        if not isinstance(max_parallel, int) or isinstance(max_parallel, bool) or max_parallel < 1:
-            raise ValueError(f"max_parallel must be a positive int, not {max_parallel!r}")
-        timeout = params.get("launch_timeout", LAUNCH_TIMEOUT)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"launch_timeout must be a positive number of seconds, "
-                             f"not {timeout!r}")
-        exename = params.get("exename") or sys.executable
-        if not isinstance(exename, str):
-            raise TypeError(f"exename must be the path of the remote interpreter (a str), "
-                            f"not {type(exename).__name__}")
-        return cls(flags, exename, tuple(map(str, params.get("exeflags") or ())),
-                   str(params.get("dir") or os.getcwd()), _check_env(params.get("env")),
-                   bool(params.get("tunnel")), bool(params.get("multiplex")), max_parallel,
-                   _lease.check_lease(params.get("lease", _lease.DEFAULT_LEASE)), float(timeout),
-                   bool(params.get("enable_threaded_blas")))
-
-
-def _check_env(env: Any) -> tuple[tuple[str, str], ...]:
-    items = list(env.items()) if isinstance(env, dict) else list(env or ())
-    out = []
-    for item in items:
-        if not isinstance(item, tuple) or len(item) != 2:
-            raise TypeError(f"env must be a dict or (name, value) pairs, not {env!r}")
-        name, value = str(item[0]), str(item[1])
-        if not _ENV_NAME.match(name):
-            raise ValueError(f"env: {name!r} is not a valid environment variable name")
-        if "\0" in value:
-            raise ValueError(f"env: the value of {name} contains a NUL character")
-        out.append((name, value))
-    return tuple(out)
-
-
-def _pydist_root() -> str | None:
-    """Where this pydist can be imported from, unless it is installed in site-packages."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return None if os.path.basename(root) in ("site-packages", "dist-packages") else root
-
-
-def _remote_command(m: Machine, index: int, opts: _Options) -> str:
-    """The command line the remote login shell runs for worker ``index`` of ``m``."""
-    q = shlex.quote
-    steps = [f"cd -- {q(opts.dir)}"]
-    steps += [f"export {name}={q(value)}" for name, value in opts.env]
-    root = _pydist_root()
-    if root is not None:
-        steps.append(f'export PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}"{q(root)}')
-    if not opts.threaded_blas:
-        steps += [f'export {var}="${{{var}:-1}}"' for var in _BLAS_VARS]
-    argv = [opts.exename, *opts.exeflags, "-m", "pydist.worker", "--lifeline",
-            "--transports", "tcp"]
-    if opts.lease > 0:
-        argv += ["--lease", repr(opts.lease)]
-    if m.bind_port and not opts.tunnel:
-        argv += ["--port", str(m.bind_port + index)]
-    if opts.tunnel:
-        bind = "127.0.0.1"
-    elif m.bind_addr:
-        bind = q(m.bind_addr)
-    else:
-        steps.append("set -- $SSH_CONNECTION")
-        bind = '"${3:?SSH_CONNECTION is not set: put a bind address in the machine spec}"'
-    return " && ".join(steps) + " && exec " + " ".join(map(q, argv)) + " --bind " + bind
-
-
-def _free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- one worker's ssh session ---------------------------------------------------------------
-class _Session:
-    """The ssh client of one worker, its tunnel (if any) and how it ends."""
-
-    def __init__(self, manager: "SSHManager", m: Machine, opts: _Options,
-                 proc: subprocess.Popen) -> None:
-        self.manager, self.machine, self.opts, self.proc = manager, m, opts, proc
-        self.pid: int | None = None
-        self.config: WorkerConfig | None = None       # its ospid is known once it joined
-        self.tunnel: subprocess.Popen | None = None   # the forwarding ssh (without multiplex)
-        self.forward = ""                              # its -L spec
-        self.tunnel_url = ""                           # where the master dials, with a tunnel
-        self.remote_url = ""
-        self._finished = threading.Event()
-        self._lock = threading.Lock()
-
-    def finish(self, grace: float = 0.0) -> None:
-        """Close the session: wait ``grace`` s for it to end on its own, then close its
-        standard input (the lifeline), then SIGKILL a worker deaf to that on its host, then
-        SIGTERM and SIGKILL the ssh client; each rung with its deadline (idempotent)."""
-        with self._lock:
-            if self._finished.is_set():
-                return
-            self._finished.set()
-        _wait(self.proc, grace)
-        _close_stdin(self.proc)
-        if _wait(self.proc, _LIFELINE_WAIT) is None:
-            self._kill_remote()
-        _end(self.proc)
-        self.close_tunnel()
-        self.manager._forget(self)
-        _BY_PID.pop(self.pid, None)
-
-    def _kill_remote(self) -> None:
-        """The last rung for a worker that ignores its lifeline (stuck in C code holding
-        the GIL): SIGKILL it on its host, if that pid still runs a pydist worker."""
-        ospid = self.config.ospid if self.config is not None else None
-        if not ospid:
-            return
-        check = f"ps -p {int(ospid)} -o command= | grep -q pydist.worker && kill -9 {int(ospid)}"
-        _run_ssh(self.manager._ssh_argv(self.machine, self.opts, remote=check), 20.0)
-        _wait(self.proc, _LIFELINE_WAIT)
-
-    def open_tunnel(self) -> None:
-        """Forward a local port to the worker's loopback listener."""
-        remote_port = parse_tcp_url(self.remote_url).port
-        local_port = _free_local_port()
-        self.forward = f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}"
-        self.tunnel_url = format_tcp_url("127.0.0.1", local_port)
-        m, mgr = self.machine, self.manager
-        if self.opts.multiplex:
-            done = _run_ssh(mgr._ssh_argv(m, self.opts, "-O", "forward", "-L", self.forward),
-                            20.0)
-            if done.returncode != 0:
-                raise LaunchError(f"SSH host {m.name}: could not forward a port to the worker: "
-                                  f"{done.stdout.strip()}")
-            return
-        argv = mgr._ssh_argv(m, self.opts, "-o", "ExitOnForwardFailure=yes", "-L", self.forward,
-                             remote="exec cat >/dev/null")
-        self.tunnel = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-
-    def close_tunnel(self) -> None:
-        if self.tunnel is not None:
-            _close_stdin(self.tunnel)
-            _end(self.tunnel, 2.0)
-        elif self.forward and self.opts.multiplex:
-            _run_ssh(self.manager._ssh_argv(self.machine, self.opts, "-O", "cancel", "-L",
-                                            self.forward), 10.0)
-
-    def dial_tunnel(self, deadline: float) -> Any:
-        """Connect through the tunnel, waiting for ssh to start forwarding."""
-        attempts = 0
-        while True:
-            try:
-                return _transport.connect(self.tunnel_url, 5.0)
-            except TransportError as e:
-                problem = str(e)
-            if self.tunnel is not None and self.tunnel.poll() is not None:
-                out = _drain(self.tunnel)
-                attempts += 1
-                if attempts >= 3 or "forward" not in out.lower():
-                    raise LaunchError(f"SSH host {self.machine.name}: the ssh tunnel to the "
-                                      f"worker ended: {out.strip() or problem}")
-                self.open_tunnel()   # the local port was taken meanwhile: another one
-            if time.monotonic() > deadline:
-                raise LaunchError(f"SSH host {self.machine.name}: no connection through the "
-                                  f"ssh tunnel: {problem}")
-            time.sleep(0.05)
 
 
 class _Master:
@@ -331,20 +66,6 @@ class _Master:
         self.holds = 0
         self.opts: _Options | None = None
         self.opening = threading.Lock()
-
-
-_BY_PID: dict[int | None, _Session] = {}
-
-
-def _on_worker_lost(pid: int) -> None:
-    """A worker is gone (dead, removed, never joined): make sure its session ends too."""
-    session = _BY_PID.get(pid)
-    if session is not None:
-        threading.Thread(target=session.finish, args=(_GRACE,), name="pydist-ssh-close",
-                         daemon=True).start()
-
-
-PGRP.on_worker_lost.append(_on_worker_lost)
 
 
 # -- the manager ---------------------------------------------------------------------------
@@ -579,122 +300,4 @@ class SSHManager(ClusterManager):
         session = self._session(config)
         if session is not None:
             session.finish(_GRACE)
-
-
-# -- helpers ---------------------------------------------------------------------------------
-def _run_ssh(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a short ssh command; its output merged; a timeout is exit status -1."""
-    try:
-        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                              start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return subprocess.CompletedProcess(argv, -1, out + f"\n(no answer within {timeout:.0f} s)")
-    except OSError as e:
-        return subprocess.CompletedProcess(argv, -1, f"cannot run ssh: {e}")
-
-
-def _send_cookie(proc: subprocess.Popen, cookie: str) -> None:
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write((cookie + "\n").encode())
-        proc.stdin.flush()
-    except OSError:
-        pass   # ssh already ended: its output says why
-
-
-def _await_contact(proc: subprocess.Popen, m: Machine, deadline: float) -> str:
-    """Read the session's output until the worker's contact line; ``LaunchError`` naming the
-    host if ssh ends first or the deadline passes."""
-    assert proc.stdout is not None
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-    seen: list[str] = []
-
-    def read() -> None:
-        for raw in iter(proc.stdout.readline, b""):   # type: ignore[union-attr]
-            line = raw.decode(errors="replace")
-            lines.put(line)
-            if parse_contact_line(line) is not None:
-                return
-        lines.put(None)
-    threading.Thread(target=read, name="pydist-ssh-contact", daemon=True).start()
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            _end(proc, 0.0)
-            tail = "".join(seen[-20:]).strip()
-            raise LaunchError(f"SSH host {m.name}: no worker was ready within the launch "
-                              f"timeout" + (f"; its output:\n{tail}" if tail else
-                                            " (the host did not answer)")) from None
-        if line is None:
-            code = _wait(proc, 5.0)
-            tail = "".join(seen[-20:]).strip()
-            raise LaunchError(f"SSH host {m.name}: ssh exited with status {code} before the "
-                              f"worker was ready" + (f": {tail}" if tail else ""))
-        addresses = parse_contact_line(line)
-        if addresses is not None:
-            tcp = [a for a in addresses if a.startswith("tcp://")]
-            if not tcp:
-                raise LaunchError(f"SSH host {m.name}: the worker offers no tcp address "
-                                  f"({list(addresses)})")
-            return tcp[0]
-        seen.append(line)
-
-
-def _relay(session: _Session) -> None:
-    """Copy the worker's output to ours, each line prefixed with its id; when the session
-    ends, make sure the cluster knows the worker is gone (even if its TCP connection
-    lingers, as it can when the network between the hosts fails)."""
-    stream = session.proc.stdout
-    assert stream is not None
-    for raw in iter(stream.readline, b""):
-        try:
-            sys.stdout.write(f"      From worker {session.pid or '?'}:\t"
-                             f"{raw.decode(errors='replace')}")
-            sys.stdout.flush()
-        except (ValueError, OSError):
-            pass
-    code = _wait(session.proc, 30.0)
-    w = PGRP.workers.get(session.pid) if session.pid is not None else None
-    if w is not None and w.state == W_CONNECTED and not w.gone.wait(3.0):
-        PGRP.worker_lost(w, f"on {session.machine.name} lost its ssh session "
-                            f"(ssh exit status {code})")
-    session.finish()
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _close_stdin(proc: subprocess.Popen) -> None:
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    except OSError:
-        pass
-
-
-def _end(proc: subprocess.Popen, grace: float = 2.0) -> None:
-    """SIGTERM ``proc`` after ``grace`` s, SIGKILL 2 s later; reap it."""
-    if _wait(proc, grace) is not None:
-        return
-    for stop in (proc.terminate, proc.kill):
-        try:
-            stop()
-        except OSError:
-            return
-        if _wait(proc, 2.0) is not None:
-            return
-
-
-def _drain(proc: subprocess.Popen) -> str:
-    try:
-        return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    except (OSError, ValueError):
-        return ""
 
