@@ -1,0 +1,16 @@
+"""The machinery behind the standard-library drop-ins (``executor.py``, ``pool.py``).
+
+Layer 4, as the two fronts: built on the public cluster API only. One idea a module:
+
+* ``worker_side.py``: what runs on the workers (batches, the gate that lets a batch be
+  taken back, shipped functions, the initializer) and what travels to them and back;
+* ``shipping.py``: which function was shipped to which worker, on the master;
+* ``records.py``: the master's books: tasks, batches, workers; workers as processes;
+* ``futures.py``: how a task's outcome reaches the caller (futures, pumping, errors);
+* ``core.py``: ``_Core``, one executor's state, whose behaviour is in four parts:
+  ``dispatching.py`` (tasks out, replies in), ``staffing.py`` (workers started, lost,
+  retired), ``stealing.py`` (tasks taken back from behind a long one), ``closing.py``
+  (shutdown, breaking, interpreter exit);
+* ``mapfeed.py``: ``Executor.map``'s lazily read input;
+* ``results.py``, ``imap.py``: what ``Pool``'s calls return.
+"""

@@ -1,0 +1,337 @@
+"""Dispatching and replies: the part of ``_Core`` (core.py) that moves tasks.
+
+``dispatch`` runs on whichever thread made work possible (a ``submit``, a reply, a worker
+started): under the lock it picks the worker with the most room and moves a batch of
+pending tasks to its outbox (``_pick``), then sends outside the lock (``_flush``), each
+worker's outbox in order. How much a worker may hold (``cap``) follows the time a
+task takes there and the round trip, both learnt from replies (``_learn``).
+
+A reply completes its tasks' sinks on the thread that read it (``on_reply``). A batch
+that failed as a whole (it could not be pickled here, or unpickled there, or its results
+could not be unpickled here) has its tasks tried again one by one, so only the culprit
+fails. A batch is settled exactly once (``_Batch.settled``, mostly by ``_answered``):
+whoever settles it (its reply, its worker's death, a revoke) decides what becomes of its
+tasks.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from typing import Any, Iterable
+
+from ..errors import ProcessExitedException, SerializationError
+from ..remotecall import remote_do
+from ..serialize import dumps
+from ..values import Failure
+from ..workerpool import _start
+from .futures import _copy_exc, _report, _unwrap
+from .records import _NO_KWARGS, _Batch, _Task, _Worker
+from .worker_side import _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _Undecodable
+
+MAX_BATCH = 256          # tasks in one message at most
+MAX_AHEAD = 2048         # tasks in flight per worker at most
+AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
+_settling = threading.local()         # set while this thread completes futures
+
+
+class _Dispatching:
+    """Part of ``_Core``: pending tasks out to the workers, their replies back in."""
+
+    # -- submitting ------------------------------------------------------------------------------
+
+    def enqueue(self, tasks: Iterable[_Task], check: bool = True) -> None:
+        with self.lock:
+            if check:
+                self.check_open()
+            n = len(self.pending)
+            self.pending.extend(tasks)
+            self.unfinished += len(self.pending) - n
+            broken = self.broken
+        if broken:
+            self._fail_pending()
+        self.dispatch()
+
+    def _fail_pending(self) -> None:
+        with self.lock:
+            doomed = list(self.pending)
+            self.pending.clear()
+        self._settle_all(doomed, BrokenProcessPool(self.broken or "the process pool is broken"))
+
+    # -- dispatching -----------------------------------------------------------------------------
+    def cap(self) -> int:
+        """Tasks a worker may hold: 1 until tasks are measured, then enough to cover the
+        round trip (many tiny tasks, one long one)."""
+        if self.est is None:
+            return 1
+        ahead = max(2 * self.rtt, AHEAD_TIME)
+        return 1 + min(MAX_AHEAD, int(ahead / max(self.est, 1e-7)))
+
+    def dispatch(self) -> None:
+        while True:
+            with self.lock:
+                w = self._pick()
+                if w is None:
+                    self._grow()
+                    break
+            self._flush(w)
+        if self.fcache.dead:
+            self._drop_dead_functions()
+
+    def _pick(self) -> _Worker | None:
+        """Move a batch of pending tasks to the outbox of the worker with most room (under
+        the lock); that worker, or ``None``."""
+        while self.pending and not self.broken:
+            cap = self.cap()
+            best, room, avail = None, 0, 0
+            for w in self.workers:
+                if w.retiring or w.gone:
+                    continue
+                r = cap - w.ntasks
+                if self.max_tasks is not None:
+                    r = min(r, self.max_tasks - w.assigned)
+                if r > 0:
+                    avail += 1
+                    if r > room:
+                        best, room = w, r
+            if best is None:
+                return None
+            size = min(room, MAX_BATCH, max(1, -(-len(self.pending) // avail)))
+            tasks = self._take(size)
+            if not tasks:
+                continue
+            batch = _Batch(tasks)
+            best.outbox.append(batch)
+            best.ntasks += len(tasks)
+            best.assigned += len(tasks)
+            if self.max_tasks is not None and best.assigned >= self.max_tasks:
+                best.retiring = True
+            return best
+        return None
+
+    def _take(self, size: int) -> list[_Task]:
+        """Up to ``size`` consecutive pending tasks of one function (cancelled ones dropped)."""
+        tasks: list[_Task] = []
+        pending = self.pending
+        while pending and len(tasks) < size:
+            t = pending[0]
+            if tasks and (t.fn is not tasks[0].fn or t.solo):
+                break
+            pending.popleft()
+            if not t.started:
+                if not t.sink.set_running_or_notify_cancel():
+                    self.unfinished -= 1
+                    continue
+                t.started = True
+            tasks.append(t)
+            if t.solo:
+                break
+        if self.unfinished == 0:
+            self.changed.notify_all()
+        return tasks
+
+    def _flush(self, w: _Worker) -> None:
+        """Send ``w``'s outbox in order (whoever holds its send lock sends everything)."""
+        while True:
+            if not w.send_lock.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self.lock:
+                        if w.pid is None or w.gone or not w.outbox:
+                            break
+                        batch = w.outbox.popleft()
+                        w.seq += 1
+                        batch.seq = w.seq
+                        batch.alone = not w.batches
+                        w.batches.append(batch)
+                    self._send(w, batch)
+            finally:
+                w.send_lock.release()
+            with self.lock:
+                if w.pid is None or w.gone or not w.outbox:
+                    return
+
+    def _send(self, w: _Worker, batch: _Batch) -> None:
+        try:
+            self._send_batch(w, batch)
+        except BaseException as e:     # a bug here must not leave the batch unanswered
+            _report(e)
+            if self._answered(w, batch):
+                self._settle_all(batch.tasks, e)
+
+    def _send_batch(self, w: _Worker, batch: _Batch) -> None:
+        tasks = batch.tasks
+        fn = tasks[0].fn
+        try:
+            data, bufs = dumps([(t.kind, t.args, t.kwargs) for t in tasks])
+        except BaseException as e:
+            self._unsendable(w, batch, e)
+            return
+        g, token = self.fcache.prepare(fn, w.pid)   # type: ignore[arg-type]
+        for t in tasks:
+            t.sink.pid = w.pid
+        batch.sent = time.perf_counter()
+        try:
+            if batch.alone and w.exited():
+                # It died while idle and its connection has not said so yet: the batch would
+                # go nowhere and be taken for the one that killed it.
+                raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
+            _, done = _start(w.pid, _run_batch, (g, _Packed(data, *bufs), self.pool_mode,   # type: ignore[arg-type]
+                                                 self.key, batch.seq), _NO_KWARGS, keep=False)
+        except SerializationError as e:   # the function itself cannot be pickled
+            self._unsendable(w, batch, e)
+            return
+        except Exception as e:            # the worker is gone (or unusable): the batch never left
+            if not isinstance(e, ProcessExitedException):
+                e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
+            if self._answered(w, batch):
+                self._requeue(batch.tasks)
+            self._worker_died(w, e)
+            return
+        self.fcache.sent(token)
+        done.add_callback(partial(self._on_reply_safely, w, batch))
+
+    def _on_reply_safely(self, w: _Worker, batch: _Batch, value: Any) -> None:
+        """``on_reply`` on a reader thread, which must never see an exception."""
+        try:
+            self.on_reply(w, batch, value)
+        except BaseException as e:
+            _report(e)
+            if self._answered(w, batch):
+                self._settle_all(batch.tasks, e)
+
+    def _unsendable(self, w: _Worker, batch: _Batch, e: BaseException) -> None:
+        """A batch could not be pickled: resend its tasks one by one, so only the culprit
+        fails, with the pickler's own error (as the standard library reports it)."""
+        err = e.__cause__ if isinstance(e, SerializationError) and e.__cause__ is not None else e
+        if not self._answered(w, batch):
+            return       # its worker died meanwhile, and took care of it
+        if len(batch.tasks) > 1:
+            self._requeue(batch.tasks, solo=True)
+            self.dispatch()
+        else:
+            self._settle_all(batch.tasks, err)
+
+    # -- replies ---------------------------------------------------------------------------------
+    def on_reply(self, w: _Worker, batch: _Batch, value: Any) -> None:
+        now = time.perf_counter()
+        if type(value) is str and value == _REVOKED:   # a copy, once unpickled
+            return     # taken back earlier; its tasks went elsewhere
+        if type(value) is Failure and isinstance(value.exc, ProcessExitedException):
+            self._worker_died(w, value.exc)
+            return
+        if batch.settled:
+            return
+        if type(value) is _Results:          # run in this very process
+            value = (value.values, value.elapsed)
+        if type(value) is Failure or type(value[0]) is _Undecodable:
+            exc = value.exc if type(value) is Failure else value[0].exc
+            if not isinstance(exc, Exception):
+                cause = exc
+                exc = BrokenProcessPool(f"the result of a task could not be received: {exc!r}")
+                exc.__cause__ = cause
+            self._whole_batch_failed(w, batch, _unwrap(exc, self.tb_class))
+            return
+        values, elapsed = value
+        with self.lock:
+            if not self._answered(w, batch):
+                return
+            self._learn(batch, elapsed, now)
+            retire = self._retire_due(w)
+        self._deliver(batch.tasks, values)
+        if retire:
+            self._retire(w)
+        self.dispatch()
+        if not w.ntasks:
+            self._maybe_steal()
+
+    def _answered(self, w: _Worker, batch: _Batch) -> bool:
+        """Take ``batch`` off ``w``'s books (once); False if it already was."""
+        with self.lock:
+            if batch.settled:
+                return False
+            batch.settled = True
+            if w.batches and w.batches[0] is batch:
+                w.batches.popleft()
+            else:
+                try:
+                    w.batches.remove(batch)
+                except ValueError:
+                    pass
+            w.ntasks -= len(batch.tasks)
+            if not w.ntasks:
+                w.idle_since = time.monotonic()
+            return True
+
+    def _learn(self, batch: _Batch, elapsed: float, now: float) -> None:
+        per = elapsed / len(batch.tasks)
+        self.est = per if self.est is None else 0.7 * self.est + 0.3 * per
+        if batch.alone:
+            sample = max(0.0, now - batch.sent - elapsed)
+            self.rtt = 0.8 * self.rtt + 0.2 * min(sample, 0.05)
+
+    def _whole_batch_failed(self, w: _Worker, batch: _Batch, exc: BaseException) -> None:
+        """The call failed as a whole (its message could not be unpickled there, or its
+        results here): alone, the task fails; together, each is tried alone."""
+        if not self._answered(w, batch):
+            return
+        if len(batch.tasks) > 1:
+            self._requeue(batch.tasks, solo=True)
+        else:
+            self._settle_all(batch.tasks, exc)
+        self.dispatch()
+
+    def _deliver(self, tasks: list[_Task], values: list) -> None:
+        tb_class = self.tb_class
+        _settling.active = True
+        try:
+            for t, v in zip(tasks, values):
+                try:
+                    if type(v) is Failure:
+                        t.sink.set_exception(_unwrap(v.exc, tb_class))
+                    else:
+                        t.sink.set_result(v)
+                except cf.InvalidStateError:
+                    pass
+        finally:
+            _settling.active = False
+        self._finished(len(tasks))
+
+    def _settle_all(self, tasks: list[_Task], exc: BaseException) -> None:
+        """Fail ``tasks`` with (a copy per task of) ``exc``."""
+        _settling.active = True
+        try:
+            for t in tasks:
+                if not t.started and not t.sink.set_running_or_notify_cancel():
+                    continue
+                e = exc if len(tasks) == 1 else _copy_exc(exc)
+                try:
+                    t.sink.set_exception(e)
+                except cf.InvalidStateError:
+                    pass
+        finally:
+            _settling.active = False
+        self._finished(len(tasks))
+
+    def _finished(self, n: int) -> None:
+        with self.lock:
+            self.unfinished -= n
+            if self.unfinished <= 0:
+                self.changed.notify_all()
+
+    def _requeue(self, tasks: list[_Task], solo: bool = False) -> None:
+        """Put tasks back at the front of the queue, in order."""
+        with self.lock:
+            for t in tasks:
+                t.solo = t.solo or solo
+            self.pending.extendleft(reversed(tasks))
+
+    def _drop_dead_functions(self) -> None:
+        for pid, fids in self.fcache.take_dead().items():
+            try:
+                remote_do(_fn_drop, pid, self.key, fids)
+            except Exception:
+                pass

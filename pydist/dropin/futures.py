@@ -1,0 +1,84 @@
+"""How a task's outcome reaches the caller.
+
+``_Future`` is the ``concurrent.futures.Future`` that ``submit`` returns: an untimed wait
+reads the worker's connection in the waiting thread (``pump_for``) rather than sleeping
+until a reader thread hands the reply over. A task's exception is the original one, with
+the remote traceback as ``__cause__`` (``_unwrap``); one exception that fails several
+tasks is copied for each (``_copy_exc``). An error in the machinery itself is printed
+(``_report``), and the tasks it hit fail with it.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+from typing import Any, Callable
+
+from ..cluster import PGRP
+from ..errors import RemoteException
+from ..remoteref import _may_pump
+
+
+_WAITING = ("PENDING", "RUNNING")
+
+
+def pump_for(sink: Any, done: Callable[[], bool]) -> None:
+    """Wait for ``done()`` by reading, in this thread, the connection of the worker that
+    runs ``sink``'s task (no hand-off from the reader thread: the reply is handled here).
+    Returns early, leaving the rest to an ordinary wait, where this thread may not read."""
+    while not done():
+        pid = sink.pid
+        if pid is None:
+            return
+        w = PGRP.workers.get(pid)
+        inbox = getattr(w, "inbox", None)
+        if inbox is None or inbox.ended or not _may_pump():
+            return
+        inbox.pump(lambda: done() or sink.pid != pid)
+        if sink.pid == pid:
+            return       # done, or the connection ended
+
+
+class _Future(cf.Future):
+    """A ``concurrent.futures.Future`` whose untimed ``result``/``exception`` read the
+    worker's reply in the waiting thread."""
+
+    pid: int | None = None
+
+    def _settled(self) -> bool:
+        return self._state not in _WAITING
+
+    def result(self, timeout: float | None = None) -> Any:
+        if timeout is None and self._state in _WAITING:
+            pump_for(self, self._settled)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if timeout is None and self._state in _WAITING:
+            pump_for(self, self._settled)
+        return super().exception(timeout)
+
+
+def _unwrap(exc: BaseException, tb_class: type) -> BaseException:
+    """The exception a task's future raises: the original, remote traceback as cause."""
+    if isinstance(exc, RemoteException):
+        original = exc.captured.ex
+        original.__cause__ = tb_class(f'\n"""\n{exc.captured.traceback}"""')
+        return original
+    return exc
+
+
+def _report(exc: BaseException) -> None:
+    """An error in the executor's own machinery: said on stderr (the tasks it hit fail)."""
+    import traceback
+    print("pydist executor: internal error", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+
+
+def _copy_exc(exc: BaseException) -> BaseException:
+    """A fresh instance of ``exc`` for each future (exceptions carry their traceback)."""
+    try:
+        new = exc.__class__(*exc.args)
+    except Exception:
+        return exc
+    new.__cause__ = exc.__cause__
+    return new

@@ -1,0 +1,263 @@
+"""Workers coming and going: the part of ``_Core`` (core.py) that keeps the staff.
+
+* Growth (``_grow``, under the lock): a task that finds no idle worker starts one, up to
+  ``max_workers`` (a ``Pool`` keeps them all alive); a starter thread adds them a group
+  at a time and runs the initializer on each (``_init_worker``); a failure breaks the
+  executor. An executor given a pydist pool adopts that pool's workers instead.
+* Death (``_worker_died``): the task that was running fails; the others go back to the
+  front of the queue (those that shared its message one by one) and the worker is
+  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
+* Retirement (``max_tasks_per_child``): a worker that has done its share takes no more
+  tasks and is removed once idle; its process counts against the bound of twice
+  ``max_workers`` until it is gone.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from typing import Any, Callable
+
+from ..cluster import PGRP
+from ..control import addprocs, rmprocs
+from ..errors import ProcessExitedException, SerializationError
+from ..remotecall import remotecall
+from ..serialize import dumps
+from .closing import _live
+from .futures import _unwrap
+from .records import WorkerProcess, _Task, _Worker
+from .worker_side import _init_worker, _Packed
+
+_addprocs_lock = threading.Lock()     # one addprocs at a time from the drop-ins
+
+
+class _Staffing:
+    """Part of ``_Core``: starting, adopting, losing and retiring workers."""
+
+    # -- death, retirement, growth ---------------------------------------------------------------
+    def _worker_died(self, w: _Worker, exc: ProcessExitedException) -> None:
+        with self.lock:
+            if w.gone:
+                return
+            w.gone = True
+            if w in self.workers:
+                self.workers.remove(w)
+            sent, queued = list(w.batches), list(w.outbox)
+            w.batches.clear()
+            w.outbox.clear()
+            for b in sent + queued:
+                b.settled = True
+            w.ntasks = 0
+            doomed: list[_Task] = []
+            again: list[_Task] = []
+            if self.terminating:
+                doomed = [t for b in sent + queued for t in b.tasks]
+            elif sent:
+                # The oldest batch sent was running: alone, its task is the culprit; in
+                # company, each is tried again alone. The later ones never started.
+                running = sent[0]
+                if len(running.tasks) == 1:
+                    doomed = running.tasks
+                else:
+                    again = list(running.tasks)
+                    for t in again:
+                        t.solo = True
+                again += [t for b in sent[1:] + queued for t in b.tasks]
+            else:
+                again = [t for b in queued for t in b.tasks]
+            self.pending.extendleft(reversed(again))
+            adopt = self.given_pool is not None and not self.workers
+        if w.pid is not None:
+            self.fcache.forget_worker(w.pid)
+        self._settle_all(doomed, exc)
+        if adopt:
+            self._helper(self._adopt_then_dispatch)
+        self.dispatch()
+
+    def _adopt_then_dispatch(self) -> None:
+        self._adopt_pool()
+        self.dispatch()
+
+    def _retire_due(self, w: _Worker) -> bool:
+        """(Under the lock.) ``w`` has done its share and is idle: take it out."""
+        if not w.retiring or w.ntasks or w.outbox or w.gone:
+            return False
+        w.gone = True
+        if w in self.workers:
+            self.workers.remove(w)
+        return True
+
+    def _retire(self, w: _Worker) -> None:
+        if w.owned and w.pid is not None:
+            with self.lock:
+                self.exiting += 1
+            self._helper(self._remove_retired, w.pid)
+
+    def _remove_retired(self, pid: int) -> None:
+        """Remove a retired worker; its process counts against the bound until it is gone."""
+        try:
+            rmprocs(pid, waitfor=30)
+        finally:
+            with self.lock:
+                self.exiting -= 1
+            self.dispatch()
+
+    def _grow(self) -> None:
+        """(Under the lock.) Start workers where tasks wait and no worker is idle."""
+        if self.broken or self.terminating or self.stopped or self.given_pool is not None:
+            return
+        # A retiring worker (max_tasks_per_child) takes no more tasks: once it runs, its
+        # successor may start while it finishes its last ones (so at most twice max_workers
+        # processes). One still starting holds its place.
+        have = sum(1 for w in self.workers if not w.retiring or w.pid is None)
+        if have >= self.max_workers:
+            return
+        # Processes still exiting count too: never more than twice max_workers at once.
+        room = 2 * self.max_workers - len(self.workers) - self.exiting
+        if self.eager and not self.shutdown:
+            need = self.max_workers - have
+        else:
+            # As the standard library does: a task that finds no idle worker starts one.
+            idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
+            queued = len(self.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
+            need = min(queued - idle, self.max_workers - have)
+        need = min(need, room)
+        if need <= 0:
+            return
+        fresh = [_Worker(None, owned=True) for _ in range(need)]
+        self.workers.extend(fresh)
+        self.to_start.extend(fresh)
+        if self.starter is None:
+            self.starter = threading.Thread(target=self._starter, name="pydist-executor-start",
+                                            daemon=True)
+            self.starter.start()
+
+    def _starter(self) -> None:
+        """Start the workers asked for, a group at a time, until none is wanted."""
+        while True:
+            with self.lock:
+                group, self.to_start = self.to_start, []
+                if not group:
+                    self.starter = None
+                    self.changed.notify_all()
+                    return
+            self._start_group(group)
+
+    def _start_group(self, group: list[_Worker]) -> None:
+        try:
+            with _addprocs_lock:
+                pids = addprocs(len(group), transport=self.transport)
+        except BaseException as e:
+            for pid in getattr(e, "pids", None) or ():
+                self._helper(rmprocs, pid, waitfor=30)
+            self._break(f"A worker process could not be started ({e}); the process pool is "
+                        f"not usable anymore", e)
+            return
+        failure = self._initialize(pids)
+        if failure is not None:
+            self._helper(rmprocs, *pids, waitfor=30)
+            self._break("A worker's initializer failed, the process pool is not usable anymore",
+                        failure)
+            return
+        with self.lock:
+            unwanted = self.broken is not None or self.stopped
+            for w, pid in zip(group, pids):
+                w.pid = pid
+                self.used_pids.add(pid)
+                if unwanted:
+                    w.gone = True
+        if unwanted:
+            self._helper(rmprocs, *pids, waitfor=30)
+            return
+        for w in group:
+            self._flush(w)
+        self.dispatch()
+        self._maybe_steal()
+
+    def _initialize(self, pids: list[int]) -> BaseException | None:
+        """Run ``_init_worker`` on each new worker; the first failure, unwrapped. Only the
+        local workers this executor starts itself are given multiprocessing's authkey."""
+        authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
+        calls = []
+        try:
+            data, bufs = dumps((self.initializer, self.initargs))
+            for pid in pids:
+                calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
+                                        not self.pool_mode))
+            for f in calls:
+                f.fetch()
+        except SerializationError as e:
+            return e.__cause__ or e
+        except BaseException as e:
+            return _unwrap(e, self.tb_class)
+        return None
+
+    def _adopt_pool(self) -> None:
+        """Take the given pool's workers (at the start, and when all known ones died)."""
+        pool = self.given_pool
+        assert pool is not None
+        try:
+            pids = [p for p in pool.workers() if p not in self.used_pids]
+        except Exception:   # the pool's owner is gone
+            pids = []
+        pids = pids[: self.max_workers]
+        if not pids:
+            with self.lock:
+                waiting = bool(self.pending) or self.unfinished > 0
+            if waiting:
+                self._break("Every worker of the given pool has exited, the process pool is not "
+                            "usable anymore", None)
+            return
+        failure = self._initialize(pids)
+        if failure is not None:
+            self._break("A worker's initializer failed, the process pool is not usable anymore",
+                        failure)
+            return
+        with self.lock:
+            for pid in pids:
+                self.used_pids.add(pid)
+                self.workers.append(_Worker(pid, owned=False))
+
+    def _helper(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``fn`` in a thread of its own, waited for by ``shutdown``."""
+        def run() -> None:
+            try:
+                fn(*args, **kwargs)
+            except Exception:
+                pass
+            finally:
+                with self.lock:
+                    self.helpers.discard(t)
+        t = threading.Thread(target=run, name="pydist-executor-helper", daemon=True)
+        with self.lock:
+            t.start()
+            self.helpers.add(t)
+
+    # -- introspection ---------------------------------------------------------------------------
+    def processes(self, wait: float = 60.0) -> dict[int, WorkerProcess]:
+        """The live workers as processes, by OS pid (waiting for those being started)."""
+        deadline = time.monotonic() + wait
+        with self.lock:
+            while self.starter is not None and time.monotonic() < deadline:
+                self.changed.wait(0.05)
+            pids = [w.pid for w in self.workers if w.pid is not None and not w.gone]
+        out = {}
+        for pid in pids:
+            p = WorkerProcess(pid)
+            out[p.pid] = p
+        return out
+
+
+def _on_worker_lost(pid: int) -> None:
+    """A worker died or was removed: executors using it learn now, not at their next send
+    (a pool keeps its size; ``_processes`` stays true)."""
+    for core in list(_live):
+        with core.lock:
+            hit = [w for w in core.workers if w.pid == pid and not w.gone]
+        for w in hit:
+            detail = PGRP.removed.get(pid, "")
+            threading.Thread(target=core._worker_died, args=(w, ProcessExitedException(pid, detail)),
+                             name="pydist-executor-lost", daemon=True).start()
+
+
+PGRP.on_worker_lost.append(_on_worker_lost)

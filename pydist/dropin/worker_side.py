@@ -1,0 +1,214 @@
+"""What runs on the workers, and what travels to them and back.
+
+The master sends a batch as one call, ``_run_batch(fn, packed, pool_mode, key, seq)``:
+
+* ``packed`` (``_Packed``) holds the batch's ``(kind, args, kwargs)`` triples, pickled
+  ahead of the message, so a task whose arguments cannot be unpickled fails alone;
+* ``kind`` says how to call ``fn``: ``CALL`` (``fn(*args, **kwargs)``), ``CHUNK`` (``fn``
+  on each item of a chunk), ``STARCHUNK`` (``fn(*item)`` on each);
+* the reply (``_Results``) is every task's result or ``Failure``, and the seconds the
+  batch took to run, which the master uses to size its windows;
+* ``key`` names the executor and ``seq`` the batch's place on this worker: a batch not
+  started yet may be taken back (``_revoke``), and then answers ``_REVOKED``.
+
+Functions pickled by value are kept here (``_shipped``) once the master has sent them
+whole, and referred to by id afterwards (see ``shipping.py``). A new worker first runs
+``_init_worker``: the multiprocessing authkey, then the user's initializer.
+
+Everything here is pickled by reference (``pydist.dropin.worker_side.<name>``).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from typing import Any, Callable
+
+from ..cluster import PGRP
+from ..dispatch import OpContext, capture, internal_op
+from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, SerializationError
+from ..serialize import dumps, loads
+from ..values import Failure
+
+CALL, CHUNK, STARCHUNK = 0, 1, 2     # how a task calls its function (see _run_batch)
+_REVOKED = "pydist-executor-revoked"
+
+
+class _Packed:
+    """Arguments pickled ahead of the message: unpickled on the worker inside the task, so
+    a failure to unpickle is that task's error, never the connection's."""
+
+    __slots__ = ("data", "bufs")
+
+    def __init__(self, data: Any, *bufs: Any) -> None:
+        self.data, self.bufs = data, bufs
+
+    def __reduce__(self):
+        return (_Packed, (self.data, *self.bufs))
+
+
+class _Results:
+    """A batch's results on their way back: pickled as a whole when possible, else item by
+    item, each item that cannot be pickled replaced by its pickling error."""
+
+    __slots__ = ("values", "elapsed", "pool_mode")
+
+    def __init__(self, values: list, elapsed: float, pool_mode: bool) -> None:
+        self.values, self.elapsed, self.pool_mode = values, elapsed, pool_mode
+
+    def __reduce__(self):
+        try:
+            data, bufs = dumps(self.values)
+        except BaseException:
+            data, bufs = dumps([self._sendable(v) for v in self.values])
+        return (_load_results, (self.elapsed, data, *bufs))
+
+    def _sendable(self, value: Any) -> Any:
+        try:
+            dumps(value)
+            return value
+        except BaseException as e:
+            err = e.__cause__ if isinstance(e, SerializationError) and e.__cause__ else e
+        if self.pool_mode:
+            from multiprocessing.pool import MaybeEncodingError
+            return Failure(MaybeEncodingError(err, value))
+        if type(value) is Failure and isinstance(value.exc, RemoteException):
+            ex, tb = value.exc.captured.ex, value.exc.captured.traceback
+            stand_in = RemoteErrorStandIn(type(ex).__qualname__, str(ex))
+            return Failure(RemoteException(PGRP.myid, CapturedException(stand_in, tb)))
+        return Failure(capture(err))
+
+
+def _load_results(elapsed: float, data: Any, *bufs: Any) -> tuple[Any, float]:
+    """Unpickling a batch's results (on the reader thread): never let an error escape."""
+    try:
+        return loads(data, bufs), elapsed
+    except BaseException as e:
+        return _Undecodable(e), elapsed
+
+
+class _Undecodable:
+    """Results that could not be unpickled here: every task of the batch fails with why."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: Any, seq: int) -> Any:
+    """On a worker: run a batch of tasks of ``fn``; a result or a ``Failure`` for each."""
+    if not _claim(key, seq):
+        return _REVOKED
+    t0 = time.perf_counter()
+    try:
+        calls = loads(packed.data, packed.bufs)
+    except SystemExit as e:
+        # Unpickling the arguments asked the process to exit: it does, as a
+        # multiprocessing worker would (the task fails with ProcessExitedException).
+        from .bootstrap import exit_worker
+        exit_worker(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException as e:
+        return Failure(capture(e))
+    del packed
+    out: list[Any] = []
+    for i in range(len(calls)):
+        kind, args, kwargs = calls[i]
+        calls[i] = None           # let the arguments go as soon as the task is done
+        try:
+            if kind == CALL:
+                out.append(fn(*args, **kwargs))
+            elif kind == CHUNK:
+                out.append([fn(x) for x in args])
+            else:
+                out.append([fn(*a) for a in args])
+        except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
+            out.append(Failure(capture(e)))
+        del args, kwargs
+    return _Results(out, time.perf_counter() - t0, pool_mode)
+
+
+# -- revoking batches that have not started ------------------------------------------------------
+class _Gate:
+    """Per executor on a worker: the last batch started, and batches taken back."""
+
+    __slots__ = ("started", "revoked")
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.revoked: set[int] = set()
+
+
+_gates: dict[Any, _Gate] = {}
+_gates_lock = threading.Lock()
+
+
+def _claim(key: Any, seq: int) -> bool:
+    """May batch ``seq`` run? (No, if it was revoked.) Batches start in the order sent."""
+    with _gates_lock:
+        gate = _gates.get(key)
+        if gate is None:
+            gate = _gates[key] = _Gate()
+        if seq in gate.revoked:
+            gate.revoked.discard(seq)
+            return False
+        if seq > gate.started:
+            gate.started = seq
+        return True
+
+
+@internal_op
+def _revoke(ctx: OpContext, key: Any, seqs: list[int]) -> None:
+    """Take back the batches ``seqs`` that have not started; answer which were taken."""
+    with _gates_lock:
+        gate = _gates.get(key)
+        if gate is None:
+            gate = _gates[key] = _Gate()
+        taken = [s for s in seqs if s > gate.started]
+        gate.revoked.update(taken)
+    ctx.reply(taken)
+
+
+# -- functions shipped once ----------------------------------------------------------------------
+_shipped: dict[tuple[Any, int], Callable[..., Any]] = {}
+
+
+def _fn_store(key: Any, fid: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+    _shipped[(key, fid)] = fn
+    return fn
+
+
+def _fn_lookup(key: Any, fid: int) -> Callable[..., Any]:
+    return _shipped[(key, fid)]
+
+
+def _fn_drop(key: Any, fids: list[int] | None) -> None:
+    """Forget shipped functions (``fids=None``: all of executor ``key``, and its gate)."""
+    if fids is None:
+        for k in [k for k in _shipped if k[0] == key]:
+            del _shipped[k]
+        with _gates_lock:
+            _gates.pop(key, None)
+    else:
+        for fid in fids:
+            _shipped.pop((key, fid), None)
+
+
+def _init_worker(authkey: bytes | None, packed: _Packed, log: bool) -> None:
+    """On a new worker: the master's multiprocessing authkey (so manager proxies passed as
+    arguments connect, as in a multiprocessing child), then the user's initializer
+    (unpickled only now, after the authkey)."""
+    if authkey is not None:
+        multiprocessing.current_process().authkey = authkey
+    initializer, initargs = loads(packed.data, packed.bufs)
+    if initializer is None:
+        return
+    try:
+        initializer(*initargs)
+    except BaseException:
+        if log:
+            logging.getLogger("concurrent.futures").critical("Exception in initializer:",
+                                                             exc_info=True)
+        raise
