@@ -34,6 +34,7 @@ from .worker_side import _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _Und
 MAX_BATCH = 256          # tasks in one message at most
 MAX_AHEAD = 2048         # tasks in flight per worker at most
 AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
+IDLE_CHECK = 0.002        # seconds idle after which a worker's process is checked before a send
 _settling = threading.local()         # set while this thread completes futures
 
 
@@ -69,12 +70,15 @@ class _Dispatching:
         ahead = max(2 * self.rtt, AHEAD_TIME)
         return 1 + min(MAX_AHEAD, int(ahead / max(self.est, 1e-7)))
 
-    def dispatch(self) -> None:
+    def dispatch(self, grow: bool = True) -> None:
+        """Send pending tasks out; ``grow``: start workers where tasks still wait (after a
+        reply that retired no worker, only pending tasks can want one)."""
         while True:
             with self.lock:
                 w = self._pick()
                 if w is None:
-                    self._grow()
+                    if grow or self.pending:
+                        self._grow()
                     break
             self._flush(w)
         if self.fcache.dead:
@@ -175,7 +179,7 @@ class _Dispatching:
             t.sink.pid = w.pid
         batch.sent = time.perf_counter()
         try:
-            if batch.alone and w.exited():
+            if batch.alone and time.monotonic() - w.idle_since > IDLE_CHECK and w.exited():
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
                 raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
@@ -244,8 +248,8 @@ class _Dispatching:
         self._deliver(batch.tasks, values)
         if retire:
             self._retire(w)
-        self.dispatch()
-        if not w.ntasks:
+        self.dispatch(grow=retire)
+        if not w.ntasks and len(self.workers) > 1:
             self._maybe_steal()
 
     def _answered(self, w: _Worker, batch: _Batch) -> bool:
