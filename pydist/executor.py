@@ -106,6 +106,8 @@ class Executor(cf.Executor):
         core = self._core
         future = _Future()
         task = _Task(fn, args, kwargs or _NO_KWARGS, CALL, future)
+        if core.submit_direct(task):
+            return future
         with core.lock:
             core.check_open()
             core.pending.append(task)

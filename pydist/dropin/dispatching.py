@@ -55,6 +55,42 @@ class _Dispatching:
             self._fail_pending()
         self.dispatch()
 
+    def submit_direct(self, task: _Task) -> bool:
+        """Send one task straight to an idle worker when nothing is pending (the common
+        ``submit().result()`` case: no queue, no outbox); False to take the usual way."""
+        with self.lock:
+            self.check_open()
+            if self.pending:
+                return False
+            for w in self.workers:
+                if not w.ntasks and w.pid is not None and not w.retiring and not w.gone:
+                    break
+            else:
+                return False
+            if not w.send_lock.acquire(False):
+                return False
+            task.sink.set_running_or_notify_cancel()   # new: it cannot be cancelled yet
+            task.started = True
+            batch = _Batch([task])
+            self.unfinished += 1
+            w.ntasks = 1
+            w.assigned += 1
+            if self.max_tasks is not None and w.assigned >= self.max_tasks:
+                w.retiring = True
+            w.seq += 1
+            batch.seq = w.seq
+            batch.alone = not w.batches
+            w.batches.append(batch)
+        try:
+            self._send(w, batch)
+        finally:
+            w.send_lock.release()
+        if w.outbox:        # queued meanwhile by a thread that found the send lock taken
+            self._flush(w)
+        if self.fcache.dead:
+            self._drop_dead_functions()
+        return True
+
     def _fail_pending(self) -> None:
         with self.lock:
             doomed = list(self.pending)
@@ -248,7 +284,8 @@ class _Dispatching:
         self._deliver(batch.tasks, values)
         if retire:
             self._retire(w)
-        self.dispatch(grow=retire)
+        if retire or self.pending:    # (a hint: whoever adds to pending dispatches too)
+            self.dispatch(grow=retire)
         if not w.ntasks and len(self.workers) > 1:
             self._maybe_steal()
 
