@@ -176,6 +176,28 @@ def test_arbitrary_bytes_only_decode_error(chunks, max_frame):
         pass
 
 
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=st.binary(min_size=3, max_size=200))
+def test_ten_thousand_hostile_streams_only_decode_error_or_need_data(raw):
+    """Any stream, fed in two pieces: whole frames within the limit, NEED_DATA, or
+    DecodeError (after which the decoder stays failed); never another exception.
+
+    One draw per example keeps 10,000 of them fast: byte 0 gives the limit (0-63) and
+    whether the stream opens with an honest header for a frame of byte 2 bytes; byte 1
+    says where the stream is cut; the rest is the stream."""
+    limit, cut, size, rest = raw[0] & 0x3F, raw[1], raw[2], raw[3:]
+    data = frame_header(min(size, len(rest))) + rest if raw[0] & 0x80 else rest
+    dec = FrameDecoder(max_frame=limit)
+    try:
+        for piece in (data[:cut], data[cut:]):
+            dec.feed(piece)
+            while (frame := dec.next_frame()) is not NEED_DATA:
+                assert isinstance(frame, memoryview) and len(frame) <= limit
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            dec.next_frame()
+
+
 # ---------------------------------------------------------------------------- messages
 
 HEADERS = [NULL_HEADER, MsgHeader(RRID(1, 2), RRID(3, 4)), MsgHeader(RRID(2**32 - 1, 2**64 - 1)),

@@ -290,6 +290,122 @@ def test_random_scribbles_never_escape(pokes, send_first):
         b.abort()
 
 
+# A peer process of our own uid that writes what it likes into the segment it created: each
+# command line is applied to its newest connection, then answered with "done".
+SCRIBBLER = """
+import struct, sys
+from pydist.shm.transport import connect_shm
+t = None
+for line in sys.stdin:
+    cmd, *args = line.split()
+    n = [int(a) for a in args]
+    if cmd == "connect":
+        t = connect_shm(sys.argv[1], 30, capacity=int(sys.argv[2]))
+    elif cmd == "fill":  # offset, length, byte
+        t._seg.buf[n[0]:n[0] + n[1]] = bytes([n[2]]) * n[1]
+    elif cmd == "poke":  # offset, u64 value
+        struct.pack_into("<Q", t._seg.buf, n[0], n[1])
+    elif cmd == "abort":
+        t.abort()
+    print("done", flush=True)
+"""
+RING0, OUTSIDE = 0xAB, 0xCD  # the byte in the data the reader may read, and everywhere else
+
+
+class Scribbler:
+    """The scribbling peer process and our end of each connection it makes."""
+
+    def __init__(self, listener: shm.ShmListener) -> None:
+        self.listener = listener
+        self.proc = child(SCRIBBLER, listener.address, str(SMALL))
+
+    def do(self, *command: object) -> None:
+        self.proc.stdin.write((" ".join(map(str, command)) + "\n").encode())
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer == b"done\n", self.proc.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the peer's loop ends
+        try:
+            self.proc.wait(STEP)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(STEP)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+    def connect(self) -> shm.ShmTransport:
+        """A fresh connection, its ring 0 data all RING0 and the bytes around it OUTSIDE."""
+        accepting = Bg(self.listener.accept)
+        self.do("connect")
+        ours = accepting.result()
+        ours.max_frame = 1 << 20
+        self.do("fill", CTL0 + 2 * ring.CTL_SIZE, layout.DATA_OFFSET - CTL0 - 2 * ring.CTL_SIZE,
+                OUTSIDE)
+        self.do("fill", layout.DATA_OFFSET, SMALL, RING0)
+        self.do("fill", layout.DATA_OFFSET + SMALL, SMALL, OUTSIDE)  # ring 1's data
+        return ours
+
+
+def test_a_peer_process_scribbling_on_the_ring_cannot_make_us_read_outside_it():
+    """Random frame lengths and write counters from another process: the reader returns a
+    frame made only of ring 0's bytes, within its limit, or raises TransportError."""
+    rng = random.Random(11)
+    outcomes = {"frame": 0, "error": 0}
+    with shm.ShmListener() as listener:
+        peer = Scribbler(listener)
+        try:
+            for case in range(40):
+                ours = peer.connect()
+                try:
+                    length = rng.choice([rng.randrange(SMALL), rng.randrange(3 * SMALL),
+                                         rng.randrange(2**64)])
+                    head = rng.choice([rng.randrange(SMALL + 1), rng.randrange(2**64)])
+                    peer.do("poke", layout.DATA_OFFSET, length)
+                    peer.do("poke", word(ring.HEAD), head)
+                    receiving = Bg(ours.recv_frame)
+                    receiving._thread.join(0.05)
+                    peer.do("abort")  # ends a legitimate wait for bytes that never come
+                    try:
+                        frame = receiving.result(5.0)
+                    except TransportError:
+                        outcomes["error"] += 1
+                        continue
+                    outcomes["frame"] += 1
+                    assert len(frame) == length <= ours.max_frame, (case, length, head)
+                    assert set(bytes(frame)) <= {RING0}, f"case {case}: read outside ring 0's data"
+                finally:
+                    ours.abort()
+        finally:
+            peer.close()
+    assert outcomes["frame"] and outcomes["error"], outcomes  # both kinds of case happened
+
+
+@pytest.mark.parametrize("pokes", [
+    [(word(ring.HEAD), 10**12)],                                  # more than the ring holds
+    [(layout.DATA_OFFSET, 2**62), (word(ring.HEAD), 8)],          # a length past any limit
+    [(layout.DATA_OFFSET, 2**64 - 1), (word(ring.HEAD), 8)],
+    [(word(ring.WRITER_CLOSED), 12345)],                          # a closed flag that is not 1
+], ids=["head_far", "length_huge", "length_max", "closed_flag"])
+def test_a_peer_process_scribbling_on_the_counters_breaks_the_connection(pokes):
+    with shm.ShmListener() as listener:
+        peer = Scribbler(listener)
+        try:
+            ours = peer.connect()
+            try:
+                for offset, value in pokes:
+                    peer.do("poke", offset, value)
+                with pytest.raises(TransportBroken, match="corrupt|limit|closed flag"):
+                    Bg(ours.recv_frame).result(5.0)
+                assert ours.closed
+            finally:
+                ours.abort()
+        finally:
+            peer.close()
+
+
 # -- two processes ------------------------------------------------------------------------------
 
 ECHO = """

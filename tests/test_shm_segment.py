@@ -99,6 +99,85 @@ def test_mode_is_0600_under_umask_000():
     assert out.stdout.split() == ["0o600", "0o600"]
 
 
+MODES_OF_A_CONNECTION = (
+    "import os, stat, threading\n"
+    "os.umask(0)\n"
+    "from pydist.shm import rendezvous\n"
+    "made, modes = rendezvous.new_segment, []\n"
+    "def noting(capacity):\n"
+    "    s = made(capacity)\n"  # before the names are handed over and unlinked
+    "    paths = ['/dev/shm/' + s.name[1:]] + ['/dev/shm/sem.' + n[1:] for n in s.sem_names]\n"
+    "    modes.extend(oct(stat.S_IMODE(os.stat(p).st_mode)) for p in paths)\n"
+    "    return s\n"
+    "rendezvous.new_segment = noting\n"
+    "with rendezvous.ShmListener() as listener:\n"
+    "    box = []\n"
+    "    th = threading.Thread(target=lambda: box.append(listener.accept()))\n"
+    "    th.start()\n"
+    "    dialed = rendezvous.connect_shm(listener.address, 30)\n"
+    "    th.join(30)\n"
+    "    dialed.close(); box[0].close()\n"
+    "print(' '.join(modes))\n"
+)
+
+
+def test_a_connections_segment_and_all_its_semaphores_are_0600_under_umask_000():
+    out = subprocess.run([sys.executable, "-c", MODES_OF_A_CONNECTION], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0o600"] * 7  # the segment and six semaphores
+
+
+def squat(path: str) -> None:
+    """What another process of ours could leave under a name: a plain file anyone may use."""
+    with open(path, "x") as f:
+        f.write("squatter")
+    os.chmod(path, 0o666)
+
+
+def untouched(path: str) -> bool:
+    with open(path) as f:
+        return f.read() == "squatter" and os.stat(path).st_mode & 0o777 == 0o666
+
+
+def test_a_squatted_semaphore_name_is_passed_over(monkeypatch, no_leftovers):
+    taken = seg.new_name()
+    squat(sem_file(taken))
+    names = iter([seg.new_name(), taken])  # the segment's name, then the squatted one
+    real = seg.new_name
+    monkeypatch.setattr(seg, "new_name", lambda: next(names, None) or real())
+    try:
+        s = Segment.create(4096, [0, 0])
+        try:
+            assert taken not in s.sem_names and len(set(s.sem_names)) == 2
+            assert untouched(sem_file(taken))
+        finally:
+            s.unlink()
+            s.close()
+    finally:
+        os.remove(sem_file(taken))
+
+
+def test_every_name_squatted_is_an_error_and_leaves_the_squatter_alone(monkeypatch):
+    taken = seg.new_name()
+    for path in (shm_file(taken), sem_file(taken)):
+        squat(path)
+    monkeypatch.setattr(seg, "new_name", lambda: taken)
+    try:
+        with pytest.raises(SegmentError, match="fresh name"):
+            Segment.create(4096, [0])
+        assert untouched(shm_file(taken)) and untouched(sem_file(taken))
+        os.remove(shm_file(taken))  # a free segment name now; every semaphore name squatted
+        with pytest.raises(SegmentError, match="fresh name"):
+            Segment.create(4096, [0])
+        assert not os.path.exists(shm_file(taken))  # the half-made segment was removed
+        assert untouched(sem_file(taken))
+    finally:
+        for path in (shm_file(taken), sem_file(taken)):
+            if os.path.exists(path):
+                os.remove(path)
+
+
 def test_attach_sees_the_same_memory_and_semaphores(segment):
     other = Segment.attach(segment.name, segment.sem_names, segment.size)
     try:
