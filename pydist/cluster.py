@@ -29,7 +29,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import encode_message
-from .errors import ProcessExitedException, TransportError
+from .errors import ProcessExitedException, TransportError, describe_exit
 from .messages import RRID, Message, MsgHeader
 from .tasks import TaskRunner
 from .values import Failure, RemoteValue
@@ -190,8 +190,21 @@ class ProcessGroup:
         try:
             t.send_frame(parts)   # type: ignore[union-attr]
         except TransportError as e:
-            self.worker_lost(w, f"lost its connection ({e})")
+            # The peer died: say how, as the reader would (it may not have noticed yet).
+            self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({e})")
             raise ProcessExitedException(pid, w.detail) from None
+
+    @staticmethod
+    def exit_detail(w: Worker) -> str:
+        """How a local worker process ended, when its handle can tell (within half a second)."""
+        proc = getattr(w.config, "process", None) if w.config is not None else None
+        if proc is None or not hasattr(proc, "wait"):
+            return ""
+        try:
+            code = proc.wait(timeout=0.5)
+        except Exception:
+            return ""
+        return f"(pid {getattr(proc, 'pid', None)}) {describe_exit(code)}"
 
     # -- reply waiters --------------------------------------------------------------
     def expect_reply(self, pid: int) -> tuple[RRID, RemoteValue]:

@@ -254,7 +254,9 @@ def decode_message(frame: Buffer) -> tuple[MsgHeader, Message]:
     buffers = [view[start:end] for start, end in spans]
     try:
         fields = serialize.loads(view[body_at:body_at + body_len], buffers)
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:   # SystemExit from a __reduce__ too: it is the message's failure
         raise BodyDecodeError(f"the body of a {kind.__name__} could not be unpickled: "
                               f"{type(e).__name__}: {e}", header, kind) from e
     if type(fields) is not tuple or len(fields) != _NFIELDS[tag]:

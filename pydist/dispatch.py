@@ -17,8 +17,7 @@ from typing import Any, Callable
 from .cluster import PGRP, W_TERMINATED, Worker
 from .codec import decode_message
 from .errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
-                     RemoteException, SerializationError, TransportBroken, TransportClosed,
-                     describe_exit)
+                     RemoteException, SerializationError, TransportBroken, TransportClosed)
 from .messages import (CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader, RemoteDoMsg,
                        ResultMsg, RRID)
 from .inbox import Inbox
@@ -58,7 +57,7 @@ def reply(pid: int, rrid: RRID, value: Any) -> None:
     try:
         try:
             PGRP.send(pid, header, ResultMsg(value))
-        except SerializationError as e:
+        except (SerializationError, SystemExit) as e:   # SystemExit: from a __reduce__
             PGRP.send(pid, header, ResultMsg(Failure(capture(e))))
     except (ProcessExitedException, ValueError):
         pass
@@ -202,22 +201,9 @@ def _lost(w: Worker, detail: str) -> None:
     """Turn the end of ``w``'s connection into ``ProcessExitedException`` for its waiters."""
     if w.state == W_TERMINATED or w.inbox is None or w.inbox.w is not w:
         return
-    detail = _exit_detail(w) or detail
+    detail = PGRP.exit_detail(w) or detail
     busy = " while running a call" if PGRP.waits_on(w.id) else ""
     PGRP.worker_lost(w, detail + busy)
-
-
-def _exit_detail(w: Worker) -> str:
-    """How a local worker process ended, when its handle can tell (within half a second)."""
-    proc = getattr(w.config, "process", None) if w.config is not None else None
-    if proc is None or not hasattr(proc, "wait"):
-        return ""
-    try:
-        code = proc.wait(timeout=0.5)
-    except Exception:
-        return ""
-    ospid = getattr(proc, "pid", None)
-    return f"(pid {ospid}) {describe_exit(code)}"
 
 
 def start_serving(w: Worker) -> Inbox:

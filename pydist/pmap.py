@@ -70,7 +70,7 @@ class _ChunkResult:
         values, nfail = self.values, self.nfail
         try:
             data, buffers = serialize.dumps(values)
-        except SerializationError:
+        except (SerializationError, SystemExit):
             values = [_picklable_or_failure(v) for v in values]
             nfail = sum(type(v) is Failure for v in values)
             data, buffers = serialize.dumps(values)
@@ -81,7 +81,7 @@ class _ChunkResult:
 def _picklable_or_failure(v: Any) -> Any:
     try:
         serialize.dumps(v)
-    except SerializationError as e:
+    except (SerializationError, SystemExit) as e:
         return Failure(capture(e))
     return v
 

@@ -286,7 +286,7 @@ class _Dispatching:
             self._retire(w)
         if retire or self.pending:    # (a hint: whoever adds to pending dispatches too)
             self.dispatch(grow=retire)
-        if not w.ntasks and len(self.workers) > 1:
+        if not w.ntasks and any(len(o.batches) > 1 for o in self.workers):   # (a hint)
             self._maybe_steal()
 
     def _answered(self, w: _Worker, batch: _Batch) -> bool:
@@ -360,7 +360,7 @@ class _Dispatching:
     def _finished(self, n: int) -> None:
         with self.lock:
             self.unfinished -= n
-            if self.unfinished <= 0:
+            if self.unfinished <= 0 and self.changed._waiters:   # (skip the call when none wait)
                 self.changed.notify_all()
 
     def _requeue(self, tasks: list[_Task], solo: bool = False) -> None:

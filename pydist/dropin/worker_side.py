@@ -107,7 +107,7 @@ def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: An
     except SystemExit as e:
         # Unpickling the arguments asked the process to exit: it does, as a
         # multiprocessing worker would (the task fails with ProcessExitedException).
-        from .bootstrap import exit_worker
+        from ..bootstrap import exit_worker
         exit_worker(e.code if isinstance(e.code, int) else 1)
         raise
     except BaseException as e:
