@@ -32,10 +32,10 @@ DEATH_TEXT = {"os_exit": "exited with status 3", "segfault": "was killed by SIGS
               "sigkill": "was killed by SIGKILL", "sys_exit": "exited with status 3"}
 # A worker that dies while it starts: what addprocs' LaunchError says.
 LAUNCH_TEXT = {"exception": "ValueError: fault-matrix: addprocs",
-               "sys_exit": "exited with status 3 before it was ready",
-               "os_exit": "exited with status 3 before it was ready",
-               "segfault": "exited with status -11 before it was ready",
-               "sigkill": "exited with status -9 before it was ready",
+               "sys_exit": "before it was ready: it exited with status 3",
+               "os_exit": "before it was ready: it exited with status 3",
+               "segfault": "before it was ready: it was killed by SIGSEGV",
+               "sigkill": "before it was ready: it was killed by SIGKILL",
                "unpicklable": "No module named 'pydist.bootstrap'"}
 UNPICKLABLE_TEXT = {"pickle_call": "cannot pickle '_thread.lock' object",
                     "unpickle_call": "No module named 'faultkit_master_only'",

@@ -14,10 +14,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
-from ..errors import LaunchError
+from ..errors import LaunchError, describe_exit
 from .base import ClusterManager, WorkerConfig, parse_contact_line
 
 __all__ = ["LocalManager"]
@@ -151,7 +150,7 @@ def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
         raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s")
     code = proc.wait(5)
     tail = "".join(seen[-20:]).strip()
-    raise LaunchError(f"local worker (pid {proc.pid}) exited with status {code} before it was ready"
+    raise LaunchError(f"local worker (pid {proc.pid}) stopped before it was ready: it {describe_exit(code)}"
                       + (f"; its output:\n{tail}" if tail else ""))
 
 
