@@ -45,6 +45,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
                  tb_class: type = _RemoteTraceback) -> None:
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
+        self.init_packed: tuple[bytes, list] | None = None
         self.max_tasks = max_tasks
         self.transport = transport
         self.given_pool = pool

@@ -145,6 +145,12 @@ class _Staffing:
 
     def _start_group(self, group: list[_Worker]) -> None:
         try:
+            self._init_payload()    # an initializer that cannot be pickled needs no worker
+        except SerializationError as e:
+            self._break("A worker's initializer failed, the process pool is not usable anymore",
+                        e.__cause__ or e)
+            return
+        try:
             with _addprocs_lock:
                 pids = addprocs(len(group), transport=self.transport)
         except BaseException as e:
@@ -174,13 +180,20 @@ class _Staffing:
         self.dispatch()
         self._maybe_steal()
 
+    def _init_payload(self) -> tuple[bytes, list]:
+        """The initializer and its arguments, pickled once (SerializationError if they
+        cannot be)."""
+        if self.init_packed is None:
+            self.init_packed = dumps((self.initializer, self.initargs))
+        return self.init_packed
+
     def _initialize(self, pids: list[int]) -> BaseException | None:
         """Run ``_init_worker`` on each new worker; the first failure, unwrapped. Only the
         local workers this executor starts itself are given multiprocessing's authkey."""
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
         try:
-            data, bufs = dumps((self.initializer, self.initargs))
+            data, bufs = self._init_payload()
             for pid in pids:
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
                                         not self.pool_mode))
