@@ -9,9 +9,10 @@ prints ``begin`` when the phase starts and ``end`` when it is over. The test wai
 children (a frozen process cannot start another), and kills it. A kill that came after
 ``end`` missed the phase: it is retried with a shorter delay.
 
-Known gap: a master killed while it hands a new connection's segment to a worker leaves the
-segment and its semaphores in /dev/shm (``test_master_killed_while_handing_over_a_segment``,
-an expected failure until the handover needs no names).
+A master killed while it hands a new connection's segment to a worker (the segment and its
+semaphores exist under names, and the worker has not opened them yet) leaves nothing either:
+the worker was told the names before they were made, and removes them
+(``test_master_killed_while_handing_over_a_segment``).
 """
 from __future__ import annotations
 
@@ -106,12 +107,12 @@ MASTER = textwrap.dedent("""
         say("begin")
         ex.shutdown(wait=True)
         say("end")
-    elif phase == "handover":  # stops the master after it made a segment, before the offer
+    elif phase == "handover":  # stops the master after it made a segment, before "ready"
         from pydist.shm import rendezvous
         made = rendezvous.new_segment
 
-        def held(capacity):
-            created = made(capacity)
+        def held(*args):
+            created = made(*args)
             say("begin")
             time.sleep(60)
             return created
@@ -273,11 +274,6 @@ def noted(tmp_path):
                 os.remove(path)
 
 
-HANDOVER_LEAK = ("the master creates a connection's segment and semaphores under names that "
-                 "only the worker's attach removes; a master killed in between (creation, "
-                 "pre-faulting 8 MiB, the offer, the worker's attach) leaves them in /dev/shm")
-
-
 @pytest.mark.parametrize("phase", list(PHASES))
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_master_sigkill_mid_phase_leaves_no_worker_and_no_segment(transport, phase, tmp_path,
@@ -290,30 +286,29 @@ def test_master_sigkill_mid_phase_leaves_no_worker_and_no_segment(transport, pha
           f"after the master was {where}")
     if phase != "addprocs":
         assert kill.children, "the master had no worker processes when it was killed"
-    wait_until(lambda: not _alive_names(noted()), 2)
-    if _alive_names(noted()):
-        # Names the master made that no worker attached to (a worker unlinks them as it
-        # attaches): the kill came while the master was adding a worker (addprocs, or a
-        # drop-in starting one on demand). test_master_killed_while_handing_over_a_segment
-        # pins this down; a random kill lands there now and then.
-        pytest.xfail(f"{HANDOVER_LEAK}: {_alive_names(noted())} ({where})")
+    # A kill while the master hands a segment to a new worker (addprocs, or a drop-in
+    # starting one on demand) leaves names that the worker, told of them first, removes.
+    assert wait_until(lambda: not _alive_names(noted()), 2), \
+        f"/dev/shm still holds {_alive_names(noted())}, names the master made ({where})"
     assert wait_until(lambda: shm_entries() <= before, 5), \
         f"/dev/shm left: {sorted(shm_entries() - before)} ({where})"
 
 
 @pytest.mark.skipif("shm" not in TRANSPORTS, reason="needs the shared-memory transport")
-@pytest.mark.xfail(strict=True, reason=HANDOVER_LEAK)
 def test_master_killed_while_handing_over_a_segment(tmp_path, noted):
+    """The master dies after creating a new connection's segment and semaphores, before the
+    worker opened them: the worker, which was told the names first, removes all seven."""
     script = tmp_path / "master.py"
     script.write_text(MASTER)
     master = Master(script, "shm", "handover", tmp_path / "names-0")
     try:
         master.expect("begin")
+        made = _alive_names(noted())
         children, killed_at = master.kill()
         elapsed = _time_to_exit(children, killed_at)
     finally:
         master.close()
     assert len(children) == 1 and elapsed < EXIT_BOUND, f"{children} still up after {elapsed:.1f} s"
-    assert len(noted()) == 7  # the segment and its six semaphores
-    wait_until(lambda: not _alive_names(noted()), 2)
-    assert not _alive_names(noted()), f"/dev/shm still holds {_alive_names(noted())}"
+    assert len(made) == len(noted()) == 7  # the segment and its six semaphores existed
+    assert wait_until(lambda: not _alive_names(noted()), 2), \
+        f"/dev/shm still holds {_alive_names(noted())}"

@@ -104,8 +104,8 @@ MODES_OF_A_CONNECTION = (
     "os.umask(0)\n"
     "from pydist.shm import rendezvous\n"
     "made, modes = rendezvous.new_segment, []\n"
-    "def noting(capacity):\n"
-    "    s = made(capacity)\n"  # before the names are handed over and unlinked
+    "def noting(*args):\n"
+    "    s = made(*args)\n"  # before the names are handed over and unlinked
     "    paths = ['/dev/shm/' + s.name[1:]] + ['/dev/shm/sem.' + n[1:] for n in s.sem_names]\n"
     "    modes.extend(oct(stat.S_IMODE(os.stat(p).st_mode)) for p in paths)\n"
     "    return s\n"
@@ -151,6 +151,29 @@ def test_a_squatted_semaphore_name_is_passed_over(monkeypatch, no_leftovers):
         try:
             assert taken not in s.sem_names and len(set(s.sem_names)) == 2
             assert untouched(sem_file(taken))
+        finally:
+            s.unlink()
+            s.close()
+    finally:
+        os.remove(sem_file(taken))
+
+
+def test_a_plans_names_are_used_and_a_replacement_is_announced_before_it_exists():
+    taken = seg.new_name()
+    squat(sem_file(taken))
+    heard = []
+
+    def on_replace(old: str, fresh: str) -> None:
+        heard.append((old, fresh, exists(fresh)))
+    plan = seg.NamePlan(2, on_replace)
+    plan.sems[1] = taken
+    planned = [plan.shm, plan.sems[0]]
+    try:
+        s = Segment.create(4096, [0, 0], plan)
+        try:
+            assert [s.name, s.sem_names[0]] == planned  # created under the planned names
+            assert heard == [(taken, s.sem_names[1], False)]  # told first, created after
+            assert plan.names == [s.name, *s.sem_names] and untouched(sem_file(taken))
         finally:
             s.unlink()
             s.close()
@@ -253,15 +276,16 @@ def test_semaphore_failure_leaves_nothing(monkeypatch, no_leftovers):
     calls = []
     real = seg._create_sem
 
-    def failing(initial: int):
+    def failing(plan, index: int, initial: int):
         if calls:
             raise OSError(errno.EMFILE, "Too many open files")
         calls.append(1)
-        return real(initial)
+        return real(plan, index, initial)
     monkeypatch.setattr(seg, "_create_sem", failing)
     with pytest.raises(OSError, match="Too many"):
         Segment.create(4096, [0, 0, 0])
-    assert len(no_leftovers) == 2  # the segment and one semaphore, both removed
+    # Every name is picked first; the segment and one semaphore were made, and removed.
+    assert len(no_leftovers) == 4 and calls == [1]
 
 
 def test_without_posix_fallocate_falls_back_to_ftruncate(monkeypatch):

@@ -25,8 +25,8 @@ from .ring import CTL_SIZE, WRITER_CPU, RingReader, RingWriter
 from .placement import Placement
 from .wait import LinkState, Waiter
 
-__all__ = ["DEFAULT_CAPACITY", "MAX_CAPACITY", "DATA_OFFSET", "SEMS_PER_RING", "make_ends",
-           "new_segment", "segment_size", "check_capacity", "check_header"]
+__all__ = ["DEFAULT_CAPACITY", "MAX_CAPACITY", "DATA_OFFSET", "SEMS_PER_RING", "SEM_COUNT",
+           "make_ends", "new_segment", "segment_size", "check_capacity", "check_header"]
 
 # Per direction. 1, 4 and 16 MiB rings moved 128 MiB equally fast here (within noise), but a
 # connection costs 2, 11 and 48 ms to set up (the pages are reserved and pre-faulted) and
@@ -35,6 +35,7 @@ DEFAULT_CAPACITY = 4 << 20
 MAX_CAPACITY = 1 << 30
 DATA_OFFSET = 4096
 SEMS_PER_RING = (0, 0, 1)  # initial values: data, space, mutex
+SEM_COUNT = 2 * len(SEMS_PER_RING)
 _CTL_OFFSET = 64
 _MAGIC = int.from_bytes(b"PYDSHM02", "little")
 _HEADER = struct.Struct("<QQ")
@@ -61,9 +62,11 @@ def check_header(segment: seg.Segment) -> int:
     return capacity
 
 
-def new_segment(capacity: int) -> seg.Segment:
-    """A fresh segment (and its semaphores) with rings of ``capacity`` bytes."""
-    segment = seg.Segment.create(segment_size(check_capacity(capacity)), SEMS_PER_RING * 2)
+def new_segment(capacity: int, names: seg.NamePlan | None = None) -> seg.Segment:
+    """A fresh segment (and its semaphores) with rings of ``capacity`` bytes, under the
+    names of ``names`` (``SEM_COUNT`` semaphores; fresh names if None)."""
+    segment = seg.Segment.create(segment_size(check_capacity(capacity)), SEMS_PER_RING * 2,
+                                 names)
     _HEADER.pack_into(segment.buf, 0, _MAGIC, capacity)
     return segment
 

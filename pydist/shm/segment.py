@@ -1,10 +1,11 @@
 """POSIX shared memory and named semaphores for one connection, created safely.
 
 A ``Segment`` is one shared-memory object mapped into this process plus a few named
-semaphores. The dialing side calls ``Segment.create`` and tells the peer the names (over the
-rendezvous socket), the peer calls ``Segment.attach``, and then both ``unlink`` the names:
-from then on the objects live only as long as somebody has them mapped or open, so a
-``kill -9`` of every process leaves nothing behind in ``/dev/shm``.
+semaphores. The dialing side picks the names first (a ``NamePlan``) and announces them to
+the peer before anything exists, then calls ``Segment.create``; the peer calls
+``Segment.attach`` and both ``unlink`` the names (``handover.py`` says who answers for them
+until then). From then on the objects live only as long as somebody has them mapped or
+open, so a ``kill -9`` of every process leaves nothing behind in ``/dev/shm``.
 
 Names are ``/pydist-`` plus 64 random bits from ``secrets`` (16 hex digits, 24 characters:
 short enough for macOS's 31-character limit). They are never derived from a pid or a
@@ -23,11 +24,12 @@ import os
 import re
 import secrets
 import stat
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import posix_ipc
 
-__all__ = ["PREFIX", "Segment", "SegmentError", "new_name", "valid_name"]
+__all__ = ["PREFIX", "NamePlan", "Segment", "SegmentError", "new_name", "unlink_names",
+           "valid_name"]
 
 PREFIX = "/pydist-"
 _NAME_RE = re.compile(r"/pydist-[0-9a-f]{16,64}\Z")
@@ -48,6 +50,56 @@ def new_name() -> str:
 def valid_name(name: str) -> bool:
     """True if ``name`` has the form that ``new_name`` produces (checked before attaching)."""
     return isinstance(name, str) and _NAME_RE.match(name) is not None
+
+
+class NamePlan:
+    """The names of one segment and its semaphores, picked before any object is created.
+
+    ``shm`` names the segment, ``sems`` the semaphores in creation order. A name found taken
+    at creation (64 random bits collided, or something squats on it) is replaced by a fresh
+    one; ``on_replace(taken, fresh)`` hears of it first, so a peer that was told the old
+    names can follow before the fresh one exists.
+    """
+
+    def __init__(self, sem_count: int,
+                 on_replace: Callable[[str, str], None] | None = None) -> None:
+        self.shm = new_name()
+        self.sems = [new_name() for _ in range(sem_count)]
+        self._on_replace = on_replace
+
+    @property
+    def names(self) -> list[str]:
+        """Every name, the segment's first."""
+        return [self.shm, *self.sems]
+
+    def replace(self, index: int) -> str:
+        """Give ``names[index]`` a fresh name (announced first) and return it."""
+        fresh = new_name()
+        if self._on_replace is not None:
+            self._on_replace(self.names[index], fresh)
+        if index == 0:
+            self.shm = fresh
+        else:
+            self.sems[index - 1] = fresh
+        return fresh
+
+
+def unlink_names(shm_name: str, sem_names: Iterable[str]) -> None:
+    """Remove a segment's name and its semaphores' names.
+
+    Only names of pydist's own form are touched (ValueError otherwise, before any unlink).
+    A name already gone is passed over, and so is one we may not remove (another user's
+    object: /dev/shm is sticky).
+    """
+    sem_names = list(sem_names)
+    for name in (shm_name, *sem_names):
+        if not valid_name(name):
+            raise ValueError(f"refusing to unlink {name!r}: not a pydist object name")
+    for unlink, name in ((_unlink_shm, shm_name), *((_unlink_sem, n) for n in sem_names)):
+        try:
+            unlink(name)
+        except posix_ipc.PermissionsError:
+            pass
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -90,12 +142,17 @@ def _check_sem_file(name: str) -> None:
     _check_owner(st, f"semaphore {name}")
 
 
-def _create_sem(initial: int) -> posix_ipc.Semaphore:
-    for _ in range(_CREATE_ATTEMPTS):
+def _create_sem(plan: NamePlan, index: int, initial: int) -> posix_ipc.Semaphore:
+    """Semaphore ``index`` of ``plan``, created exclusively under its planned name."""
+    name = plan.sems[index]
+    for attempt in range(_CREATE_ATTEMPTS):
+        if attempt:
+            # 64 random bits collided (or someone squats the name): pick another
+            name = plan.replace(1 + index)
         try:
-            sem = posix_ipc.Semaphore(new_name(), posix_ipc.O_CREX, 0o600, initial)
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, initial)
         except posix_ipc.ExistentialError:
-            continue  # 64 random bits collided (or someone squats the name): pick another
+            continue
         try:
             os.chmod(_sem_path(sem.name), 0o600)  # a strange umask may have removed bits
         except FileNotFoundError:
@@ -104,10 +161,14 @@ def _create_sem(initial: int) -> posix_ipc.Semaphore:
     raise SegmentError("could not create a semaphore with a fresh name")
 
 
-def _create_shm(size: int) -> posix_ipc.SharedMemory:
-    for _ in range(_CREATE_ATTEMPTS):
+def _create_shm(plan: NamePlan, size: int) -> posix_ipc.SharedMemory:
+    """The segment of ``plan``, created exclusively under its planned name."""
+    name = plan.shm
+    for attempt in range(_CREATE_ATTEMPTS):
+        if attempt:
+            name = plan.replace(0)
         try:
-            shm = posix_ipc.SharedMemory(new_name(), posix_ipc.O_CREX, 0o600, 0)
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, 0o600, 0)
         except posix_ipc.ExistentialError:
             continue
         try:
@@ -165,16 +226,22 @@ class Segment:
         return [s.name for s in self.sems]
 
     @classmethod
-    def create(cls, size: int, initial_values: Sequence[int]) -> Segment:
-        """Create a fresh object of ``size`` bytes and one semaphore per initial value."""
+    def create(cls, size: int, initial_values: Sequence[int],
+               names: NamePlan | None = None) -> Segment:
+        """Create a fresh object of ``size`` bytes and one semaphore per initial value,
+        under the names of ``names`` (fresh ones if None)."""
         if size <= 0:
             raise ValueError(f"segment size must be positive, not {size}")
-        shm = _create_shm(size)
+        plan = NamePlan(len(initial_values)) if names is None else names
+        if len(plan.sems) != len(initial_values):
+            raise ValueError(f"{len(plan.sems)} semaphore names for {len(initial_values)} "
+                             "semaphores")
+        shm = _create_shm(plan, size)
         sems: list[posix_ipc.Semaphore] = []
         try:
             buf = _map(shm.fd, size)
-            for value in initial_values:
-                sems.append(_create_sem(value))
+            for index, value in enumerate(initial_values):
+                sems.append(_create_sem(plan, index, value))
         except BaseException:
             _discard(shm.name, sems)
             raise
@@ -183,8 +250,13 @@ class Segment:
         return cls(shm.name, sems, buf, size)
 
     @classmethod
-    def attach(cls, shm_name: str, sem_names: Sequence[str], size: int) -> Segment:
-        """Open objects another process of our own uid created; check before mapping."""
+    def attach(cls, shm_name: str, sem_names: Sequence[str], size: int, *,
+               opened: Callable[[], None] | None = None) -> Segment:
+        """Open objects another process of our own uid created; check before mapping.
+
+        ``opened`` is called once every object is open and checked, before the mapping
+        (which pre-faults every page, the slow part): the moment the names may go.
+        """
         for name in (shm_name, *sem_names):
             if not valid_name(name):
                 raise SegmentError(f"refusing to attach to {name!r}: not a pydist object name")
@@ -192,20 +264,24 @@ class Segment:
             shm = posix_ipc.SharedMemory(shm_name, 0)
         except posix_ipc.ExistentialError as exc:
             raise SegmentError(f"shared-memory object {shm_name} is gone: {exc}") from None
+        sems: list[posix_ipc.Semaphore] = []
         try:
             st = os.fstat(shm.fd)
             _check_owner(st, f"shared-memory object {shm_name}")
             if st.st_size < size:
                 raise SegmentError(f"shared-memory object {shm_name} has {st.st_size} bytes, "
                                    f"{size} were promised")
-            buf = _map(shm.fd, size)
+            for name in sem_names:
+                sems.append(_open_sem(name))
+            if opened is not None:
+                opened()
+            buf = _map(shm.fd, size)  # an unlinked object's descriptor still maps it
+        except BaseException:
+            for sem in sems:
+                sem.close()
+            raise
         finally:
             shm.close_fd()
-        try:
-            sems = [_open_sem(name) for name in sem_names]
-        except BaseException:
-            buf.close()
-            raise
         return cls(shm_name, sems, buf, size)
 
     def unlink(self) -> None:
@@ -213,9 +289,7 @@ class Segment:
         if self._unlinked:
             return
         self._unlinked = True
-        _unlink_shm(self.name)
-        for name in self.sem_names:
-            _unlink_sem(name)
+        unlink_names(self.name, self.sem_names)
 
     def close(self) -> None:
         """Unmap and close every handle. Idempotent."""

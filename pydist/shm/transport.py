@@ -10,7 +10,8 @@ Importing this module registers the ``shm`` scheme. The pieces:
 * ``placement.py``: on which vCPUs the two ends run, which decides whether a spin pays;
 * ``buffers.py``: the memory a received frame lands in (large buffers are reused);
 * ``connection.py``: ``ShmTransport``, frames over the two rings, closing, the lifeline;
-* ``rendezvous.py``: ``ShmListener``, ``connect_shm`` and ``shm_pair``.
+* ``rendezvous.py``: ``ShmListener``, ``connect_shm`` and ``shm_pair``;
+* ``handover.py``: the rendezvous lines, and which end unlinks the names when.
 """
 from __future__ import annotations
 
