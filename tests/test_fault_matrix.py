@@ -235,11 +235,14 @@ def addprocs_dropin(cell: Cell, tmp: Path) -> Seen:
                                                    transport=cell.transport))
     try:
         first = rig.submit(fk.square, 1)
-        others = [rig.submit(fk.square, i, SIBLING_DELAY) for i in (2, 3, 4)]
+        # Once broken, submit itself raises (as the standard library's does): a sibling
+        # submitted after the break sees it there.
+        others = [outcome(lambda i=i: rig.submit(fk.square, i, SIBLING_DELAY)) for i in (2, 3, 4)]
         value, error, t1 = rig.settle(first, WAIT)
         struck = marker + ".struck" if cell.fault not in ("sigkill", "unpicklable") else None
         seen = Seen(error, value, t1 - _since(t0, killer, struck))
-        seen.siblings = [(i * i, outcome(lambda f=f: rig.get(f, WAIT))) for i, f in zip((2, 3, 4), others)]
+        seen.siblings = [(i * i, f if isinstance(f, BaseException) else outcome(lambda f=f: rig.get(f, WAIT)))
+                         for i, f in zip((2, 3, 4), others)]
         seen.survives = rig.answers()
     finally:
         rig.shut()

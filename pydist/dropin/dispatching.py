@@ -29,7 +29,8 @@ from ..values import Failure
 from ..workerpool import _start
 from .futures import _copy_exc, _report, _unwrap
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .worker_side import _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _Undecodable
+from .worker_side import (CALL, _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _run_one,
+                          _Undecodable, inline_ok)
 
 MAX_BATCH = 256          # tasks in one message at most
 MAX_AHEAD = 2048         # tasks in flight per worker at most
@@ -72,6 +73,7 @@ class _Dispatching:
             task.sink.set_running_or_notify_cancel()   # new: it cannot be cancelled yet
             task.started = True
             batch = _Batch([task])
+            batch.direct = True
             self.unfinished += 1
             w.ntasks = 1
             w.assigned += 1
@@ -202,11 +204,26 @@ class _Dispatching:
             if self._answered(w, batch):
                 self._settle_all(batch.tasks, e)
 
+    def _payload(self, batch: _Batch) -> tuple[Callable[..., Any], tuple]:
+        """What runs ``batch`` on the worker, and its arguments after the function. A task
+        sent alone to an idle worker skips the revoke gate, and its atom arguments travel
+        inline; other arguments are pickled ahead, so a failure to unpickle them there is
+        their task's error (``worker_side.py``)."""
+        tasks = batch.tasks
+        if batch.direct:
+            t = tasks[0]
+            if inline_ok(t.args, t.kwargs):
+                return _run_one, (t.args, t.kwargs, None, self.pool_mode)
+            data, bufs = dumps([(CALL, t.args, t.kwargs)])
+            return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), self.pool_mode)
+        data, bufs = dumps([(t.kind, t.args, t.kwargs) for t in tasks])
+        return _run_batch, (_Packed(data, *bufs), self.pool_mode, self.key, batch.seq)
+
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:
         tasks = batch.tasks
         fn = tasks[0].fn
         try:
-            data, bufs = dumps([(t.kind, t.args, t.kwargs) for t in tasks])
+            run, rest = self._payload(batch)
         except BaseException as e:
             self._unsendable(w, batch, e)
             return
@@ -219,8 +236,7 @@ class _Dispatching:
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
                 raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
-            _, done = _start(w.pid, _run_batch, (g, _Packed(data, *bufs), self.pool_mode,   # type: ignore[arg-type]
-                                                 self.key, batch.seq), _NO_KWARGS, keep=False)
+            _, done = _start(w.pid, run, (g, *rest), _NO_KWARGS, keep=False)   # type: ignore[arg-type]
         except SerializationError as e:   # the function itself cannot be pickled
             self._unsendable(w, batch, e)
             return
@@ -258,8 +274,6 @@ class _Dispatching:
     # -- replies ---------------------------------------------------------------------------------
     def on_reply(self, w: _Worker, batch: _Batch, value: Any) -> None:
         now = time.perf_counter()
-        if type(value) is str and value == _REVOKED:   # a copy, once unpickled
-            return     # taken back earlier; its tasks went elsewhere
         if type(value) is Failure and isinstance(value.exc, ProcessExitedException):
             self._worker_died(w, value.exc)
             return
@@ -267,6 +281,11 @@ class _Dispatching:
             return
         if type(value) is _Results:          # run in this very process
             value = (value.values, value.elapsed)
+        elif batch.direct:
+            if type(value) is not Failure and type(value) is not tuple:
+                value = ([value], None)      # an atom result, as itself
+        elif type(value) is str and value == _REVOKED:   # a copy, once unpickled
+            return     # taken back earlier; its tasks went elsewhere
         if type(value) is Failure or type(value[0]) is _Undecodable:
             exc = value.exc if type(value) is Failure else value[0].exc
             if not isinstance(exc, Exception):
@@ -307,7 +326,9 @@ class _Dispatching:
                 w.idle_since = time.monotonic()
             return True
 
-    def _learn(self, batch: _Batch, elapsed: float, now: float) -> None:
+    def _learn(self, batch: _Batch, elapsed: float | None, now: float) -> None:
+        if elapsed is None:     # an atom result travels without its timing
+            return
         per = elapsed / len(batch.tasks)
         self.est = per if self.est is None else 0.7 * self.est + 0.3 * per
         if batch.alone:

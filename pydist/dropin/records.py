@@ -33,7 +33,7 @@ class _Task:
 
 
 class _Batch:
-    __slots__ = ("tasks", "seq", "sent", "alone", "settled", "revoking")
+    __slots__ = ("tasks", "seq", "sent", "alone", "settled", "revoking", "direct")
 
     def __init__(self, tasks: list[_Task]) -> None:
         self.tasks = tasks
@@ -42,6 +42,7 @@ class _Batch:
         self.alone = False
         self.settled = False
         self.revoking = False
+        self.direct = False      # one task sent straight to an idle worker (``_run_one``)
 
 
 class _Worker:

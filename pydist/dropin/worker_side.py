@@ -97,13 +97,10 @@ class _Undecodable:
         self.exc = exc
 
 
-def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: Any, seq: int) -> Any:
-    """On a worker: run a batch of tasks of ``fn``; a result or a ``Failure`` for each."""
-    if not _claim(key, seq):
-        return _REVOKED
-    t0 = time.perf_counter()
+def _load_calls(packed: _Packed) -> Any:
+    """The calls in ``packed``, or a ``Failure`` saying why they could not be unpickled."""
     try:
-        calls = loads(packed.data, packed.bufs)
+        return loads(packed.data, packed.bufs)
     except SystemExit as e:
         # Unpickling the arguments asked the process to exit: it does, as a
         # multiprocessing worker would (the task fails with ProcessExitedException).
@@ -112,6 +109,54 @@ def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: An
         raise
     except BaseException as e:
         return Failure(capture(e))
+
+
+# Types whose values always pickle and unpickle: arguments of these travel inline, and such
+# a result comes back as itself (no safety wrapper needed around either).
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def inline_ok(args: tuple, kwargs: dict) -> bool:
+    """Whether ``args`` and ``kwargs`` are atoms only (they cannot fail to unpickle)."""
+    atoms = _ATOMS
+    for a in args:
+        if type(a) not in atoms:
+            return False
+    for a in kwargs.values():
+        if type(a) not in atoms:
+            return False
+    return True
+
+
+def _run_one(fn: Callable[..., Any], args: tuple, kwargs: dict, packed: _Packed | None,
+             pool_mode: bool) -> Any:
+    """On a worker: one task sent to an idle worker (first in line, so never revoked).
+    Its arguments come inline when they are atoms, else in ``packed``. An atom result comes
+    back as itself; any other result, or the task's error, in ``_Results``."""
+    t0 = time.perf_counter()
+    if packed is not None:
+        calls = _load_calls(packed)
+        if type(calls) is Failure:
+            return calls
+        _, args, kwargs = calls[0]
+        del packed, calls
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
+        value = Failure(capture(e))
+    if type(value) in _ATOMS:
+        return value
+    return _Results([value], time.perf_counter() - t0, pool_mode)
+
+
+def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: Any, seq: int) -> Any:
+    """On a worker: run a batch of tasks of ``fn``; a result or a ``Failure`` for each."""
+    if not _claim(key, seq):
+        return _REVOKED
+    t0 = time.perf_counter()
+    calls = _load_calls(packed)
+    if type(calls) is Failure:
+        return calls
     del packed
     out: list[Any] = []
     for i in range(len(calls)):
