@@ -187,6 +187,14 @@ class Pool:
         if chunksize <= 0:
             return result
         tasks: list[_Task] = []
+        if kind == CHUNK and type(iterable) in (range, list, tuple):
+            # Slices of the sequence itself: C-level copies, and a range's slices pickle
+            # in a few bytes instead of a list of every number.
+            for start in range(0, n, chunksize):
+                chunk = iterable[start:start + chunksize]   # type: ignore[index]
+                tasks.append(_Task(func, chunk, _NO_KWARGS, kind, _ChunkSink(result, len(tasks))))
+            self._core.enqueue(tasks)
+            return result
         it = iter(iterable)
         try:
             while True:

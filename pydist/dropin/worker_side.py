@@ -19,6 +19,7 @@ Everything here is pickled by reference (``pydist.dropin.worker_side.<name>``).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import threading
@@ -166,9 +167,9 @@ def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: An
             if kind == CALL:
                 out.append(fn(*args, **kwargs))
             elif kind == CHUNK:
-                out.append([fn(x) for x in args])
+                out.append(list(map(fn, args)))       # map's C loop: no frame per item
             else:
-                out.append([fn(*a) for a in args])
+                out.append(list(itertools.starmap(fn, args)))
         except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
             out.append(Failure(capture(e)))
         del args, kwargs
