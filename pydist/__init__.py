@@ -10,6 +10,9 @@ Remote calls, futures, remote channels, worker pools and ``pmap`` over local wor
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from .cluster import myid, nprocs, nworkers, procs, workers
 from .control import addprocs, cluster_cookie, interrupt, rmprocs
 from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
@@ -26,11 +29,26 @@ from .bootstrap import init_worker, process_messages, start_worker
 from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
                          remote)
 from .pmap import pmap
-from .executor import Executor, ProcessPoolExecutor
-from .pool import Pool
 from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
+
+# The drop-ins load on first use, so a worker process (and a program that only uses the
+# Julia API) does not pay for importing them.
+_LAZY = {"Executor": ".executor", "ProcessPoolExecutor": ".executor", "Pool": ".pool"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pydist' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "myid", "procs", "workers", "nprocs", "nworkers", "addprocs", "rmprocs", "interrupt",
