@@ -151,7 +151,9 @@ class Pool:
         """``func(*args, **kwds)`` on a worker; an ``AsyncResult`` for it."""
         self._check_running()
         result = ApplyResult(callback, error_callback)
-        self._core.enqueue([_Task(func, tuple(args), dict(kwds) or _NO_KWARGS, CALL, result)])
+        task = _Task(func, tuple(args), dict(kwds) or _NO_KWARGS, CALL, result)
+        if not self._core.submit_direct(task):    # straight to an idle worker, if there is one
+            self._core.enqueue([task])
         return result
 
     # -- maps ----------------------------------------------------------------------------------------
