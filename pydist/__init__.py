@@ -35,7 +35,10 @@ __version__ = "0.1.0"
 
 # The drop-ins load on first use, so a worker process (and a program that only uses the
 # Julia API) does not pay for importing them.
-_LAZY = {"Executor": ".executor", "ProcessPoolExecutor": ".executor", "Pool": ".pool"}
+_LAZY = {"Executor": ".executor", "ProcessPoolExecutor": ".executor", "Pool": ".pool",
+         # numpy is imported only by a program that uses SharedArrays
+         **dict.fromkeys(["SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
+                          "shared_ones"], ".sharedarray")}
 
 
 def __getattr__(name: str) -> Any:
@@ -61,5 +64,5 @@ __all__ = [
     "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
-    "pmap",
+    "pmap", "SharedArray", "sdata", "localindices", "indexpids", "shared_zeros", "shared_ones",
 ]
