@@ -18,6 +18,8 @@ process holds a handle, and freed in each process with its last view.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -25,26 +27,31 @@ import numpy as np
 from . import sharedmap
 from .cluster import PGRP, myid, procs
 from .remotecall import remotecall
-from .remoteref import AbstractRemoteRef, _handles
 from .sharedmap import Mapping
 
 __all__ = ["SharedArray", "sdata", "localindices", "indexpids", "shared_zeros", "shared_ones"]
 
 
-class _SharedRef(AbstractRemoteRef):
-    """This process's one handle on a SharedArray (its segment's mapping and its owner)."""
+class _SharedRef:
+    """This process's one handle on a SharedArray: its mapping, and how many counts it holds
+    with the owner (released when the handle dies, that is, with the last array of it)."""
 
-    __slots__ = ("mapping", "base_address")
+    __slots__ = ("mapping", "base_address", "tokens", "__weakref__")
 
     def __init__(self, m: Mapping) -> None:
-        self.where, self.rrid, self.mapping, self._released = m.owner, m.rrid, m, False
+        self.mapping, self.tokens = m, 0
         self.base_address = np.frombuffer(m.buf, np.uint8, count=1).__array_interface__["data"][0]
 
-    def __reduce__(self):  # pragma: no cover - travels only inside a SharedArray
-        raise TypeError("a SharedArray handle travels only inside its array")
+    def __del__(self) -> None:
+        if self.tokens:
+            try:
+                sharedmap.release(self.mapping.owner, self.mapping.rrid, self.tokens)
+            except Exception:  # interpreter shutdown: nobody left to tell
+                pass
 
-    def check_destination(self) -> None:
-        """Before pickling: refuse a destination that has no mapping; count it as a client."""
+    def check_destination(self) -> bool:
+        """Before pickling: refuse a destination that has no mapping; count it as a holder.
+        Whether it was counted."""
         dest = getattr(PGRP.sending, "pid", None)
         m = self.mapping
         if dest is not None and dest not in m.pids and dest != m.owner:
@@ -52,12 +59,27 @@ class _SharedRef(AbstractRemoteRef):
                              f"only by processes {sorted({m.owner, *m.pids})} (all on this "
                              f"host); create it with pids including {dest}, or send sdata(S) "
                              "to copy the data")
-        self._note_sent()
+        return sharedmap.note_sent(m.owner, m.rrid, dest)
 
     def contains(self, arr: np.ndarray) -> bool:
         """Whether every byte ``arr`` can reach lies inside the mapping."""
         lo, hi = _extent(arr)
         return self.base_address <= lo and hi <= self.base_address + self.mapping.nbytes
+
+
+_handles: weakref.WeakValueDictionary[Any, _SharedRef] = weakref.WeakValueDictionary()
+_handles_lock = threading.Lock()
+
+
+def _handle(m: Mapping, counts: int) -> _SharedRef:
+    """This process's handle for ``m`` (one per SharedArray), now holding ``counts`` more."""
+    with _handles_lock:
+        ref = _handles.get(m.rrid)
+        if ref is None or ref.mapping is not m:
+            ref = _SharedRef(m)
+            _handles[m.rrid] = ref
+        ref.tokens += counts
+        return ref
 
 
 def _extent(arr: np.ndarray) -> tuple[int, int]:
@@ -72,15 +94,6 @@ def _extent(arr: np.ndarray) -> tuple[int, int]:
         else:
             hi += (n - 1) * stride
     return lo, hi + arr.itemsize
-
-
-def _handle(m: Mapping) -> _SharedRef:
-    """This process's handle for ``m`` (one per SharedArray, as for every reference)."""
-    existing = _handles.get(m.rrid)
-    if isinstance(existing, _SharedRef):
-        return existing
-    ref = _SharedRef(m)
-    return ref._register()  # type: ignore[return-value]
 
 
 class SharedArray(np.ndarray):
@@ -103,7 +116,7 @@ class SharedArray(np.ndarray):
         chosen = _check_pids(pids)
         nbytes = math.prod(shape_t) * dt.itemsize
         m = _make_mapping(nbytes, chosen)
-        arr = _view(_handle(m), 0, shape_t, None, dt)
+        arr = _view(_handle(m, 1), 0, shape_t, None, dt)
         if init is not None:
             _run_init(arr, init, chosen)
         return arr
@@ -132,11 +145,12 @@ class SharedArray(np.ndarray):
         ref = self._ref
         if ref is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
-        ref.check_destination()
+        counted = ref.check_destination()
         m = ref.mapping
         offset = self.__array_interface__["data"][0] - ref.base_address
         return (_rebuild, (m.name, m.owner, m.rrid, m.pids, offset, self.shape, self.strides,
-                           self.dtype.str if not self.dtype.fields else self.dtype.descr))
+                           self.dtype.str if not self.dtype.fields else self.dtype.descr,
+                           counted))
 
     def __reduce__(self) -> Any:
         return self.__reduce_ex__(5)
@@ -156,16 +170,19 @@ class SharedArray(np.ndarray):
 
 
 def _rebuild(name: str, owner: int, rrid: Any, pids: tuple[int, ...], offset: int,
-             shape: tuple[int, ...], strides: tuple[int, ...], dtype: Any) -> SharedArray:
+             shape: tuple[int, ...], strides: tuple[int, ...], dtype: Any,
+             counted: bool = False) -> SharedArray:
     """On the receiver: a view of this process's own mapping, checked against its size."""
     m = sharedmap.mapping_or_error(name, pids, owner)
     if m.owner != owner or m.rrid != rrid:
         raise ValueError(f"SharedArray {name}: the message names another array than the "
                          "one mapped here under that name; refusing it")
-    ref = _handle(m)
-    if owner == PGRP.myid and not sharedmap.add_owner_client(m.rrid, owner):
-        raise ValueError(f"SharedArray {name} was freed on process {owner} (its owner)")
-    return _view(ref, offset, tuple(shape), tuple(strides), np.dtype(dtype))
+    if owner == PGRP.myid:  # back home: the owner counts itself on receipt
+        if not sharedmap.count_holder(m.rrid, owner, 1):
+            raise ValueError(f"SharedArray {name} was freed on process {owner} (its owner)")
+        counted = True
+    return _view(_handle(m, int(bool(counted))), offset, tuple(shape), tuple(strides),
+                 np.dtype(dtype))
 
 
 def _view(ref: _SharedRef, offset: int, shape: tuple[int, ...],

@@ -13,7 +13,7 @@ name from ``secrets``, created exclusively with mode 0600, reserved with
 
 Each process's table keeps its mapping so that a SharedArray sent to it later (by name,
 never by bytes) finds the memory again. The owner counts the processes holding a handle,
-as it does for a Future (``OwnedArray.clients``); once none is left, it tells every process
+much as it does for a Future (``OwnedArray``); once none is left, it tells every process
 in ``pids`` to forget the mapping. A process's memory goes when its table entry and its
 last numpy view are gone; a worker that dies only drops its own mapping.
 """
@@ -27,10 +27,12 @@ from .cluster import PGRP
 from .dispatch import OpContext, internal_op
 from .errors import ProcessExitedException
 from .messages import RRID, MsgHeader, RemoteDoMsg
+from .remoteref import call_on_owner
 from .shm import segment as seg
 
-__all__ = ["Mapping", "OwnedArray", "create_segment", "attach_here", "lookup", "forget_here",
-           "table_size"]
+__all__ = ["Mapping", "OwnedArray", "create_segment", "unlink", "add", "attach_here", "lookup",
+           "forget_here", "table_size", "register_owned", "count_holder", "note_sent", "release",
+           "mapping_or_error"]
 
 
 class Mapping:
@@ -109,34 +111,92 @@ def _forget(ctx: OpContext, names: list[str]) -> None:
 
 # -- the owner's record --------------------------------------------------------------------
 class OwnedArray:
-    """What the owner keeps in ``PGRP.refs`` for a SharedArray: the processes holding a
-    handle (``clients``, counted as for a Future). When the process group drops it (no
-    client left), every process in ``pids`` is told to forget the mapping."""
+    """What the owner keeps in ``PGRP.refs`` for a SharedArray: how many handles each process
+    was sent and has not yet released (``holders``). Counting, not a set, keeps a release
+    that is still on its way from cancelling a send made after it. When the last holder is
+    gone, every process in ``pids`` is told to forget the mapping."""
 
-    __slots__ = ("clients", "name", "pids", "__weakref__")
+    __slots__ = ("holders", "name", "pids", "__weakref__")
 
-    def __init__(self, name: str, pids: tuple[int, ...], client: int) -> None:
-        self.clients = {client}
+    def __init__(self, name: str, pids: tuple[int, ...], holder: int) -> None:
+        self.holders = {holder: 1}
         self.name = name
         self.pids = pids
         weakref.finalize(self, _notices.forget, name, pids)
 
 
+def register_owned(rrid: RRID, name: str, pids: tuple[int, ...]) -> None:
+    """Record a new SharedArray owned here, held once by this process."""
+    with PGRP.lock:
+        PGRP.refs[rrid] = OwnedArray(name, pids, PGRP.myid)  # type: ignore[assignment]
+
+
+def count_holder(rrid: RRID, pid: int, n: int) -> bool:
+    """On the owner: ``pid`` holds ``n`` more (or fewer) handles; False if already freed."""
+    with PGRP.lock:
+        rec = PGRP.refs.get(rrid)
+        if not isinstance(rec, OwnedArray):
+            return False
+        left = rec.holders.get(pid, 0) + n
+        if left > 0:
+            rec.holders[pid] = left
+        else:
+            rec.holders.pop(pid, None)
+            if not rec.holders:
+                del PGRP.refs[rrid]
+        return True
+
+
+@internal_op
+def _count(ctx: OpContext, rrid: RRID, pid: int, n: int) -> None:
+    ctx.reply(count_holder(rrid, pid, n))
+
+
+def note_sent(owner: int, rrid: RRID, dest: int | None) -> bool:
+    """While pickling for ``dest``: count it as a holder first (as a Future's sender makes
+    the receiver a client). False when there is nothing to count: no known destination,
+    or the owner itself (which counts on receipt)."""
+    if dest is None or dest == owner:
+        return False
+    if owner == PGRP.myid:
+        return count_holder(rrid, dest, 1)
+    return bool(call_on_owner(_count, owner, rrid, dest, 1))
+
+
+def release(owner: int, rrid: RRID, n: int) -> None:
+    """A handle holding ``n`` counts died here: tell the owner (from the notices thread)."""
+    _notices.put(("release", owner, rrid, n))
+
+
+def _on_worker_lost(pid: int) -> None:
+    """A dead process holds no handle any more (Julia drops it from every client set)."""
+    with PGRP.lock:
+        for rrid, rec in list(PGRP.refs.items()):
+            if isinstance(rec, OwnedArray) and pid in rec.holders:
+                count_holder(rrid, pid, -rec.holders[pid])
+
+
+PGRP.on_worker_lost.append(_on_worker_lost)
+
+
 class _Notices:
-    """Sends forget notices from a thread of its own: the record dies inside the process
-    group's lock, where nothing may block on a connection."""
+    """Sends releases and forget notices from a thread of its own: handles and records die
+    wherever their last reference goes (inside the process group's lock, in a finalizer),
+    where nothing may block on a connection."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, tuple[int, ...]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
 
     def forget(self, name: str, pids: tuple[int, ...]) -> None:
         forget_here([name])
         others = tuple(p for p in pids if p != PGRP.myid)
-        if not others:
-            return
-        self._queue.put((name, others))
+        if others:
+            self.put(("forget", name, others))
+
+    def put(self, item: tuple) -> None:
+        self._queue.put(item)
         if self._thread is None:
             with self._start:
                 if self._thread is None:
@@ -146,58 +206,27 @@ class _Notices:
 
     def _loop(self) -> None:
         while True:
-            batches: dict[int, list[str]] = {}
             item = self._queue.get()
-            while True:
-                name, pids = item
-                for p in pids:
-                    batches.setdefault(p, []).append(name)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            for p, names in batches.items():
-                try:
-                    PGRP.send(p, MsgHeader(), RemoteDoMsg(_forget, (names,), {}))
-                except (ProcessExitedException, ValueError, OSError):
-                    pass  # gone, and its mapping with it
+            try:
+                if item[0] == "forget":
+                    for p in item[2]:
+                        self._send(p, RemoteDoMsg(_forget, ([item[1]],), {}))
+                elif item[1] == PGRP.myid:
+                    count_holder(item[2], PGRP.myid, -item[3])
+                else:
+                    self._send(item[1], RemoteDoMsg(_count, (item[2], PGRP.myid, -item[3]), {}))
+            except Exception:  # a notice must never kill the thread that sends the others
+                pass
+
+    @staticmethod
+    def _send(pid: int, msg: RemoteDoMsg) -> None:
+        try:
+            PGRP.send(pid, MsgHeader(), msg)
+        except (ProcessExitedException, ValueError, OSError):
+            pass  # gone, and its mapping and handles with it
 
 
 _notices = _Notices()
-
-
-def _on_worker_lost(pid: int) -> None:
-    """A dead process holds no handle any more (Julia drops it from every client set)."""
-    with PGRP.lock:
-        for rrid, rec in list(PGRP.refs.items()):
-            if isinstance(rec, OwnedArray) and pid in rec.clients:
-                rec.clients.discard(pid)
-                if not rec.clients:
-                    del PGRP.refs[rrid]
-
-
-PGRP.on_worker_lost.append(_on_worker_lost)
-
-
-def register_owned(rrid: RRID, name: str, pids: tuple[int, ...]) -> None:
-    """Record a new SharedArray owned here, with this process as its first client."""
-    with PGRP.lock:
-        PGRP.refs[rrid] = OwnedArray(name, pids, PGRP.myid)  # type: ignore[assignment]
-
-
-def owned(rrid: RRID) -> OwnedArray | None:
-    rec = PGRP.refs.get(rrid)
-    return rec if isinstance(rec, OwnedArray) else None
-
-
-def add_owner_client(rrid: RRID, client: int) -> bool:
-    """Count ``client`` as a holder of the SharedArray ``rrid`` owned here (False if freed)."""
-    with PGRP.lock:
-        rec = owned(rrid)
-        if rec is None:
-            return False
-        rec.clients.add(client)
-        return True
 
 
 def mapping_or_error(name: str, pids: tuple[int, ...], owner: int) -> Mapping:
