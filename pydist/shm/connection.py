@@ -31,8 +31,10 @@ from typing import Sequence
 from .. import codec, transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
 from . import segment as seg
+from .bigbuf import FLAG as _BIG, BigIn, BigOut, threshold as _big_threshold
 from .buffers import receive_buffer
-from .layout import make_ends
+from .fence import tso_by_default
+from .layout import SEMS_PER_RING, make_ends
 from .wait import LinkState, spin_mode
 
 __all__ = ["ShmTransport", "peer_creds"]
@@ -76,6 +78,7 @@ class ShmTransport:
         same_process, peer_cpus = _peer_info(lifeline)
         self._tx, self._rx = make_ends(segment, 0 if dialer else 1, self._state,
                                        spin_mode(spin, same_process), tso, peer_cpus)
+        self._init_big(segment, dialer, tso)
         self._send_lock = threading.Lock()
         self._close_lock = threading.Lock()
         # Who may be touching the segment besides senders (who hold the send lock). Each flag
@@ -93,6 +96,17 @@ class ShmTransport:
         self._watcher = threading.Thread(target=_watch, args=(lifeline, weakref.ref(self)),
                                          name="pydist-shm-lifeline", daemon=True)
         self._watcher.start()
+
+    def _init_big(self, segment: seg.Segment, dialer: bool, tso: bool | None) -> None:
+        """Large frames skip the ring (``bigbuf.py``); the ring's mutexes order the
+        hand-back where plain accesses do not."""
+        mutex = None if (tso_by_default() if tso is None else tso) else 2
+        per = len(SEMS_PER_RING)
+        tx_ring = 0 if dialer else 1
+        self._big_min = _big_threshold()
+        self._big_out = BigOut(None if mutex is None else segment.sems[per * tx_ring + mutex])
+        self._big_in = BigIn(None if mutex is None else segment.sems[per * (1 - tx_ring) + mutex])
+        self._big_next = False  # the frame being read is a descriptor
 
     # -- the Transport protocol ---------------------------------------------------------
 
@@ -116,15 +130,22 @@ class ShmTransport:
                     state.check()
                 state.sender = get_ident()  # the thread that will wait for an answer
                 start = tx.position
+                big = None
                 try:
-                    if not tx.try_write_frame(views, total):
+                    if total >= self._big_min:
+                        big = self._stage_big(views, total)
+                    if big is not None:
+                        tx.write(big)
+                        tx.flush()
+                    elif not tx.try_write_frame(views, total):
                         self._send_slow(views, total)
                 except TransportError as exc:
                     self._after_error(exc, "send")
                     raise
                 except BaseException as exc:
                     if tx.position != start:
-                        self._finish_frame(views, total, start, exc)
+                        self._finish_frame(big or [codec.frame_header(total), *views], start,
+                                           exc)
                     raise
         finally:
             if state.closed:
@@ -137,6 +158,16 @@ class ShmTransport:
             raise TransportClosed(f"{self._peer} closed the connection")
         tx.write([codec.frame_header(total), *views])
         tx.flush()
+
+    def _stage_big(self, views: list, total: int) -> list[bytes] | None:
+        """Copy a large frame into a pooled segment (under the send lock): the descriptor
+        frame to send through the ring instead, or None to send the frame itself."""
+        if self.max_frame <= transport.HELLO_MAX_FRAME or self._tx.peer_closed():
+            return None
+        desc = self._big_out.stage(views, total)
+        if desc is None:
+            return None
+        return [codec.FRAME_HEADER.pack(_BIG | len(desc)), desc]
 
     def poll(self, timeout: float) -> bool:
         """Whether ``recv_frame`` would return (or raise) without waiting, after waiting up to
@@ -172,6 +203,9 @@ class ShmTransport:
                     self._after_error(exc, "receive")
                     raise
             frame, self._ready = self._ready, None
+            if self._big_next:
+                self._big_next = False
+                return self._open_big(frame)
             return frame
         finally:
             self._receiving = False
@@ -228,6 +262,10 @@ class ShmTransport:
 
     def _payload_buffer(self, header: memoryview) -> memoryview:
         """A buffer for the payload announced by ``header``, after checking its length."""
+        (raw,) = codec.FRAME_HEADER.unpack(header)
+        if raw & _BIG and self.max_frame > transport.HELLO_MAX_FRAME:
+            self._big_next = True  # a descriptor: small, whatever the rest of the word says
+            return memoryview(bytearray(min(raw & ~_BIG, 64)))
         try:
             length = codec.parse_frame_header(header, self.max_frame)
         except DecodeError as exc:
@@ -238,11 +276,18 @@ class ShmTransport:
             raise self._break(f"no memory for a frame of {length} bytes "
                               f"from {self._peer}") from None
 
-    def _finish_frame(self, views: list, total: int, start: int, exc: BaseException) -> None:
-        """Write the rest of a frame an exception interrupted (further such exceptions are
-        held back too), so the stream stays whole; the caller then raises ``exc``."""
+    def _open_big(self, desc: memoryview) -> memoryview:
+        """The large frame a descriptor stands for: a view of the sender's segment."""
+        try:
+            return self._big_in.open(desc, self.max_frame)
+        except (OSError, ValueError) as exc:
+            raise self._break(f"bad large-frame descriptor from {self._peer}: {exc}") from None
+
+    def _finish_frame(self, parts: list, start: int, exc: BaseException) -> None:
+        """Write the rest of a frame (``parts``, its header first) an exception interrupted
+        (further such exceptions are held back too), so the stream stays whole; the caller
+        then raises ``exc``."""
         tx = self._tx
-        parts = [codec.frame_header(total), *views]
         while True:
             try:
                 tx.write(_skip(parts, tx.position - start))
@@ -314,6 +359,8 @@ class ShmTransport:
             self._released = True
         self._tx.detach()
         self._rx.detach()
+        self._big_out.close()
+        self._big_in.close()
         self._seg.close()
 
     def _lifeline_ended(self) -> None:
