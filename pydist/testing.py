@@ -315,18 +315,25 @@ def check_close_is_idempotent(listen_url: str) -> None:
         assert a.closed and b.closed, "closed is False after close()/abort()"
 
 
-def check_abort_never_blocks(listen_url: str, *, big: int = BIG) -> None:
+def check_abort_never_blocks(listen_url: str, *, big: int = BIG, frames: int = 16) -> None:
     """``abort()`` returns at once even while a send is blocked on a peer that does not read;
-    the blocked sender and the peer's reader both wake with a ``TransportError``."""
-    size = max(big, 32 << 20)  # more than any transport buffers: the send must block
+    the blocked sender and the peer's reader both wake with a ``TransportError``.
+
+    A transport may buffer a few whole frames (shared memory hands large ones over in
+    segments of their own), but not without bound: one of ``frames`` sends must block."""
+    size = max(big, 32 << 20)  # more than any ring or socket buffers
     with _pair(listen_url) as (a, b):
-        sending = _Task("send to a peer that does not read", a.send_frame, [bytes(size)])
+        payload = bytes(size)
+        sending = _Task("sends to a peer that does not read",
+                        lambda: [a.send_frame([payload]) for _ in range(frames)])
         time.sleep(SETTLE)
-        assert not sending.done, f"send_frame of {size} bytes returned before the peer read anything"
+        assert not sending.done, (f"{frames} frames of {size} bytes were sent to a peer that "
+                                  "reads nothing, without blocking")
         aborting = _Task("abort", a.abort)
         aborting.result(WAKE_TIMEOUT / 2)
         _expect_error(sending, WAKE_TIMEOUT, (TransportError,), "send_frame blocked during abort()")
-        receiving = _Task("recv_frame on the aborted peer", b.recv_frame)
+        receiving = _Task("recv_frame on the aborted peer",
+                          lambda: [b.recv_frame() for _ in range(frames + 1)])
         _expect_error(receiving, WAKE_TIMEOUT, (TransportError,), "recv_frame of a half-sent frame")
 
 

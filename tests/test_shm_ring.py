@@ -961,7 +961,8 @@ def test_the_spin_policy_starts_afresh_after_a_move():
 BIG = buffers.LARGE + 12345  # a frame that lands in pooled memory
 
 
-def test_large_frames_reuse_their_memory_once_nothing_refers_to_it():
+def test_large_frames_reuse_their_memory_once_nothing_refers_to_it(monkeypatch):
+    monkeypatch.setenv("PYDIST_SHM_BIGBUF", "0")  # through the ring (bigbuf has its own tests)
     a, b = make_pair(1 << 20)  # smaller than the frames: they stream through
     try:
         sending = Bg(a.send_frame, [payload(BIG, 1)])
@@ -980,8 +981,10 @@ def test_large_frames_reuse_their_memory_once_nothing_refers_to_it():
         b.abort()
 
 
-def test_memory_an_array_still_uses_is_never_handed_out_again():
+@pytest.mark.parametrize("bigbuf", ["0", ""], ids=["ring", "segment"])
+def test_memory_an_array_still_uses_is_never_handed_out_again(monkeypatch, bigbuf):
     np = pytest.importorskip("numpy")
+    monkeypatch.setenv("PYDIST_SHM_BIGBUF", bigbuf)
     a, b = make_pair(4 << 20)  # larger than the frames: the one-step path
     try:
         a.send_frame([payload(BIG, 3)])

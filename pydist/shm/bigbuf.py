@@ -10,7 +10,7 @@ sender may fill it again.
 
 Segment layout (one frame at a time)::
 
-    offset 0    u64 words: MAGIC, CAPACITY (data bytes), LENT, RETIRED
+    offset 0    u64 words: MAGIC, CAPACITY (data bytes), LENT, RETIRED, OPENED
     offset 64   data: the frame, ``length`` bytes (8-byte aligned, so arrays decode in place)
 
     descriptor (through the ring, the frame length word carrying ``FLAG``):
@@ -25,15 +25,19 @@ Segment layout (one frame at a time)::
   too big to keep); the receiver then drops its mapping too.
 * Names come from ``segment.py`` (a fixed prefix and 64 random bits, 0600, checked owner
   and size on attach, ``posix_fallocate``); the receiver unlinks each name as soon as it has
-  opened it, the sender on closing whatever is left, so names live for one hand-over only.
+  opened it (and sets ``OPENED``). A sender that closes waits briefly for the receiver to
+  open what it was sent, then unlinks whatever is left; so a name outlives its hand-over
+  only if both ends die between the first frame in a new segment and its reading.
 * The pool keeps at most ``POOL_BYTES`` per connection and direction; a larger frame gets a
-  segment of its own, dropped once given back. A segment that cannot be had (a full
-  /dev/shm) sends the frame through the ring instead.
+  segment of its own, dropped once given back. Frames lent and not yet given back count
+  against ``POOL_BYTES`` too: past it (a receiver that does not read, or keeps what it
+  read), frames go through the ring, whose back-pressure then holds the sender. So does a
+  frame for which no segment can be had (a full /dev/shm).
 """
 from __future__ import annotations
 
+import ctypes
 import os
-import pickle
 import struct
 import threading
 import time
@@ -47,14 +51,14 @@ __all__ = ["FLAG", "THRESHOLD", "POOL_BYTES", "IDLE_SECONDS", "DESC_SIZE", "BigO
 
 FLAG = 1 << 63          # in a frame's length word: the payload is a descriptor
 HEADER = 64
-MAGIC, CAPACITY, LENT, RETIRED = 0, 1, 2, 3
+MAGIC, CAPACITY, LENT, RETIRED, OPENED = 0, 1, 2, 3, 4
 _MAGIC = int.from_bytes(b"PYDBIG01", "little")
 _DESC = struct.Struct("<32sQQ")
 DESC_SIZE = _DESC.size
 # Measured on a 2-vCPU machine (docs/benchmarks.md): one copy beats the ring's two from
 # about 1 MiB on; below, the ring's pipelined copies and no mapping bookkeeping win.
 THRESHOLD = 1 << 20
-POOL_BYTES = 512 << 20
+POOL_BYTES = 256 << 20
 IDLE_SECONDS = 5.0
 _ROUND = 1 << 20
 _TICK = 1.0             # how often idle segments are looked for
@@ -150,10 +154,16 @@ class BigOut:
             if self._closed:
                 return None
             self._trim_locked(time.monotonic(), idle=False)
+            lent = 0
             for out in self._pool:
-                if n <= out.cap <= 2 * n + _ROUND and not self._lent(out):
-                    return self._lend(out)
+                if not self._lent(out):
+                    if n <= out.cap <= 2 * n + _ROUND:
+                        return self._lend(out)
+                else:
+                    lent += out.cap
             cap = -(-n // _ROUND) * _ROUND
+            if lent and lent + cap > POOL_BYTES:
+                return None   # the receiver holds enough already: the ring holds us back
             keep = sum(o.cap for o in self._pool) + cap <= POOL_BYTES
             try:
                 out = _Out(cap, keep)
@@ -193,6 +203,17 @@ class BigOut:
         with self._lock:
             return len(self._pool), sum(o.cap for o in self._pool)
 
+    def settle(self, timeout: float, peer_gone: Any) -> None:
+        """Wait up to ``timeout`` seconds, or until ``peer_gone()``, for the receiver to open
+        every segment it was sent (a clean close: what was sent is still read)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not peer_gone():
+            with self._lock:
+                waiting = [o for o in self._pool if self._lent(o) and not o.words[OPENED]]
+            if not waiting:
+                return
+            time.sleep(0.005)
+
     def close(self) -> None:
         """Drop every segment and remove any name the receiver never opened. Idempotent."""
         with self._lock:
@@ -217,6 +238,7 @@ class _In:
         if self.words[MAGIC] != _MAGIC or self.words[CAPACITY] != cap:
             self.drop()
             raise seg.SegmentError(f"large-frame segment {name} has a bad header")
+        self.words[OPENED] = 1
 
     def drop(self) -> None:
         # Frames still alive keep the mapping alive; it goes with the last of them.
@@ -240,6 +262,11 @@ class BigIn:
         self._maps: dict[str, _In] = {}
         self._closed = False
 
+    @staticmethod
+    def length(desc: memoryview | bytes) -> int:
+        """The frame length a descriptor announces (0 for a malformed one)."""
+        return _DESC.unpack(desc)[2] if len(desc) == DESC_SIZE else 0
+
     def open(self, desc: memoryview | bytes, limit: int) -> memoryview:
         """The frame a descriptor stands for; SegmentError/ValueError for a bad one."""
         if len(desc) != DESC_SIZE:
@@ -260,9 +287,12 @@ class BigIn:
                 m = self._maps[name] = _In(name, cap)
         if fresh:
             _trimmer.watch(self)
-        lease = pickle.PickleBuffer(m.data[:length])
+        # A fresh exporter per frame: every view of the frame, and every array decoded from
+        # it, refers to it, so it dies with the last of them (memoryviews and PickleBuffers
+        # do not: their slices refer to the mapping itself). One ctypes type per capacity.
+        lease = (ctypes.c_ubyte * m.cap).from_buffer(m.data)
         weakref.finalize(lease, _give_back, self._locked, m.words)
-        return memoryview(lease)
+        return memoryview(lease).cast("B")[:length]
 
     def trim(self) -> bool:
         """Drop mappings of segments the sender retired; whether any remain."""

@@ -31,7 +31,7 @@ from typing import Sequence
 from .. import codec, transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
 from . import segment as seg
-from .bigbuf import FLAG as _BIG, BigIn, BigOut, threshold as _big_threshold
+from .bigbuf import DESC_SIZE, FLAG as _BIG, BigIn, BigOut, threshold as _big_threshold
 from .buffers import receive_buffer
 from .fence import tso_by_default
 from .layout import SEMS_PER_RING, make_ends
@@ -263,9 +263,9 @@ class ShmTransport:
     def _payload_buffer(self, header: memoryview) -> memoryview:
         """A buffer for the payload announced by ``header``, after checking its length."""
         (raw,) = codec.FRAME_HEADER.unpack(header)
-        if raw & _BIG and self.max_frame > transport.HELLO_MAX_FRAME:
-            self._big_next = True  # a descriptor: small, whatever the rest of the word says
-            return memoryview(bytearray(min(raw & ~_BIG, 64)))
+        if raw == _BIG | DESC_SIZE:
+            self._big_next = True  # a descriptor: the frame is in a segment (bigbuf.py)
+            return memoryview(bytearray(DESC_SIZE))
         try:
             length = codec.parse_frame_header(header, self.max_frame)
         except DecodeError as exc:
@@ -278,6 +278,10 @@ class ShmTransport:
 
     def _open_big(self, desc: memoryview) -> memoryview:
         """The large frame a descriptor stands for: a view of the sender's segment."""
+        length = BigIn.length(desc)
+        if length > self.max_frame or self.max_frame <= transport.HELLO_MAX_FRAME:
+            raise self._break(f"frame of {length} bytes announced, over the limit of "
+                              f"{self.max_frame} bytes (from {self._peer}, in a segment)")
         try:
             return self._big_in.open(desc, self.max_frame)
         except (OSError, ValueError) as exc:
@@ -324,6 +328,8 @@ class ShmTransport:
             self._state.closed = True
         self._wake_own()  # our blocked threads re-check, see `closed`, and leave
         locked = self._send_lock.acquire(timeout=1.0 if goodbye else 0)
+        if goodbye:  # frames sent in segments of their own are still read after a goodbye
+            self._big_out.settle(2.0, lambda: self._state.broken is not None)
         try:
             if goodbye and self._state.broken is None:
                 try:  # after the send lock: no frame is half-written now
