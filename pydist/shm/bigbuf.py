@@ -45,9 +45,11 @@ import weakref
 from typing import Any, Sequence
 
 from . import segment as seg
+from .fence import tso_by_default
+from .layout import SEMS_PER_RING
 
 __all__ = ["FLAG", "THRESHOLD", "POOL_BYTES", "IDLE_SECONDS", "DESC_SIZE", "BigOut", "BigIn",
-           "threshold"]
+           "threshold", "ends"]
 
 FLAG = 1 << 63          # in a frame's length word: the payload is a descriptor
 HEADER = 64
@@ -72,6 +74,17 @@ def threshold() -> int:
         value = int(forced)
         return value if value > 0 else 1 << 62
     return THRESHOLD
+
+
+def ends(segment: seg.Segment, dialer: bool, tso: bool | None) -> tuple[BigOut, BigIn]:
+    """The sending and receiving pools of one connection end; where plain accesses are not
+    ordered (``tso`` False), each uses the mutex semaphore of the ring it goes along."""
+    mutex = None if (tso_by_default() if tso is None else tso) else len(SEMS_PER_RING) - 1
+    tx_ring = 0 if dialer else 1
+
+    def sem(ring: int) -> Any:
+        return None if mutex is None else segment.sems[len(SEMS_PER_RING) * ring + mutex]
+    return BigOut(sem(tx_ring)), BigIn(sem(1 - tx_ring))
 
 
 class _Locked:
@@ -130,6 +143,7 @@ class BigOut:
         self._lock = threading.Lock()
         self._pool: list[_Out] = []
         self._closed = False
+        self._no_room_until = 0.0   # /dev/shm was full: the ring until then
 
     def stage(self, parts: Sequence[memoryview | bytes], total: int) -> bytes | None:
         """Copy the frame into a free segment and lend it; the descriptor to send, or None
@@ -165,9 +179,12 @@ class BigOut:
             if lent and lent + cap > POOL_BYTES:
                 return None   # the receiver holds enough already: the ring holds us back
             keep = sum(o.cap for o in self._pool) + cap <= POOL_BYTES
+            if time.monotonic() < self._no_room_until:
+                return None
             try:
                 out = _Out(cap, keep)
             except OSError:
+                self._no_room_until = time.monotonic() + IDLE_SECONDS
                 return None
             self._pool.append(out)
             self._lend(out)

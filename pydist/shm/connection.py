@@ -31,10 +31,9 @@ from typing import Sequence
 from .. import codec, transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
 from . import segment as seg
-from .bigbuf import DESC_SIZE, FLAG as _BIG, BigIn, BigOut, threshold as _big_threshold
+from .bigbuf import DESC_SIZE, FLAG as _BIG, BigIn, ends as big_ends, threshold as big_threshold
 from .buffers import receive_buffer
-from .fence import tso_by_default
-from .layout import SEMS_PER_RING, make_ends
+from .layout import make_ends
 from .wait import LinkState, spin_mode
 
 __all__ = ["ShmTransport", "peer_creds"]
@@ -78,7 +77,9 @@ class ShmTransport:
         same_process, peer_cpus = _peer_info(lifeline)
         self._tx, self._rx = make_ends(segment, 0 if dialer else 1, self._state,
                                        spin_mode(spin, same_process), tso, peer_cpus)
-        self._init_big(segment, dialer, tso)
+        self._big_min = big_threshold()  # larger frames skip the ring (bigbuf.py)
+        self._big_out, self._big_in = big_ends(segment, dialer, tso)
+        self._big_next = False  # the frame being read is a descriptor
         self._send_lock = threading.Lock()
         self._close_lock = threading.Lock()
         # Who may be touching the segment besides senders (who hold the send lock). Each flag
@@ -96,17 +97,6 @@ class ShmTransport:
         self._watcher = threading.Thread(target=_watch, args=(lifeline, weakref.ref(self)),
                                          name="pydist-shm-lifeline", daemon=True)
         self._watcher.start()
-
-    def _init_big(self, segment: seg.Segment, dialer: bool, tso: bool | None) -> None:
-        """Large frames skip the ring (``bigbuf.py``); the ring's mutexes order the
-        hand-back where plain accesses do not."""
-        mutex = None if (tso_by_default() if tso is None else tso) else 2
-        per = len(SEMS_PER_RING)
-        tx_ring = 0 if dialer else 1
-        self._big_min = _big_threshold()
-        self._big_out = BigOut(None if mutex is None else segment.sems[per * tx_ring + mutex])
-        self._big_in = BigIn(None if mutex is None else segment.sems[per * (1 - tx_ring) + mutex])
-        self._big_next = False  # the frame being read is a descriptor
 
     # -- the Transport protocol ---------------------------------------------------------
 
