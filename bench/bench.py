@@ -710,6 +710,9 @@ class Runner:
             gc.collect()
 
             def reps(a: np.ndarray = a, mib: int = mib) -> float:
+                # One untimed round trip first: buffers and segments a backend pools may
+                # have been dropped while the others ran; the rows compare steady states.
+                self._echo_checked(b, a)
                 times: list[float] = []
                 t_end = time.perf_counter() + self.cfg.array_budget
                 while len(times) < self.cfg.array_min_reps.get(mib, 1) or \
