@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import threading
 
 import pytest
 
@@ -76,7 +77,7 @@ def test_frames_sent_just_before_a_clean_close_are_still_read(leak_oracle):
     try:
         for seed in range(3):
             a.send_frame([payload(BIG, seed)])
-        closing = __import__("threading").Thread(target=a.close)
+        closing = threading.Thread(target=a.close)
         closing.start()
         for seed in range(3):
             assert bytes(b.recv_frame()) == payload(BIG, seed)
