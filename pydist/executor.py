@@ -46,6 +46,7 @@ from .dropin.futures import _Future
 from .dropin.mapfeed import _chunks, _Feed, _map_results
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
 from .dropin.worker_side import CALL, STARCHUNK
+from .progress import ProgressIterator, check_progress
 from .workerpool import AbstractWorkerPool
 
 # The machinery lives in pydist/dropin/ (its __init__ has the map); these names stay
@@ -116,15 +117,22 @@ class Executor(cf.Executor):
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
         """Like ``builtins.map(fn, *iterables)``, run on the workers; results in order.
 
         The input is read a bounded window ahead of the results taken (all at once only
         when the executor shuts down first); ``TimeoutError`` once ``timeout`` seconds have
         passed since this call; ``chunksize`` items go to a worker as one task.
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar, one step per result
+        (needs ``pip install 'pydist[progress]'``).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if check_progress(progress, "Executor.map"):
+            sized = all(hasattr(it, "__len__") for it in iterables)
+            total = min(len(it) for it in iterables) if sized and iterables else None   # type: ignore[arg-type]
+            return ProgressIterator(self.map(fn, *iterables, timeout=timeout, chunksize=chunksize),
+                                    total, "Executor.map")
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self._core
         if chunksize == 1:

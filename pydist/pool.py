@@ -28,6 +28,7 @@ from .dropin.imap import IMapIterator, IMapUnorderedIterator
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
 from .dropin.results import ApplyResult, MapResult, _ChunkSink
 from .dropin.worker_side import CALL, CHUNK, STARCHUNK
+from .progress import ProgressIterator, check_progress
 
 # The result classes live in pydist/dropin/ (results.py, imap.py); these names stay
 # importable from here, where they used to be defined.
@@ -157,8 +158,19 @@ class Pool:
         return result
 
     # -- maps ----------------------------------------------------------------------------------------
-    def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None) -> list:
-        """``list(map(func, iterable))``, in chunks on the workers."""
+    def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None,
+            *, progress: bool = False) -> list:
+        """``list(map(func, iterable))``, in chunks on the workers.
+
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar advancing as results
+        arrive (needs ``pip install 'pydist[progress]'``).
+        """
+        if check_progress(progress, "Pool.map"):
+            self._check_running()
+            items = iterable if hasattr(iterable, "__len__") else list(iterable)
+            n = len(items)   # type: ignore[arg-type]
+            size = chunksize or max(1, _default_chunksize(n, self._processes))
+            return list(ProgressIterator(self.imap(func, items, size), n, "Pool.map"))
         return self._map_async(func, iterable, CHUNK, chunksize).get()
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
@@ -215,17 +227,32 @@ class Pool:
         self._core.enqueue(tasks)
         return result
 
-    def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
-        """Results in order, as they come; the input is read a bounded window ahead."""
+    def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1,
+             *, progress: bool = False) -> IMapIterator:
+        """Results in order, as they come; the input is read a bounded window ahead.
+
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar, one step per result.
+        """
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        if check_progress(progress, "Pool.imap"):
+            total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
+            return ProgressIterator(IMapIterator(self, func, iterable, chunksize), total,  # type: ignore[return-value]
+                                    "Pool.imap")
         return IMapIterator(self, func, iterable, chunksize)
 
     def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
-                       chunksize: int = 1) -> IMapUnorderedIterator:
-        """Results in the order they finish."""
+                       chunksize: int = 1, *, progress: bool = False) -> IMapUnorderedIterator:
+        """Results in the order they finish.
+
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar, one step per result.
+        """
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return IMapUnorderedIterator(self, func, iterable, chunksize)
+        it = IMapUnorderedIterator(self, func, iterable, chunksize)
+        if check_progress(progress, "Pool.imap_unordered"):
+            total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
+            return ProgressIterator(it, total, "Pool.imap_unordered")   # type: ignore[return-value]
+        return it
