@@ -180,11 +180,13 @@ class Pool:
 
     def map_async(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None,
                   callback: Any = None, error_callback: Any = None) -> MapResult:
+        """``map`` without waiting: a ``MapResult`` whose ``get()`` gives the list."""
         return self._map_async(func, iterable, CHUNK, chunksize, callback, error_callback)
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None, callback: Any = None,
                       error_callback: Any = None) -> MapResult:
+        """``starmap`` without waiting: a ``MapResult`` whose ``get()`` gives the list."""
         return self._map_async(func, iterable, STARCHUNK, chunksize, callback, error_callback)
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], kind: int,

@@ -301,6 +301,7 @@ class Future(AbstractRemoteRef):
         return self
 
     def take(self, *args: Any, **kwargs: Any) -> Any:
+        """Always a TypeError: a Future is fetched, not taken (``take`` is for channels)."""
         raise TypeError("take() is for channels; use fetch() on a Future")
 
     def __reduce__(self):
