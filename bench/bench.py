@@ -1,6 +1,7 @@
 """pydist beside the standard library's process pools and loky, in one run, as ratios.
 
     python bench/bench.py [--quick] [--only NAME ...] [--backends KEY ...] [--json out.json]
+                          [--plot DIR] [--from-json recorded.json --plot DIR]
 
 What is measured (every backend has 2 workers; see docs/benchmarks.md):
 
@@ -963,18 +964,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "ratios need 'ppe'")
     ap.add_argument("--passes", type=int, help="passes (default 3)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    ap.add_argument("--plot", metavar="DIR", help="also draw PNG plots of the run into DIR "
+                    "(needs matplotlib)")
+    ap.add_argument("--from-json", metavar="PATH", help="measure nothing: plot the run recorded "
+                    "in PATH by --json (with --plot)")
     return ap.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plot(run: dict[str, Any], outdir: str) -> None:
+    from plot import plot_run    # bench/plot.py, beside this script; matplotlib only here
+    for path in plot_run(run, outdir):
+        print(f"[bench] plot: {path}", file=sys.stderr)
 
 
 def environment() -> dict[str, Any]:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+            "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "loadavg_start": os.getloadavg(),
             "start_method": multiprocessing.get_start_method()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            raise SystemExit("--from-json needs --plot DIR")
+        with open(args.from_json) as f:
+            plot(json.load(f), args.plot)
+        return 0
     cfg = Config.quick_config() if args.quick else Config()
     if args.passes:
         cfg.passes = max(1, args.passes)
@@ -1024,16 +1052,19 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text())
     print(f"\ntook {elapsed:.0f} s" + (" (interrupted: partial figures)" if interrupted else ""),
           flush=True)
+    record = {"environment": env, "config": asdict(cfg),
+              "backends": {b.key: {"label": b.label, "unavailable": b.unavailable(),
+                                   "broken": b.broken,
+                                   "map": getattr(b, "map_kind", None) or None}
+                           for b in backends},
+              "results": runner.res.data, "targets": report.target_results,
+              "failed": {f"{k}/{m}": why for (k, m), why in runner.failed.items()}}
+    text = json.dumps(record, indent=1, default=str)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "config": asdict(cfg),
-                       "backends": {b.key: {"label": b.label, "unavailable": b.unavailable(),
-                                            "broken": b.broken,
-                                            "map": getattr(b, "map_kind", None) or None}
-                                    for b in backends},
-                       "results": runner.res.data, "targets": report.target_results,
-                       "failed": {f"{k}/{m}": why for (k, m), why in runner.failed.items()}},
-                      f, indent=1, default=str)
+            f.write(text)
+    if args.plot:
+        plot(json.loads(text), args.plot)
     return 130 if interrupted else 0
 
 
