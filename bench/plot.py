@@ -57,6 +57,8 @@ def _bars(plt: Any, run: dict, rows: list[tuple[str, float]], title: str, unit: 
     ax.invert_yaxis()
     if log:
         ax.set_xscale("log")
+    if values:                       # room for the figures written after the bars
+        ax.set_xlim(right=max(values) * (4 if log else 1.18))
     for y, v in enumerate(values):
         ax.annotate(f" {_fmt(v)}", (v, y), va="center", fontsize=8)
     ax.set_xlabel(unit)
