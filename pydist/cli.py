@@ -170,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--workers", type=_positive, default=2, help="worker processes (default 2)")
     p_bench.add_argument("-n", type=_positive, default=100_000,
                          help="tiny items mapped (default 100000; a fiftieth of it as tasks)")
-    sub.add_parser("worker", add_help=False, help="run a worker (as pydist-worker; see pydist worker --help)")
+    sub.add_parser("worker", add_help=False,
+                   help="run a worker (as pydist-worker; see pydist worker --help)")
     return parser
 
 

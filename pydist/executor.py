@@ -129,8 +129,8 @@ class Executor(cf.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if check_progress(progress, "Executor.map"):
-            sized = all(hasattr(it, "__len__") for it in iterables)
-            total = min(len(it) for it in iterables) if sized and iterables else None   # type: ignore[arg-type]
+            sized = bool(iterables) and all(hasattr(it, "__len__") for it in iterables)
+            total = min(len(it) for it in iterables) if sized else None   # type: ignore[arg-type]
             return ProgressIterator(self.map(fn, *iterables, timeout=timeout, chunksize=chunksize),
                                     total, "Executor.map")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -166,8 +166,8 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
     gives a failed element's result; without it the first failure (a ``RemoteException``,
     or ``ProcessExitedException``) is raised. ``retry_delays``: seconds to wait before each
     retry of a failed element; ``retry_check(state, exc) -> (state, bool)`` may veto one.
-    ``distributed=False`` runs everything in this process. ``progress=True`` shows a ``tqdm.auto`` bar
-    (needs ``pip install 'pydist[progress]'``).
+    ``distributed=False`` runs everything in this process. ``progress=True`` shows a
+    ``tqdm.auto`` bar (needs ``pip install 'pydist[progress]'``).
     """
     if not callable(f):
         raise TypeError(f"pmap needs a callable, not {type(f).__name__}")

@@ -240,8 +240,8 @@ class Pool:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
         if check_progress(progress, "Pool.imap"):
             total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
-            return ProgressIterator(IMapIterator(self, func, iterable, chunksize), total,  # type: ignore[return-value]
-                                    "Pool.imap")
+            it = IMapIterator(self, func, iterable, chunksize)
+            return ProgressIterator(it, total, "Pool.imap")   # type: ignore[return-value]
         return IMapIterator(self, func, iterable, chunksize)
 
     def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
