@@ -45,6 +45,7 @@ from .dropin.core import _Core
 from .dropin.futures import _Future
 from .dropin.mapfeed import _chunks, _Feed, _map_results
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
+from .dropin.staffing import check_max_memory
 from .dropin.worker_side import CALL, STARCHUNK
 from .progress import ProgressIterator, check_progress
 from .workerpool import AbstractWorkerPool
@@ -74,13 +75,16 @@ class Executor(cf.Executor):
 
     ``mp_context`` is accepted and ignored (workers are fresh interpreters, never forks).
     Beyond the standard library: ``transport`` picks how to talk to the workers it starts,
-    and ``pool`` makes it use the workers of a pydist worker pool instead.
+    ``pool`` makes it use the workers of a pydist worker pool instead, and
+    ``max_memory_per_child`` (bytes; Linux) replaces a worker whose resident memory is over
+    it after a task: it takes no more tasks and a fresh worker takes its place.
     """
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
                  max_tasks_per_child: int | None = None, transport: str = "auto",
-                 pool: AbstractWorkerPool | None = None) -> None:
+                 pool: AbstractWorkerPool | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         if max_workers is None:
             max_workers = (len(pool.workers()) or 1) if pool is not None else (os.cpu_count() or 1)
         elif max_workers <= 0:
@@ -94,9 +98,10 @@ class Executor(cf.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if pool is not None and not isinstance(pool, AbstractWorkerPool):
             raise TypeError(f"pool must be a pydist worker pool, not {type(pool).__name__}")
+        max_memory = check_max_memory(max_memory_per_child, pool)
         self._given_context = mp_context
         self._core = _Core(max_workers, initializer, tuple(initargs), max_tasks_per_child,
-                           transport, pool)
+                           transport, pool, max_memory=max_memory)
         if pool is not None:
             self._core._adopt_pool()
         weakref.finalize(self, _Core.abandon, self._core).atexit = False   # see _at_exit

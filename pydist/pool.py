@@ -27,6 +27,7 @@ from .dropin.core import _Core
 from .dropin.imap import IMapIterator, IMapUnorderedIterator
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
 from .dropin.results import ApplyResult, MapResult, _ChunkSink
+from .dropin.staffing import check_max_memory
 from .dropin.worker_side import CALL, CHUNK, STARCHUNK
 from .progress import ProgressIterator, check_progress
 
@@ -58,12 +59,15 @@ class Pool:
     """A pool of pydist worker processes with ``multiprocessing.pool.Pool``'s interface.
 
     ``context`` is accepted and ignored (workers are fresh interpreters, never forks);
-    ``transport`` (beyond the standard library) picks how to talk to the workers.
+    ``transport`` (beyond the standard library) picks how to talk to the workers, and
+    ``max_memory_per_child`` (bytes; Linux) replaces a worker whose resident memory is over
+    it after a task: it takes no more tasks and a fresh worker takes its place.
     """
 
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
-                 context: Any = None, *, transport: str = "auto") -> None:
+                 context: Any = None, *, transport: str = "auto",
+                 max_memory_per_child: int | None = None) -> None:
         self._state = INIT
         if processes is None:
             processes = os.cpu_count() or 1
@@ -74,12 +78,14 @@ class Pool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError('initializer must be a callable')
+        max_memory = check_max_memory(max_memory_per_child, None)
         self._processes = processes
         self._maxtasksperchild = maxtasksperchild
         self._initializer, self._initargs = initializer, tuple(initargs)
         self._ctx = context
         self._core = _Core(processes, initializer, tuple(initargs), maxtasksperchild, transport,
-                           None, eager=True, pool_mode=True, tb_class=RemoteTraceback)
+                           None, eager=True, pool_mode=True, tb_class=RemoteTraceback,
+                           max_memory=max_memory)
         self._feeds: set[Any] = set()       # imap inputs not read to the end yet
         self._terminator = weakref.finalize(self, _terminate_core, self._core)
         self._terminator.atexit = False     # executor._at_exit terminates it
