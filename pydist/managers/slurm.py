@@ -120,7 +120,7 @@ class SlurmManager(ClusterManager):
         try:
             self._collect(job, arrivals, params, launched, launch_ntfy)
         except BaseException:
-            threading.Thread(target=job.finish, args=(0.0,), daemon=True).start()
+            job.finish(0.0)   # no job is left behind by a failed launch
             raise
         finally:
             dialin.close()
