@@ -262,7 +262,7 @@ class SlurmLab:
             (tmp / "spool" / name).mkdir(parents=True)
         (tmp / "state").mkdir()
         me = socket.gethostname()
-        hosts = [f"127.0.0.1 localhost", f"{self.ctl_addr} lab-ctl {me}"]
+        hosts = ["127.0.0.1 localhost", f"{self.ctl_addr} lab-ctl {me}"]
         hosts += [f"{addr} {name}" for name, addr, _ in self.nodes]
         self.hosts_file = str(tmp / "hosts")
         Path(self.hosts_file).write_text("\n".join(hosts) + "\n")
