@@ -171,6 +171,30 @@ def test_master_sigkill_leaves_no_job(lab, tmp_path):
         lab.cancel_all()
 
 
+def test_a_master_that_stops_answering_loses_its_job_within_the_lease(lab, tmp_path):
+    script = tmp_path / "master.py"
+    script.write_text(HEADER + textwrap.dedent("""
+        pids = pd.addprocs(pd.SlurmManager(nodes=2, ntasks_per_node=1, lease=3))
+        report(pids=pids)
+        time.sleep(600)
+        """))
+    master = lab.popen([lab.python, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout.readline().startswith("RESULT ")
+        master.send_signal(signal.SIGSTOP)   # its connections stay open; only the lease tells
+        t = time.monotonic()
+        while lab.jobs() and time.monotonic() - t < 30:
+            time.sleep(0.2)
+        print(f"master stopped -> no job left after {time.monotonic() - t:.2f} s (lease 3 s)")
+        assert lab.jobs() == []
+        assert _workers_in(lab) == []
+    finally:
+        master.kill()
+        master.send_signal(signal.SIGCONT)
+        master.wait(10)
+        lab.cancel_all()
+
+
 def _workers_in(lab: SlurmLab) -> list[str]:
     """pydist workers still running on the lab's nodes (waits up to 10 s for them to go)."""
     t = time.monotonic()
@@ -192,6 +216,28 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_an_sbatch_script_whose_program_is_the_master(lab, tmp_path):
+    script = tmp_path / "master.py"
+    script.write_text(HEADER + textwrap.dedent("""
+        pids = pd.addprocs(pd.SlurmManager())
+        report(pids=pids, master=socket.gethostname(), job=os.environ["SLURM_JOB_ID"],
+               hosts=sorted(pd.remotecall_fetch(socket.gethostname, p) for p in pids))
+        pd.rmprocs(pids, waitfor=30)
+        """))
+    out = tmp_path / "job.out"
+    batch = tmp_path / "job.sh"
+    batch.write_text(f"#!/bin/sh\n#SBATCH --nodes=2 --ntasks-per-node=1\n"
+                     f"exec {lab.python} {script}\n")
+    done = lab.client(["sbatch", "--parsable", "-W", f"--output={out}", str(batch)],
+                      timeout=120, check=False)
+    text = out.read_text() if out.exists() else ""
+    assert done.returncode == 0, done.stdout + done.stderr + text
+    result = json.loads([x for x in text.splitlines() if x.startswith("RESULT ")][0][7:])
+    assert result["job"] == done.stdout.strip()
+    assert result["master"] == "lab-a" and result["hosts"] == ["lab-a", "lab-b"]
+    assert lab.jobs() == []
 
 
 def test_a_job_that_cannot_run_is_a_launch_error(slurm):
