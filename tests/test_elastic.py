@@ -143,6 +143,19 @@ def test_waiting_for_workers_that_do_not_come_times_out(em):
         pd.addprocs(pd.LocalManager(1), 2)
     with pytest.raises(ValueError, match="port"):
         pd.ElasticManager("127.0.0.1", 70000)
+    with pytest.raises(ValueError, match="cannot dial '0.0.0.0'"):
+        pd.ElasticManager("0.0.0.0", 0)
+
+
+def test_idle_connections_cannot_lock_a_worker_out(em):
+    manager, started = em
+    idle = [_transport.connect(f"tcp://{manager.address}", 5) for _ in range(80)]
+    try:
+        started.append(_start(manager, pd.cluster_cookie()))
+        assert len(pd.addprocs(manager, 1, timeout=30)) == 1
+    finally:
+        for t in idle:
+            t.close()
 
 
 # -- in the Slurm lab: a worker on another "host" ----------------------------------------

@@ -295,6 +295,8 @@ def test_bad_options_are_refused_before_anything_starts():
         pd.SlurmManager(nodes="2\n--uid=0")
     with pytest.raises(ValueError, match="master"):
         pd.SlurmManager(master="")
+    with pytest.raises(ValueError, match="unspecified"):
+        pd.SlurmManager(master="0.0.0.0:9000")
 
 
 def test_no_allocation_and_no_size_is_a_launch_error(monkeypatch):

@@ -21,6 +21,7 @@ dialed it: its end (the master died) makes the worker exit, and so does a lapsed
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -40,7 +41,7 @@ __all__ = ["Arrival", "DialIn", "dial_master", "route_to", "read_cookie_file", "
            "SLURM_FIELDS"]
 
 CONTACT_LIMIT = 16384      # bytes of the contact frame
-MAX_UNPROVEN = 64          # connections in their hello at once; more are closed at once
+MAX_UNPROVEN = 64          # connections in their hello at once; past it the oldest is dropped
 SLURM_FIELDS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_LOCALID",
                 "SLURM_NODEID", "SLURMD_NODENAME", "SLURM_NTASKS")
 
@@ -68,7 +69,11 @@ class DialIn:
         self._cookie = cookie
         self._on_arrival = on_arrival
         self._what = what
-        self._gate = threading.BoundedSemaphore(MAX_UNPROVEN)
+        self._lock = threading.Lock()
+        self._unproven: dict[int, Any] = {}   # id -> transport still in its hello, oldest first
+        if _unspecified(host):
+            raise ValueError(f"workers cannot dial {host!r}: name an address of this host "
+                             f"that they can reach")
         self._listener = _transport.listen(format_tcp_url(host, port))
         self.address = self._listener.address.removeprefix("tcp://")
         self._closed = False
@@ -85,11 +90,20 @@ class DialIn:
                 t = self._listener.accept()
             except TransportError:
                 return
-            if not self._gate.acquire(blocking=False):
-                t.abort()   # too many hellos at once: a flood, not workers
-                continue
+            self._admit_unproven(t)
             threading.Thread(target=self._admit, args=(t,), name="pydist-dialin-hello",
                              daemon=True).start()
+
+    def _admit_unproven(self, t: Any) -> None:
+        """Past the cap, drop the oldest connection still in its hello: idle connections
+        can delay a worker by one hello at most, never lock it out."""
+        with self._lock:
+            self._unproven[id(t)] = t
+            victims = []
+            while len(self._unproven) > MAX_UNPROVEN:
+                victims.append(self._unproven.pop(next(iter(self._unproven))))
+        for v in victims:
+            v.abort()
 
     def _admit(self, t: Any) -> None:
         try:
@@ -101,11 +115,19 @@ class DialIn:
                       file=sys.stderr, flush=True)
             return
         finally:
-            self._gate.release()
+            with self._lock:
+                self._unproven.pop(id(t), None)
         if self._closed:
             t.abort()
             return
         self._on_arrival(arrival)
+
+
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False   # a host name
 
 
 def _read_arrival(t: Any, cookie: str) -> Arrival:

@@ -317,6 +317,9 @@ def _check_master(master: str | None) -> tuple[str, int] | None:
     if not isinstance(master, str) or not master:
         raise ValueError(f"SlurmManager: master must be 'host' or 'host:port', not {master!r}")
     address = parse_tcp_url(f"tcp://{master}", listen=True)
+    if address.host in ("0.0.0.0", "::"):
+        raise ValueError(f"SlurmManager: master={master!r}: name an address of this host "
+                         f"that the nodes can reach, not the unspecified one")
     return address.host, address.port
 
 
