@@ -240,6 +240,28 @@ def test_an_sbatch_script_whose_program_is_the_master(lab, tmp_path):
     assert lab.jobs() == []
 
 
+def test_a_node_whose_worker_cannot_start_is_named(slurm, lab, tmp_path):
+    wrapper = tmp_path / "python-but-not-on-b"
+    wrapper.write_text(f'#!/bin/sh\n[ "$(hostname)" = lab-b ] && exit 3\nexec {lab.python} "$@"\n')
+    wrapper.chmod(0o755)
+    out = slurm(f"""
+        t = time.monotonic()
+        try:
+            pd.addprocs(pd.SlurmManager(nodes=2, ntasks_per_node=1), exename={str(wrapper)!r})
+            msg = "no error"
+        except pd.LaunchError as e:
+            msg = str(e)
+        t2 = time.monotonic()
+        while squeue() and time.monotonic() - t2 < 10:
+            time.sleep(0.05)
+        report(msg=msg, secs=t2 - t, workers=pd.workers(), jobs=squeue())
+        """)
+    assert "workers failed to start on lab-b (Exited with exit code 3)" in out["msg"], out["msg"]
+    assert "workers joined" in out["msg"] and "task 1: Exited with exit code 3" in out["msg"]
+    assert out["secs"] < 30
+    assert out["workers"] == [1] and out["jobs"] == []
+
+
 def test_a_job_that_cannot_run_is_a_launch_error(slurm):
     out = slurm("""
         t = time.monotonic()

@@ -147,6 +147,11 @@ class SlurmManager(ClusterManager):
                     ntfy.notify_all()
                 continue
             now = time.monotonic()
+            lost = [(node, what) for node, failed, what in job.failed if failed - tasks]
+            if lost:
+                nodes = ", ".join(sorted({f"{node} ({what})" for node, what in lost}))
+                raise LaunchError(self._failure(job, f"workers failed to start on {nodes}",
+                                                expected, tasks))
             if job.ended() and arrivals.empty():
                 job.output_done.wait(2.0)
                 raise LaunchError(self._failure(job, "srun ended", expected, tasks))
@@ -169,11 +174,12 @@ class SlurmManager(ClusterManager):
 
     def _failure(self, job: SrunJob, what: str, expected: int | None, tasks: set) -> str:
         code = job.proc.poll()
-        joined = f"{len(tasks)} of {expected if expected is not None else '?'} workers joined"
+        joined = f"{len(tasks)} {f'of {expected} ' if expected else ''}workers joined"
         if expected is not None and len(tasks) < expected:
             joined += f" (missing tasks {sorted(set(range(expected)) - tasks)})"
         status = f"; srun exit status {code}" if code is not None else ""
-        return (f"SlurmManager: Slurm job {job.job_id or '(none)'}: {what}; {joined}{status}; "
+        name = f"Slurm job {job.job_id}" if job.job_id else "the Slurm job"
+        return (f"SlurmManager: {name}: {what}; {joined}{status}; "
                 f"{job.report()}")
 
     def _config(self, job: SrunJob, arrival: Arrival, params: dict[str, Any]) -> SlurmWorkerConfig:

@@ -28,6 +28,7 @@ HOPELESS_REASONS = ("BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit"
                     "QOSNotAllowed", "JobHeldAdmin", "DependencyNeverSatisfied")
 _QUEUED = re.compile(r"job (\d+) (queued|has been allocated)")
 _LABEL = re.compile(r"^\s*(\d+): ?(.*)$", re.S)
+_TASK_FAILED = re.compile(r"srun: error: (\S+): tasks? ([\d,-]+): (.*)")
 
 
 def slurm_query(argv: list[str], timeout: float = 20.0) -> tuple[int, str]:
@@ -50,6 +51,7 @@ class SrunJob:
         self.job_id: str | None = None
         self.step_id: str | None = None
         self.pending_shown = ""
+        self.failed: list[tuple[str, set[int], str]] = []   # (node, tasks, what srun said)
         self._worker_id = worker_id       # (job, task number) -> worker id (or "?")
         self._log: deque[str] = deque(maxlen=40)
         self._lock = threading.Lock()
@@ -86,6 +88,10 @@ class SrunJob:
             return
         with self._lock:
             self._log.append(line)
+        failed = _TASK_FAILED.search(line)
+        if failed is not None:
+            self.failed.append((failed.group(1), _task_set(failed.group(2)),
+                                failed.group(3).strip()))
         queued = _QUEUED.search(line)
         if queued is not None:
             self.job_id = self.job_id or queued.group(1)
@@ -181,6 +187,16 @@ class SrunJob:
                 self.proc.stdout.close()
             except OSError:
                 pass
+
+
+def _task_set(text: str) -> set[int]:
+    """``"0-2,5"`` -> {0, 1, 2, 5}."""
+    tasks: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit():
+            tasks.update(range(int(first), int(last if last.isdigit() else first) + 1))
+    return tasks
 
 
 def _write(stream: object, text: str) -> None:
