@@ -24,6 +24,8 @@ exported, so no client ever looks for a configuration server.
 Teardown: cancel every job, SIGTERM the daemons by their saved processes (slurmds, then
 slurmctld, then munged; SIGKILL as a fallback), SIGKILL anything left in the lab's
 namespaces, delete the namespaces, check that nothing is left, and last remove the guard.
+A lab whose process was killed before its teardown is taken down by the next lab
+(``SlurmLab.cleanup_stale``, from the state file each lab keeps in ``/run/pydist-slurmlab``).
 
 This module imports nothing from pytest::
 
@@ -56,6 +58,7 @@ _PREFIX = "pdsl"
 _TOOLS = ("ip", "nsenter", "unshare", "mount", "munged", "mungekey", "slurmctld", "slurmd",
           "srun", "sinfo", "squeue", "scancel", "salloc", "sbatch")
 _HOME = str(Path(__file__).resolve().parent.parent)
+_STATE_DIR = Path("/run/pydist-slurmlab")   # one file per running lab, for cleanup_stale
 
 # Runs under `unshare --uts --mount`: the daemon's hostname, the lab's hosts file, a private
 # /dev/shm on nodes; then the daemon itself (same pid, so its Popen is the daemon).
@@ -118,17 +121,20 @@ class SlurmLab:
         ok, reason = self.available()
         if not ok:
             raise SlurmLabError(reason)
+        self.cleanup_stale()
         atexit.register(self.close)
         t0 = time.monotonic()
         try:
             self._claim_subnet()
             self._write_files()
+            self._save_state()
             self._make_network()
             self._start_munged()
             self._start_slurmctld()
             for name, _, ns in self.nodes:
                 self._start_daemon(f"slurmd-{name}", ns, name, "shm-private",
                                    ["slurmd", "-D", "-f", self.conf])
+            self._save_state()
             self._wait_idle()
         except BaseException:
             self.close()
@@ -176,6 +182,40 @@ class SlurmLab:
             self._guard = False
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        (_STATE_DIR / f"{self.lab_id}.json").unlink(missing_ok=True)
+
+    # -- crash leftovers -------------------------------------------------------------
+    def _save_state(self) -> None:
+        _STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = {"pid": os.getpid(), "start": _start_time(os.getpid()), "subnet": str(self.subnet),
+                 "namespaces": [ns for _, _, ns in self.nodes] + [self.lab_ns], "tmp": self.tmp,
+                 "daemons": [p.pid for p in self._daemons.values()]}
+        (_STATE_DIR / f"{self.lab_id}.json").write_text(json.dumps(state))
+
+    @staticmethod
+    def cleanup_stale() -> list[str]:
+        """Take down labs whose process is gone (killed before teardown); their ids."""
+        cleaned = []
+        for path in sorted(_STATE_DIR.glob("*.json")) if _STATE_DIR.is_dir() else []:
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if _start_time(state["pid"]) == state["start"]:
+                continue   # its owner still runs
+            for pid in state["daemons"]:   # only if the pid is still one of the lab's daemons
+                if any(d in _cmdline(pid) for d in ("munged", "slurmctld", "slurmd")):
+                    _kill(pid)
+            for ns in state["namespaces"]:
+                for pid in _processes_in_netns(ns):
+                    _kill(pid)
+                _run(["ip", "netns", "del", ns], check=False)
+            _run(["ip", "route", "del", "unreachable", state["subnet"], "metric",
+                  str(GUARD_METRIC)], check=False)
+            shutil.rmtree(state["tmp"], ignore_errors=True)
+            path.unlink(missing_ok=True)
+            cleaned.append(path.stem)
+        return cleaned
 
     # -- using the lab ---------------------------------------------------------------
     @property
@@ -405,6 +445,28 @@ def _processes_in_netns(ns: str) -> list[int]:
         if state not in ("Z", "X"):
             pids.append(int(entry))
     return pids
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks ("" if it is gone): a pid plus this is unique."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
