@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import textwrap
+import threading
 import time
 
 import pytest
@@ -281,6 +283,10 @@ def test_a_job_that_cannot_run_is_a_launch_error(slurm):
 def test_a_pending_job_is_shown_then_joins(lab, slurm, tmp_path):
     blocker = lab.client(["sbatch", "--parsable", "-N2", "--exclusive", "--wrap", "sleep 300"])
     job = blocker.stdout.strip()
+    t = time.monotonic()
+    while not any(j.startswith(f"{job} RUNNING") for j in lab.jobs()):   # it holds both nodes
+        assert time.monotonic() - t < 30, lab.jobs()
+        time.sleep(0.1)
     script = tmp_path / "pending.py"
     script.write_text(HEADER + textwrap.dedent("""
         pids = pd.addprocs(pd.SlurmManager(nodes=1))
@@ -289,17 +295,18 @@ def test_a_pending_job_is_shown_then_joins(lab, slurm, tmp_path):
         """))
     master = lab.popen([lab.python, str(script)], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in master.stderr], daemon=True)
+    reader.start()
     try:
         seen = []
-        t = time.monotonic()
-        for line in master.stderr:
-            seen.append(line)
-            if "pending" in line or time.monotonic() - t > 30:
-                break
-        assert any("is pending (" in s for s in seen), seen
+        while not any("is pending (" in x for x in seen):
+            seen.append(lines.get(timeout=30))   # Empty: no word of the pending job in 30 s
+        assert f"Slurm job {int(job) + 1} is pending (Resources)" in seen[-1], seen
         lab.client(["scancel", job])
-        out, err = master.communicate(timeout=60)
-        assert master.returncode == 0, err
+        out = master.communicate(timeout=60)[0]
+        reader.join(10)
+        assert master.returncode == 0, seen
         result = json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][0][7:])
         assert len(result["pids"]) == 1 and result["host"] in ("lab-a", "lab-b")
     finally:
