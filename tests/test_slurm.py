@@ -51,7 +51,7 @@ def slurm(lab, tmp_path):
         results = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         assert done.returncode == 0 and results, \
             f"master exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        return json.loads(results[-1])
+        return {**json.loads(results[-1]), "stdout": done.stdout}
     yield run
     lab.cancel_all()
 
@@ -100,6 +100,7 @@ def test_from_outside_a_job_of_that_size_released_by_rmprocs(slurm):
             return c in cmdline or any(c in v for v in os.environ.values())
         leaked = [pd.remotecall_fetch(seen, p, cookie) for p in pids]
         hosts = sorted(pd.remotecall_fetch(socket.gethostname, p) for p in pids)
+        pd.remotecall_fetch(print, pids[1], "a line from a task", flush=True)
         during = squeue()
         t = time.monotonic()
         pd.rmprocs(pids, waitfor=30)
@@ -114,6 +115,7 @@ def test_from_outside_a_job_of_that_size_released_by_rmprocs(slurm):
     assert len(out["during"]) == 1 and "RUNNING" in out["during"][0]
     assert out["after"] == [] and out["released"] < 10
     assert out["leaked"] == [False, False]
+    assert f"From worker {out['pids'][1]}:\ta line from a task" in out["stdout"]
     assert out["workers"] == [1]
 
 
