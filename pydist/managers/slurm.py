@@ -130,47 +130,49 @@ class SlurmManager(ClusterManager):
     def _collect(self, job: SrunJob, arrivals: queue.SimpleQueue, params: dict[str, Any],
                  launched: list[WorkerConfig], ntfy: Any) -> None:
         """Announce each task as it dials in, until all have; else a LaunchError."""
-        start, expected, tasks = time.monotonic(), None, set()
-        running_since: float | None = None
-        next_look = start + 1.0
+        clock = _LaunchClock(time.monotonic())
+        expected: int | None = None
+        tasks: set = set()
         while expected is None or len(tasks) < expected:
             try:
                 arrival = arrivals.get(timeout=0.1)
             except queue.Empty:
-                arrival = None
-            if arrival is not None:
-                config = self._config(job, arrival, params)
-                expected = expected or int(arrival.info.get("SLURM_NTASKS", "1") or 1)
-                tasks.add(config.task_id)
-                with ntfy:
-                    launched.append(config)
-                    ntfy.notify_all()
+                problem = self._problem(job, clock, arrivals, tasks)
+                if problem:
+                    raise LaunchError(self._failure(job, problem, expected, tasks))
                 continue
-            now = time.monotonic()
-            lost = [(node, what) for node, failed, what in job.failed if failed - tasks]
-            if lost:
-                nodes = ", ".join(sorted({f"{node} ({what})" for node, what in lost}))
-                raise LaunchError(self._failure(job, f"workers failed to start on {nodes}",
-                                                expected, tasks))
-            if job.ended() and arrivals.empty():
-                job.output_done.wait(2.0)
-                raise LaunchError(self._failure(job, "srun ended", expected, tasks))
-            if self.launch_timeout is not None and now - start > self.launch_timeout:
-                raise LaunchError(self._failure(job, f"no launch within {self.launch_timeout:g} s",
-                                                expected, tasks))
-            if now >= next_look:
-                next_look = now + 2.0
-                state, reason = job.state()
-                if state == "PENDING":
-                    job.show_pending()
-                    if reason in HOPELESS_REASONS:
-                        raise LaunchError(self._failure(job, f"the job cannot run ({reason})",
-                                                        expected, tasks))
-                elif state == "RUNNING" and running_since is None:
-                    running_since = now
-            if running_since is not None and now - running_since > RUNNING_TIMEOUT:
-                raise LaunchError(self._failure(job, f"the job ran {RUNNING_TIMEOUT:g} s and "
-                                                     "not every task dialed in", expected, tasks))
+            config = self._config(job, arrival, params)
+            expected = expected or int(arrival.info.get("SLURM_NTASKS", "1") or 1)
+            clock.running = clock.running or time.monotonic()   # a task runs: the job does
+            tasks.add(config.task_id)
+            with ntfy:
+                launched.append(config)
+                ntfy.notify_all()
+
+    def _problem(self, job: SrunJob, clock: "_LaunchClock", arrivals: queue.SimpleQueue,
+                 tasks: set) -> str:
+        """Why the launch cannot go on ("" while it can); shows a pending job's state."""
+        now = time.monotonic()
+        lost = sorted({f"{node} ({what})" for node, failed, what in job.failed if failed - tasks})
+        if lost:
+            return f"workers failed to start on {', '.join(lost)}"
+        if job.ended() and arrivals.empty():
+            job.output_done.wait(2.0)
+            return "srun ended"
+        if self.launch_timeout is not None and now - clock.start > self.launch_timeout:
+            return f"no launch within {self.launch_timeout:g} s"
+        if now >= clock.next_look:
+            clock.next_look = now + 2.0
+            state, reason = job.state()
+            if state == "PENDING":
+                job.show_pending()
+                if reason in HOPELESS_REASONS:
+                    return f"the job cannot run ({reason})"
+            elif state == "RUNNING":
+                clock.running = clock.running or now
+        if clock.running and now - clock.running > RUNNING_TIMEOUT:
+            return f"the job ran {RUNNING_TIMEOUT:g} s and not every task dialed in"
+        return ""
 
     def _failure(self, job: SrunJob, what: str, expected: int | None, tasks: set) -> str:
         code = job.proc.poll()
@@ -300,6 +302,15 @@ class SlurmManager(ClusterManager):
                 PGRP.worker_lost(w, f"ended with its Slurm job {job.job_id} (srun exit "
                                     f"status {code})")
         job.finish(0.0)
+
+
+@dataclass
+class _LaunchClock:
+    """When a launch began, when its job was first seen running, and when to ask squeue."""
+
+    start: float
+    running: float = 0.0
+    next_look: float = 0.0
 
 
 def _check_option(key: str, value: Any) -> Any:
