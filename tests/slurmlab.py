@@ -239,6 +239,7 @@ class SlurmLab:
                input: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run a Slurm client (or anything) on the login node and wait for it."""
         done = subprocess.run(self.client_argv(argv), env=self.env, capture_output=True,
+                              cwd=self.tmp,   # a job's stray output files land there
                               text=True, timeout=timeout, input=input,
                               stdin=None if input is not None else subprocess.DEVNULL)
         if check and done.returncode != 0:
@@ -248,6 +249,7 @@ class SlurmLab:
 
     def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen:
         """Start ``argv`` on the login node (the caller waits for it)."""
+        kwargs.setdefault("cwd", self.tmp)
         return subprocess.Popen(self.client_argv(argv), env=self.env,  # type: ignore[call-overload]
                                 **kwargs)
 

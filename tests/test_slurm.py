@@ -199,6 +199,34 @@ def test_a_master_that_stops_answering_loses_its_job_within_the_lease(lab, tmp_p
         lab.cancel_all()
 
 
+def test_master_sigkill_while_its_job_pends_withdraws_the_job(lab, tmp_path):
+    blocker = lab.client(["sbatch", "--parsable", "-N2", "--exclusive", "--output=/dev/null",
+                          "--wrap", "sleep 300"]).stdout.strip()
+    script = tmp_path / "master.py"
+    script.write_text(HEADER + "pd.addprocs(pd.SlurmManager(nodes=1))\n")
+    master = lab.popen([lab.python, str(script)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    try:
+        t = time.monotonic()
+        while len(lab.jobs()) < 2:   # the blocker, and the master's job, pending
+            assert time.monotonic() - t < 30 and master.poll() is None, lab.jobs()
+            time.sleep(0.1)
+        mine = [j for j in lab.jobs() if not j.startswith(f"{blocker} ")]
+        assert len(mine) == 1 and "PENDING" in mine[0], mine
+        master.send_signal(signal.SIGKILL)
+        master.wait(10)
+        t = time.monotonic()
+        while any(not j.startswith(f"{blocker} ") for j in lab.jobs()) and time.monotonic() - t < 60:
+            time.sleep(0.2)
+        print(f"master SIGKILL while pending -> its job withdrawn after {time.monotonic() - t:.2f} s")
+        assert [j.split()[0] for j in lab.jobs()] == [blocker]
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(10)
+        lab.cancel_all()
+
+
 def _workers_in(lab: SlurmLab) -> list[str]:
     """pydist workers still running on the lab's nodes (waits up to 10 s for them to go)."""
     t = time.monotonic()
@@ -283,7 +311,8 @@ def test_a_job_that_cannot_run_is_a_launch_error(slurm):
 
 
 def test_a_pending_job_is_shown_then_joins(lab, slurm, tmp_path):
-    blocker = lab.client(["sbatch", "--parsable", "-N2", "--exclusive", "--wrap", "sleep 300"])
+    blocker = lab.client(["sbatch", "--parsable", "-N2", "--exclusive", "--output=/dev/null",
+                          "--wrap", "sleep 300"])
     job = blocker.stdout.strip()
     t = time.monotonic()
     while not any(j.startswith(f"{job} RUNNING") for j in lab.jobs()):   # it holds both nodes

@@ -110,7 +110,8 @@ class DialIn:
             arrival = _read_arrival(t, self._cookie)
         except (AuthenticationError, TransportError, DecodeError, ValueError) as e:
             t.abort()
-            if not self._closed:
+            # A wrong proof or a bad contact is worth a line; a dropped idle socket is not.
+            if not self._closed and (isinstance(e, ValueError) or "refused" in str(e)):
                 print(f"pydist: the {self._what} listener refused a connection from {t.peer}: {e}",
                       file=sys.stderr, flush=True)
             return

@@ -6,6 +6,12 @@ lifeline; its output (``--label``: each line prefixed with the task number) is r
 the master's, prefixed with the worker's id. A line of srun's own saying the job waits
 for resources is shown, with the reason ``squeue`` gives.
 
+srun runs under a small guard (``_GUARD``, a bare interpreter) that holds one end of a
+pipe whose other end only the master holds: when the master dies, even by SIGKILL and even
+while the job still pends (srun reads nothing then), the guard reads end-of-file and
+SIGTERMs srun, which withdraws the request or cancels the step. The guard passes srun's
+exit status on, and forwards SIGTERM, SIGINT and SIGHUP to it.
+
 The end, as a ladder with deadlines (when the last worker of the step is gone, or the
 launch failed): close srun's input (the lifeline: the tasks exit and srun with them), then
 SIGTERM srun (it cancels the step, and the job it made), then ``scancel`` the job (if srun
@@ -13,6 +19,7 @@ made it) or the step, then SIGKILL srun.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +35,19 @@ HOPELESS_REASONS = ("BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit"
                     "QOSNotAllowed", "JobHeldAdmin", "DependencyNeverSatisfied")
 _QUEUED = re.compile(r"job (\d+) (queued|has been allocated)")
 _LABEL = re.compile(r"^\s*(\d+): ?(.*)$", re.S)
+_GUARD = """\
+import os, signal, subprocess, sys, threading
+child = subprocess.Popen(sys.argv[2:])
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, lambda sig, frame: child.send_signal(sig))
+def watch(fd=int(sys.argv[1])):
+    while os.read(fd, 64):
+        pass
+    child.terminate()
+threading.Thread(target=watch, daemon=True).start()
+code = child.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
 _TASK_FAILED = re.compile(r"srun: error: (\S+): tasks? ([\d,-]+): (.*)")
 
 
@@ -57,8 +77,17 @@ class SrunJob:
         self._lock = threading.Lock()
         self._ended = False
         self._ending = threading.Lock()   # held through the ladder: a second finish waits
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        guard, self._lifeline = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _GUARD, str(guard), *argv], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, pass_fds=(guard,))
+        except OSError:
+            os.close(self._lifeline)
+            raise
+        finally:
+            os.close(guard)
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write((cookie + "\n").encode())
@@ -181,6 +210,9 @@ class SrunJob:
             return False
 
     def _reap(self) -> None:
+        lifeline, self._lifeline = self._lifeline, -1
+        if lifeline >= 0:
+            os.close(lifeline)
         self.output_done.wait(5.0)
         if self.proc.stdout is not None:
             try:
