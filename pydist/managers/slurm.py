@@ -26,7 +26,8 @@ How one ``addprocs`` goes:
    with ``ProcessExitedException`` (its connection ends; srun's end is watched too).
    When the last worker of a step is gone, srun is ended and with it the job it made.
 7. The master's death ends the connections, srun's input and the heartbeats: every worker
-   exits, srun with them, and the job ends.
+   exits, srun with them, and the job ends; srun's guard (``slurmjob.py``) SIGTERMs it
+   at once, which also withdraws a job that still pends.
 """
 from __future__ import annotations
 
