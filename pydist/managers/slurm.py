@@ -253,7 +253,7 @@ class SlurmManager(ClusterManager):
             job = self._jobs.get(id(config))
         if op == "register" and job is not None:
             with self._lock:
-                self._live[job].add(pid)
+                self._live.setdefault(job, set()).add(pid)
                 if isinstance(config, SlurmWorkerConfig) and config.task_id is not None:
                     self._tasks[(id(job), config.task_id)] = pid
             _lease.renew(pid, self.lease)
@@ -261,6 +261,9 @@ class SlurmManager(ClusterManager):
             _lease.forget(pid)
             if self._drop(job, pid):
                 threading.Thread(target=job.finish, name="pydist-srun-end", daemon=True).start()
+        elif op == "finalize":
+            with self._lock:
+                self._jobs.pop(id(config), None)
         super().manage(pid, config, op)
 
     def _drop(self, job: SrunJob, pid: int) -> bool:
@@ -273,6 +276,8 @@ class SlurmManager(ClusterManager):
             if live:
                 return False
             del self._live[job]
+            for key in [k for k in self._tasks if k[0] == id(job)]:
+                del self._tasks[key]
             return True
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
