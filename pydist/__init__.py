@@ -20,6 +20,8 @@ from .errors import (AuthenticationError, CapturedException, InvalidStateExcepti
 from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
 from .managers.local import LocalManager
 from .managers.ssh import SSHManager
+from .managers.slurm import SlurmManager
+from .managers.elastic import ElasticManager
 from .messages import RRID
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
 from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
@@ -59,7 +61,8 @@ __all__ = [
     "ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed",
     "wait", "worker_id_from_socket", "RemoteException", "CapturedException",
     "ProcessExitedException", "InvalidStateException", "LaunchError", "AuthenticationError",
-    "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "default_addprocs_params", "init_worker",
+    "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "SlurmManager",
+    "ElasticManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
     "pmap", "progress",
