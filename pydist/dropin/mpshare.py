@@ -51,11 +51,11 @@ class _LocalSpawn:
 
 def dumps_shared(obj: Any) -> tuple[bytes, list]:
     """``dumps(obj)``; if that fails, again as for a process multiprocessing starts (see
-    the module's docstring). Raises the first ``SerializationError`` if both fail."""
+    the module's docstring). Raises the second ``SerializationError`` if both fail."""
     try:
         return dumps(obj)
-    except SerializationError as first:
-        return _spawn_dumps(obj, _LocalSpawn(), first)
+    except SerializationError:
+        return _spawn_dumps(obj, _LocalSpawn())
 
 
 def check_shared(obj: Any) -> None:
@@ -63,8 +63,8 @@ def check_shared(obj: Any) -> None:
     no descriptor is offered to anyone)."""
     try:
         dumps(obj)
-    except SerializationError as first:
-        _spawn_dumps(obj, _DryRun(), first)
+    except SerializationError:
+        _spawn_dumps(obj, _DryRun())
 
 
 class _DryRun(_LocalSpawn):
@@ -72,13 +72,13 @@ class _DryRun(_LocalSpawn):
         return None
 
 
-def _spawn_dumps(obj: Any, popen: _LocalSpawn, first: SerializationError) -> tuple[bytes, list]:
+def _spawn_dumps(obj: Any, popen: _LocalSpawn) -> tuple[bytes, list]:
     previous = mp_context.get_spawning_popen()
     mp_context.set_spawning_popen(popen)
     try:
         return dumps_with(obj, ChainMap(_REDUCERS, ForkingPickler._extra_reducers))
     except SerializationError:
-        raise first from None
+        raise     # the second error: it says why the multiprocessing way failed too
     finally:
         mp_context.set_spawning_popen(previous)
 
