@@ -41,6 +41,7 @@ import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from .dropin import closing as _closing
+from .dropin import nested as _nested
 from .dropin.core import _Core
 from .dropin.futures import _Future
 from .dropin.mapfeed import _chunks, _Feed, _map_results
@@ -75,6 +76,17 @@ class Executor(cf.Executor):
     Beyond the standard library: ``transport`` picks how to talk to the workers it starts,
     and ``pool`` makes it use the workers of a pydist worker pool instead.
     """
+
+    def __new__(cls, max_workers: int | None = None, mp_context: Any = None,
+                initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
+                max_tasks_per_child: int | None = None, transport: str = "auto",
+                pool: AbstractWorkerPool | None = None) -> Any:
+        if pool is None and _nested.in_task():
+            # Inside a task: the standard library's executor on private children
+            # (dropin/nested.py); only process 1 adds cluster workers.
+            return _nested.nested_executor(max_workers, initializer, initargs,
+                                           max_tasks_per_child)
+        return super().__new__(cls)
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
