@@ -7,6 +7,8 @@ import signal
 import threading
 import time
 
+import pydist
+
 INITIALIZED = "no"
 
 
@@ -129,3 +131,11 @@ class BrokenOnLoad:
 
     def __reduce__(self):
         return (_refuse, ())
+
+
+
+def nested_executor_kind():
+    """Inside a task: what pydist.ProcessPoolExecutor gives, and a map on it."""
+    with pydist.ProcessPoolExecutor(1) as inner:
+        kind = f"{type(inner).__module__}.{type(inner).__qualname__}"
+        return kind, list(inner.map(sq, range(3)))
