@@ -9,6 +9,7 @@ import logging.handlers
 import multiprocessing
 from multiprocessing import resource_sharer, resource_tracker, shared_memory
 
+import psutil
 import pytest
 
 import pydist as pd
@@ -102,6 +103,29 @@ def test_objects_in_task_arguments(transport):
             q.close()
             q.join_thread()
         objs["simple"].close()
+
+
+def _touch(shm: shared_memory.SharedMemory) -> int:
+    shm.buf[0] = 7
+    return shm.size
+
+
+def test_shared_memory_outlives_the_workers_that_attached_it(transport):
+    """A worker given a SharedMemory shares the master's resource tracker (as a spawned
+    child does), so its exit does not unlink the segment."""
+    shm = shared_memory.SharedMemory(create=True, size=16)
+    try:
+        with pd.ProcessPoolExecutor(1, transport=transport) as ex:
+            assert ex.submit(_touch, shm).result(timeout=60) >= 16
+            # A tracker of the worker's own would be its child: wait for it to finish too.
+            helpers = [c for p in ex._processes for c in psutil.Process(p).children()]
+        psutil.wait_procs(helpers, timeout=30)
+        again = shared_memory.SharedMemory(name=shm.name)    # still there
+        assert again.buf[0] == 7
+        again.close()
+    finally:
+        shm.close()
+        shm.unlink()
 
 
 def _init_fail(log_queue) -> None:

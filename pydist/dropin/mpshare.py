@@ -20,6 +20,13 @@ workers share the new semaphore from then on. (Processes forked from this one be
 keep the old semaphore: do not mix both kinds of children around one lock.)
 
 The plain pickler is tried first, so arguments that need none of this pay nothing.
+
+A spawned child also shares its parent's resource tracker (the process that unlinks
+named semaphores and shared memory left behind). A worker that attached a
+``SharedMemory`` with a tracker of its own would have it unlink the segment when the worker
+exits, under the master's feet; so when the master's tracker runs, or the program uses
+``multiprocessing.shared_memory``, each local worker is handed the master's tracker at
+start (``tracker_handle``), as spawn hands it over.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ import multiprocessing.context as mp_context
 import multiprocessing.queues  # noqa: F401  (the classes pickled here)
 import multiprocessing.sharedctypes as sharedctypes
 import multiprocessing.synchronize as synchronize
-from multiprocessing import resource_sharer
+import sys
+from multiprocessing import resource_sharer, resource_tracker
 from multiprocessing.reduction import ForkingPickler
 from collections import ChainMap
 from typing import Any, Callable
@@ -36,7 +44,7 @@ from typing import Any, Callable
 from ..errors import SerializationError
 from ..serialize import dumps, dumps_with
 
-__all__ = ["check_shared", "dumps_shared"]
+__all__ = ["check_shared", "dumps_shared", "tracker_handle"]
 
 
 class _LocalSpawn:
@@ -81,6 +89,15 @@ def _spawn_dumps(obj: Any, popen: _LocalSpawn) -> tuple[bytes, list]:
         raise     # the second error: it says why the multiprocessing way failed too
     finally:
         mp_context.set_spawning_popen(previous)
+
+
+def tracker_handle() -> Any:
+    """For one new local worker: the master's resource tracker's descriptor (to be
+    ``detach()``-ed there), or ``None`` if this program has no use for a tracker."""
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is None and "multiprocessing.shared_memory" not in sys.modules:
+        return None
+    return resource_sharer.DupFd(tracker.getfd())
 
 
 # -- semaphores made under fork ------------------------------------------------------------------

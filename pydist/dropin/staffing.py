@@ -25,7 +25,7 @@ from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
 from .futures import _unwrap
-from .mpshare import check_shared, dumps_shared
+from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
 
@@ -203,8 +203,9 @@ class _Staffing:
             payload = self._init_payload()
             for pid in pids:
                 data, bufs = payload or dumps_shared((self.initializer, self.initargs))
+                tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
-                                        not self.pool_mode))
+                                        not self.pool_mode, tracker))
             for f in calls:
                 f.fetch()
         except SerializationError as e:
