@@ -139,3 +139,18 @@ def nested_executor_kind():
     with pydist.ProcessPoolExecutor(1) as inner:
         kind = f"{type(inner).__module__}.{type(inner).__qualname__}"
         return kind, list(inner.map(sq, range(3)))
+
+
+_shared = {}
+
+
+def init_counter(lock, counter):
+    """The classic initializer: keep a lock and a shared counter for the tasks."""
+    _shared["lock"], _shared["counter"] = lock, counter
+
+
+def count_up(n):
+    for _ in range(n):
+        with _shared["lock"]:
+            _shared["counter"].value += 1
+    return n
