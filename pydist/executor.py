@@ -41,6 +41,7 @@ import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from .dropin import closing as _closing
+from .dropin import nested as _nested
 from .dropin.core import _Core
 from .dropin.futures import _Future
 from .dropin.mapfeed import _chunks, _Feed, _map_results
@@ -79,6 +80,17 @@ class Executor(cf.Executor):
     ``max_memory_per_child`` (bytes; Linux) replaces a worker whose resident memory is over
     it after a task: it takes no more tasks and a fresh worker takes its place.
     """
+
+    def __new__(cls, max_workers: int | None = None, mp_context: Any = None,
+                initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
+                max_tasks_per_child: int | None = None, transport: str = "auto",
+                pool: AbstractWorkerPool | None = None) -> Any:
+        if pool is None and _nested.in_task():
+            # Inside a task: the standard library's executor on private children
+            # (dropin/nested.py); only process 1 adds cluster workers.
+            return _nested.nested_executor(max_workers, initializer, initargs,
+                                           max_tasks_per_child)
+        return super().__new__(cls)
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,

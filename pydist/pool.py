@@ -23,6 +23,7 @@ import weakref
 from multiprocessing.pool import RemoteTraceback
 from typing import Any, Callable, Iterable
 
+from .dropin import nested as _nested
 from .dropin.core import _Core
 from .dropin.imap import IMapIterator, IMapUnorderedIterator
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
@@ -63,6 +64,15 @@ class Pool:
     ``max_memory_per_child`` (bytes; Linux) replaces a worker whose resident memory is over
     it after a task: it takes no more tasks and a fresh worker takes its place.
     """
+
+    def __new__(cls, processes: int | None = None, initializer: Callable[..., Any] | None = None,
+                initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
+                context: Any = None, *, transport: str = "auto") -> Any:
+        if _nested.in_task():
+            # Inside a task: the standard library's pool on private children
+            # (dropin/nested.py); only process 1 adds cluster workers.
+            return _nested.nested_pool(processes, initializer, initargs, maxtasksperchild)
+        return super().__new__(cls)
 
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,

@@ -28,6 +28,7 @@ from .dispatch import OpContext, internal_op
 from .errors import InvalidStateException, ProcessExitedException
 from .inbox import SIGINT_DEFERRAL
 from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
+from .stdfuture import StdFutureFace
 from .values import Failure, RemoteValue, unwrap
 
 __all__ = ["Future", "RemoteChannel", "wait_value", "blocking_section", "call_on_owner",
@@ -228,10 +229,14 @@ class AbstractRemoteRef:
         return hash((type(self).__name__, self.rrid))
 
 
-class Future(AbstractRemoteRef):
-    """A write-once value living on process ``where`` (Julia's ``Future``)."""
+class Future(StdFutureFace, AbstractRemoteRef):
+    """A write-once value living on process ``where`` (Julia's ``Future``).
 
-    __slots__ = ("_cache",)
+    It is also a future in Python's sense (``stdfuture.py``): ``concurrent.futures.wait``
+    and ``as_completed`` take it, mixed with standard futures, and asyncio awaits it.
+    """
+
+    __slots__ = ("_cache", "_watch")
 
     def __init__(self, pid: int | None = None) -> None:
         where = PGRP.myid if pid is None else pid
@@ -240,6 +245,7 @@ class Future(AbstractRemoteRef):
         self.rrid = PGRP.next_rrid()
         self._cache = _UNSET
         self._released = False
+        self._watch = None
         if where == PGRP.myid:
             PGRP.lookup_ref(self.rrid)
         _handles[self.rrid] = self
@@ -249,6 +255,7 @@ class Future(AbstractRemoteRef):
         """A handle for the result of a call about to be sent to ``pid``."""
         f = cls.__new__(cls)
         f.where, f.rrid, f._cache, f._released = pid, PGRP.next_rrid(), _UNSET, False
+        f._watch = None
         _handles[f.rrid] = f
         return f
 
@@ -304,6 +311,31 @@ class Future(AbstractRemoteRef):
         """Always a TypeError: a Future is fetched, not taken (``take`` is for channels)."""
         raise TypeError("take() is for channels; use fetch() on a Future")
 
+    def _cached(self) -> bool:
+        return self._cache is not _UNSET
+
+    def _when_ready(self, cb: Any) -> None:
+        """Call ``cb(failed)`` once the value is cached here (fetched from its owner)."""
+        def arrived(value: Any) -> None:
+            if self._cache is _UNSET:
+                self._cache = value
+                if self.where != PGRP.myid:
+                    self._release()   # the value is cached here now
+            cb(type(self._cache) is Failure)
+        if self._cache is not _UNSET:
+            arrived(self._cache)
+        elif self.where == PGRP.myid:
+            self._local_cell().add_callback(arrived)
+        else:
+            rrid, rv = PGRP.expect_reply(self.where)
+            rv.add_callback(arrived)
+            try:
+                PGRP.send(self.where, MsgHeader(notify_oid=rrid),
+                          CallFetchMsg(_fetch_ref, (self.rrid,), {}))
+            except BaseException as e:   # the owner is gone: that is the outcome
+                PGRP.forget_reply(rrid)
+                rv.try_set(Failure(e))
+
     def __reduce__(self):
         if self._cache is _UNSET:
             self._note_sent()
@@ -332,7 +364,7 @@ def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future:
             existing._cache = cache
         return existing
     f = Future.__new__(Future)
-    f.where, f.rrid, f._released = where, rrid, False
+    f.where, f.rrid, f._released, f._watch = where, rrid, False, None
     f._cache = _UNSET if cache is _UNSET_MARK else cache
     if f._cache is not _UNSET:
         f._released = True     # a handle with a value needs nothing from the owner

@@ -27,6 +27,7 @@ from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
 from .futures import _unwrap
+from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
 
@@ -59,6 +60,9 @@ def _resident_bytes(w: _Worker) -> int | None:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
+
+
+_PER_WORKER: Any = (b"", [])          # init_packed: pickle the initializer for each worker
 
 
 class _Staffing:
@@ -214,12 +218,17 @@ class _Staffing:
         self.dispatch()
         self._maybe_steal()
 
-    def _init_payload(self) -> tuple[bytes, list]:
+    def _init_payload(self) -> tuple[bytes, list] | None:
         """The initializer and its arguments, pickled once (SerializationError if they
-        cannot be)."""
+        cannot be); ``None`` if they hold multiprocessing objects, which are pickled for
+        each worker (``mpshare.py``: each gets descriptors of its own)."""
         if self.init_packed is None:
-            self.init_packed = dumps((self.initializer, self.initargs))
-        return self.init_packed
+            try:
+                self.init_packed = dumps((self.initializer, self.initargs))
+            except SerializationError:
+                check_shared((self.initializer, self.initargs))
+                self.init_packed = _PER_WORKER
+        return None if self.init_packed is _PER_WORKER else self.init_packed
 
     def _initialize(self, pids: list[int]) -> BaseException | None:
         """Run ``_init_worker`` on each new worker; the first failure, unwrapped. Only the
@@ -227,10 +236,12 @@ class _Staffing:
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
         try:
-            data, bufs = self._init_payload()
+            payload = self._init_payload()
             for pid in pids:
+                data, bufs = payload or dumps_shared((self.initializer, self.initargs))
+                tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
-                                        not self.pool_mode))
+                                        not self.pool_mode, tracker))
             for f in calls:
                 f.fetch()
         except SerializationError as e:
