@@ -18,6 +18,7 @@ from .control import addprocs, cluster_cookie, interrupt, rmprocs
 from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
                      ProcessExitedException, RemoteException)
 from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
+from .managers.forkclient import set_worker_preload
 from .managers.local import LocalManager
 from .managers.ssh import SSHManager
 from .messages import RRID
@@ -61,5 +62,5 @@ __all__ = [
     "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
-    "pmap",
+    "pmap", "set_worker_preload",
 ]
