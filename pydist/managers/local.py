@@ -6,6 +6,8 @@ directory (or ``dir``) with the master's environment (plus ``env``). The cookie 
 its standard input, which the master then keeps open as the worker's lifeline: when the
 master dies, the pipe closes and the worker exits. The worker's output is relayed to the
 master's standard output, each line prefixed with the worker's id, as Julia does.
+Where the request allows, the worker server (``forkclient.py``) forks the worker instead
+of starting an interpreter; it is set up the same way and has the same pipes.
 """
 from __future__ import annotations
 
