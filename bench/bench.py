@@ -323,6 +323,36 @@ class Loky(PPE):
             ex.shutdown(wait=True, kill_workers=True)
 
 
+class Mpire(Backend):
+    """``mpire.WorkerPool(2)`` (fork), kept alive between calls so that no call pays a start."""
+    key, label = "mpire", "mpire.WorkerPool"
+
+    def unavailable(self) -> str | None:
+        try:
+            __import__("mpire")
+        except ImportError as e:
+            return f"mpire not importable ({e})"
+        return None
+
+    def start(self) -> None:
+        import mpire
+        self.pool = mpire.WorkerPool(2, keep_alive=True)
+
+    def noop(self) -> None:
+        self.pool.apply(noop)
+
+    def map(self, f, n, chunksize):
+        return self.pool.map(f, range(n), chunk_size=chunksize, progress_bar=False)
+
+    def echo(self, a):
+        return self.pool.apply(echo, (a,))
+
+    def close(self) -> None:
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            _bounded(pool.terminate, 15.0, [], f"{self.label}.terminate()")
+
+
 def _pydist_feature(names: Iterable[str]) -> Any:
     """The first of ``module:attr`` names that imports, or ``None``."""
     import importlib
@@ -442,7 +472,7 @@ class PydistPool(MPPool):
 
 # The order in which the steady-state phase starts them: forking pools first, before
 # anything in this process has threads or sockets a fork would copy.
-BACKENDS: list[type[Backend]] = [MPPool, PPE, Loky, PydistShm, PydistTcp, PydistPPE, PydistPool]
+BACKENDS: list[type[Backend]] = [MPPool, PPE, Loky, Mpire, PydistShm, PydistTcp, PydistPPE, PydistPool]
 
 
 # -- results --------------------------------------------------------------------------------------
