@@ -54,6 +54,7 @@ for _p in (ROOT, HERE):          # workers get this sys.path: pydist by sending,
 
 import numpy as np               # noqa: E402
 
+import startpath                           # noqa: E402
 from workloads import echo, noop, square   # noqa: E402
 
 MIB = 1 << 20
@@ -90,7 +91,7 @@ class Config:
                    timeout=20.0, quick=True)
 
 
-MEASUREMENTS = ("startup", "noop", "tasks", "arrays")
+MEASUREMENTS = ("startup", "startpath", "noop", "tasks", "arrays")
 
 
 # -- the watchdog ----------------------------------------------------------------------------------
@@ -600,6 +601,21 @@ class Runner:
                 if took is not None:
                     self.res.add("startup", b.key, {"start": took, "stop": stop})
 
+    def run_startpath(self) -> None:
+        """Import, recycling, the Future path and the first large frame (``startpath.py``),
+        each pass with nothing else running."""
+        for p in range(self.cfg.passes):
+            self.log(f"start path, pass {p + 1}/{self.cfg.passes}")
+            self.dog.arm(600, "start path")
+            try:
+                startpath.run_pass(self.cfg.quick, self.res.add, self.log)
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                self.failed[("pydist-shm", "startpath")] = f"{type(e).__name__}: {e}"
+                return
+            finally:
+                self.dog.disarm()
+
     # 2. the steady state: start all, warm up, size the maps --------------------------------------
     def start_all(self) -> None:
         for b in self.backends:
@@ -818,6 +834,8 @@ class Report:
             self.tasks()
         if any(k.startswith("arrays_") for k in self.res.data):
             self.arrays()
+        if any(k.startswith("sp_") for k in self.res.data):
+            self.lines.extend(startpath.report_lines(self.res.median))
         self.targets()
         self.problems()
 
@@ -960,12 +978,13 @@ class Report:
             {"issue": 6, "what": "128 MiB through pydist.ProcessPoolExecutor.submit ≥ 10 × PPE GB/s",
              "ratio": ratio(r.median("arrays_128", "pydist-ppe"), r.median("arrays_128", REF)),
              "limit": 10, "le": False},
-        ]
+        ] + [dict(t, issue="start") for t in startpath.targets(
+            self.res.median, lambda k: r.median("startup", k, "start"))]
 
     def targets(self) -> None:
         self.target_results = self.target_list()
         self.out("")
-        self.out("targets (issues 4, 5, 6), from the medians above")
+        self.out("targets, from the medians above")
         self.out("-" * 96)
         for t in self.target_results:
             v = t["ratio"]
@@ -1021,7 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "startup" in only:
             runner.run_startup()
-        if only - {"startup"}:
+        if "startpath" in only:
+            runner.run_startpath()
+        if only - {"startup", "startpath"}:
             runner.start_all()
             runner.warm_up()
             runner.run_passes()
