@@ -30,6 +30,7 @@ the child it started, never a network, and carry no cookie.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import pickle
@@ -49,7 +50,7 @@ __all__ = ["serve", "BASE_PRELOAD", "MAX_MESSAGE"]
 MAX_MESSAGE = 1 << 20          # bytes of one request (an environment, a preload list)
 # What every worker needs before its first call: imported once here, not once per worker.
 BASE_PRELOAD = ("pydist", "pydist.bootstrap", "pydist.dropin.worker_side", "pydist.shm.transport",
-                "cloudpickle")
+                "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
 
 
 class _Server:
@@ -106,9 +107,12 @@ class _Server:
         for name in preload:
             if name not in sys.modules:
                 importlib.import_module(name)
-        if threading.active_count() > 1:
+        if _threads() > 1:
             # A module started a thread: forking now could copy a held lock.
             raise RuntimeError("the worker server has threads (a preloaded module started one)")
+        # What is imported now stays out of the collector's way in the children: a child
+        # that collects would otherwise touch, and so copy, every page of it.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             self.become_worker(cwd, environ, argv, fds)   # never returns
@@ -165,6 +169,14 @@ class _Server:
             if done:
                 self.children.discard(pid)
                 self.send(("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
+def _threads() -> int:
+    """Threads of this process, native ones included where the OS lists them."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _ignore(signum: int, frame: Any) -> None:
