@@ -49,8 +49,10 @@ __all__ = ["serve", "BASE_PRELOAD", "MAX_MESSAGE"]
 
 MAX_MESSAGE = 1 << 20          # bytes of one request (an environment, a preload list)
 # What every worker needs before its first call: imported once here, not once per worker.
-BASE_PRELOAD = ("pydist", "pydist.bootstrap", "pydist.dropin.worker_side", "pydist.shm.transport",
-                "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
+BASE_PRELOAD = ("pydist", "pydist.bootstrap", "pydist.control", "pydist.remotecall",
+                "pydist.remoteref", "pydist.api", "pydist.channel", "pydist.macros",
+                "pydist.workerpool", "pydist.pmap", "pydist.dropin.worker_side",
+                "pydist.shm.transport", "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
 
 
 class _Server:
