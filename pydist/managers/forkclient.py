@@ -32,6 +32,7 @@ __all__ = ["ForkedProcess", "fork_worker", "fork_refusal", "set_worker_preload",
 START_TIMEOUT = 60.0          # seconds for the server to import what it preloads
 REPLY_TIMEOUT = 30.0          # seconds for one fork
 REPLY_SIZE = 4096             # bytes of the largest message from the server
+AUTO_PRELOAD = ("numpy",)     # preloaded in the server once the master imported them
 _FIXED_PREFIXES = ("PYTHON", "LD_")
 _FIXED_SUFFIXES = ("_NUM_THREADS",)
 _preload: list[str] = []
@@ -256,7 +257,13 @@ def fork_worker(cwd: str, env: dict[str, str], argv: list[str],
         return f"the worker server could not start ({e})"
     if _fixed(env) != server.fixed:
         return "the environment changes interpreter settings the server was started with"
-    return server.fork(cwd, env, argv, [*worker_preload(), *(preload or ())])
+    return server.fork(cwd, env, argv, [*worker_preload(), *(preload or ()), *_master_has()])
+
+
+def _master_has() -> list[str]:
+    """Modules of ``AUTO_PRELOAD`` this master has imported: it will likely send their
+    objects, and a worker would otherwise import them as the first one arrives."""
+    return [name for name in AUTO_PRELOAD if name in sys.modules]
 
 
 def worker_server_pid() -> int | None:
