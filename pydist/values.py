@@ -62,14 +62,16 @@ _ATOMS = (type(None), bool, int, float, complex)
 
 def pushable(value: Any) -> bool:
     """Whether a call's result is small enough to send to the caller before it asks: an
-    atom, a failure, a short string, a small numpy array, or a short tuple or list of atoms."""
+    atom, a failure, a short string, a small numpy array, or a short tuple or list of atoms
+    and short strings."""
     t = type(value)
     if t in _ATOMS or t is Failure:
         return True
     if t is str or t is bytes:
         return len(value) <= PUSH_LIMIT
     if t is tuple or t is list:
-        return len(value) <= 64 and all(type(v) in _ATOMS for v in value)
+        return len(value) <= 64 and all(type(v) in _ATOMS or (type(v) in (str, bytes) and len(v) <= 1024)
+                                        for v in value)
     if t.__module__ == "numpy":     # an array or a scalar, unless it holds objects
         nbytes, dtype = getattr(value, "nbytes", None), getattr(value, "dtype", None)
         return type(nbytes) is int and nbytes <= PUSH_LIMIT and not getattr(dtype, "hasobject", True)
