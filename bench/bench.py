@@ -992,7 +992,8 @@ class Report:
                 state, shown = "not measured", "—"
             else:
                 met = v <= t["limit"] if t["le"] else v >= t["limit"]
-                state, shown = ("met" if met else "NOT MET"), f"{v:.2f}×"
+                state = "met" if met else "NOT MET"
+                shown = f"{v:.3f} s" if t.get("seconds") else f"{v:.2f}×"
             t["met"] = None if v is None else state == "met"
             self.out(f"#{t['issue']}  {t['what']:<76}{shown:>8}  {state}")
         if self.cfg.quick:
