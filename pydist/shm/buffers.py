@@ -10,9 +10,8 @@ for the copy out of the ring). So:
   buffer is handed out again once nothing refers to it any more: every view of it, and every
   array made from one, holds a reference to it, so its reference count says when the last
   user is gone. (A user who keeps a view, an array or ``frame.obj`` keeps it out of the pool.)
-* new large memory is an anonymous mapping populated in one call (``MADV_POPULATE_WRITE``,
-  in huge pages where the kernel allows, else ``MAP_POPULATE``), two to four times as fast
-  as faulting it in page by page;
+* new large memory is an anonymous mapping populated in one call (``MAP_POPULATE``), about
+  twice as fast as faulting it in page by page;
 * the pool keeps at most ``POOL_BYTES`` (whole buffers, never one larger than that), and a
   buffer nobody has asked for within ``IDLE_SECONDS`` is unmapped by a daemon thread that
   lives only while the pool holds something: memory stays bounded, in size and in time.
@@ -31,27 +30,14 @@ LARGE = 1 << 20
 POOL_BYTES = 256 << 20
 IDLE_SECONDS = 5.0
 _ROUND = 1 << 16  # pooled sizes are rounded up to this, so near sizes share a buffer
-_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
-_HUGE = getattr(mmap, "MADV_HUGEPAGE", None)
-_POPULATE_WRITE = 23      # MADV_POPULATE_WRITE (Linux 5.14); older kernels refuse it
+_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _fresh(size: int) -> mmap.mmap:
-    """New memory, populated now. Huge pages where the kernel gives them on request (THP
-    "madvise") populate a 64 MiB buffer in about half the time of 4 KiB pages, which is
-    most of what the first large frame of a new worker costs more than the later ones."""
     try:
-        buf = mmap.mmap(-1, size, flags=_MAP_FLAGS)
+        return mmap.mmap(-1, size, flags=_MAP_FLAGS)
     except OSError as exc:
         raise MemoryError(f"cannot map {size} bytes for a received frame: {exc}") from None
-    try:
-        if _HUGE is not None:
-            buf.madvise(_HUGE)
-        buf.madvise(_POPULATE_WRITE)
-    except (OSError, ValueError, AttributeError):
-        buf.close()           # no such advice here: populate as the mapping is made
-        buf = mmap.mmap(-1, size, flags=_MAP_FLAGS | getattr(mmap, "MAP_POPULATE", 0))
-    return buf
 
 
 class _Pool:
