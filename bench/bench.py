@@ -919,7 +919,7 @@ class Report:
     def how(self, b: Backend, row: str) -> str:
         if isinstance(b, PydistCluster):
             return b.map_kind
-        if isinstance(b, MPPool):
+        if isinstance(b, (MPPool, Mpire)):
             return "map(chunksize=1)" if row == "cs1" else "map()"
         return "map(chunksize=1)"
 

@@ -138,3 +138,18 @@ def test_a_worker_killed_by_a_signal_says_so(transport, leak_oracle):
             pd.remotecall_fetch(os.getpid, pids[0])
             time.sleep(0.01)
     assert pids[0] not in pd.workers()
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+    return random.random(), float(np.random.random())
+
+
+def test_forked_workers_draw_different_random_numbers(transport, leak_oracle):
+    with _workers(2, transport, preload=["numpy.random"]) as pids:
+        draws = [pd.remotecall_fetch(_draws, p) for p in pids]
+        parents = {pd.remotecall_fetch(os.getppid, p) for p in pids}
+    assert parents == {worker_server_pid()}
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1], draws

@@ -18,7 +18,8 @@ worker for each request. The story of one server:
    ``("forked", pid)`` (or ``("error", why)``: the master then starts a fresh interpreter).
 4. The child becomes what ``python -m pydist.worker ARGV`` run in ``cwd`` with
    ``environ`` would be: a session of its own, the descriptors as 0, 1 and 2, that
-   directory, that environment, ``sys.path[0]`` the directory; then ``worker_main(argv)``.
+   directory, that environment, ``sys.path[0]`` the directory, random generators seeded
+   afresh; then ``worker_main(argv)``.
    It never returns into the server's loop.
 5. The server reaps its children and reports each as ``("exit", pid, returncode)``
    (``subprocess``'s convention: minus the signal number when a signal ended it).
@@ -137,6 +138,7 @@ class _Server:
             os.environ.clear()
             os.environ.update(environ)
             sys.path[0] = os.getcwd()     # what ``python -m`` puts first
+            _reseed()
             sys.argv = [worker.__file__, *argv]
             worker_main(argv)
             code = 0
@@ -171,6 +173,14 @@ class _Server:
             if done:
                 self.children.discard(pid)
                 self.send(("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
+def _reseed() -> None:
+    """Give a forked worker random streams of its own, as a fresh interpreter has
+    (``random`` reseeds itself after a fork; numpy's global generator does not)."""
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed()
 
 
 def _threads() -> int:
