@@ -56,3 +56,12 @@ def test_a_failure_is_announced_too(fresh):
     assert isinstance(info.value.captured.ex, ZeroDivisionError)
     with pytest.raises(pd.RemoteException):
         f.fetch(timeout=STEP)
+
+
+def test_every_public_name_loads_on_first_use():
+    code = ("import pydist, pydist.managers as m;"
+            "[getattr(pydist, n) for n in pydist.__all__]; [getattr(m, n) for n in m.__all__];"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=STEP)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
