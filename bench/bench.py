@@ -55,6 +55,7 @@ for _p in (ROOT, HERE):          # workers get this sys.path: pydist by sending,
 
 import numpy as np               # noqa: E402
 
+import startpath                           # noqa: E402
 from workloads import echo, noop, square   # noqa: E402
 
 MIB = 1 << 20
@@ -91,7 +92,7 @@ class Config:
                    timeout=20.0, quick=True)
 
 
-MEASUREMENTS = ("startup", "noop", "tasks", "arrays")
+MEASUREMENTS = ("startup", "startpath", "noop", "tasks", "arrays")
 
 
 # -- the watchdog ----------------------------------------------------------------------------------
@@ -324,6 +325,36 @@ class Loky(PPE):
             ex.shutdown(wait=True, kill_workers=True)
 
 
+class Mpire(Backend):
+    """``mpire.WorkerPool(2)`` (fork), kept alive between calls so that no call pays a start."""
+    key, label = "mpire", "mpire.WorkerPool"
+
+    def unavailable(self) -> str | None:
+        try:
+            __import__("mpire")
+        except ImportError as e:
+            return f"mpire not importable ({e})"
+        return None
+
+    def start(self) -> None:
+        import mpire
+        self.pool = mpire.WorkerPool(2, keep_alive=True)
+
+    def noop(self) -> None:
+        self.pool.apply(noop)
+
+    def map(self, f, n, chunksize):
+        return self.pool.map(f, range(n), chunk_size=chunksize, progress_bar=False)
+
+    def echo(self, a):
+        return self.pool.apply(echo, (a,))
+
+    def close(self) -> None:
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            _bounded(pool.terminate, 15.0, [], f"{self.label}.terminate()")
+
+
 def _pydist_feature(names: Iterable[str]) -> Any:
     """The first of ``module:attr`` names that imports, or ``None``."""
     import importlib
@@ -443,7 +474,7 @@ class PydistPool(MPPool):
 
 # The order in which the steady-state phase starts them: forking pools first, before
 # anything in this process has threads or sockets a fork would copy.
-BACKENDS: list[type[Backend]] = [MPPool, PPE, Loky, PydistShm, PydistTcp, PydistPPE, PydistPool]
+BACKENDS: list[type[Backend]] = [MPPool, PPE, Loky, Mpire, PydistShm, PydistTcp, PydistPPE, PydistPool]
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -570,6 +601,21 @@ class Runner:
                     stop = time.perf_counter() - t0
                 if took is not None:
                     self.res.add("startup", b.key, {"start": took, "stop": stop})
+
+    def run_startpath(self) -> None:
+        """Import, recycling, the Future path and the first large frame (``startpath.py``),
+        each pass with nothing else running."""
+        for p in range(self.cfg.passes):
+            self.log(f"start path, pass {p + 1}/{self.cfg.passes}")
+            self.dog.arm(600, "start path")
+            try:
+                startpath.run_pass(self.cfg.quick, self.res.add, self.log)
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                self.failed[("pydist-shm", "startpath")] = f"{type(e).__name__}: {e}"
+                return
+            finally:
+                self.dog.disarm()
 
     # 2. the steady state: start all, warm up, size the maps --------------------------------------
     def start_all(self) -> None:
@@ -789,6 +835,8 @@ class Report:
             self.tasks()
         if any(k.startswith("arrays_") for k in self.res.data):
             self.arrays()
+        if any(k.startswith("sp_") for k in self.res.data):
+            self.lines.extend(startpath.report_lines(self.res.median))
         self.targets()
         self.problems()
 
@@ -872,7 +920,7 @@ class Report:
     def how(self, b: Backend, row: str) -> str:
         if isinstance(b, PydistCluster):
             return b.map_kind
-        if isinstance(b, MPPool):
+        if isinstance(b, (MPPool, Mpire)):
             return "map(chunksize=1)" if row == "cs1" else "map()"
         return "map(chunksize=1)"
 
@@ -931,7 +979,8 @@ class Report:
             {"what": "128 MiB through pydist.ProcessPoolExecutor.submit ≥ 10 × PPE GB/s",
              "ratio": ratio(r.median("arrays_128", "pydist-ppe"), r.median("arrays_128", REF)),
              "limit": 10, "le": False},
-        ]
+        ] + [dict(t, issue="start") for t in startpath.targets(
+            self.res.median, lambda k: r.median("startup", k, "start"))]
 
     def targets(self) -> None:
         self.target_results = self.target_list()
@@ -944,7 +993,8 @@ class Report:
                 state, shown = "not measured", "—"
             else:
                 met = v <= t["limit"] if t["le"] else v >= t["limit"]
-                state, shown = ("met" if met else "NOT MET"), f"{v:.2f}×"
+                state = "met" if met else "NOT MET"
+                shown = f"{v:.3f} s" if t.get("seconds") else f"{v:.2f}×"
             t["met"] = None if v is None else state == "met"
             self.out(f"{t['what']:<80}{shown:>8}  {state}")
         if self.cfg.quick:
@@ -1019,7 +1069,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "startup" in only:
             runner.run_startup()
-        if only - {"startup"}:
+        if "startpath" in only:
+            runner.run_startpath()
+        if only - {"startup", "startpath"}:
             runner.start_all()
             runner.warm_up()
             runner.run_passes()

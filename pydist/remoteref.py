@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -29,12 +30,13 @@ from .errors import InvalidStateException, ProcessExitedException
 from .inbox import SIGINT_DEFERRAL
 from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
 from .stdfuture import StdFutureFace
-from .values import Failure, RemoteValue, unwrap
+from .values import STORED, Failure, RemoteValue, unwrap
 
 __all__ = ["Future", "RemoteChannel", "wait_value", "blocking_section", "call_on_owner",
            "remoteref_id", "channel_from_id", "AbstractRemoteRef"]
 
 _UNSET: Any = object()
+BATCH_WINDOW = 0.005   # seconds a del-client notice waits for others to the same owner
 _handles: "weakref.WeakValueDictionary[RRID, AbstractRemoteRef]" = weakref.WeakValueDictionary()
 
 
@@ -115,16 +117,19 @@ class _ClientMessages:
             PGRP.del_client(rrid, where)   # nothing to send: no thread needed
             return
         with self._lock:
+            first = not self._pending
             self._pending[where].append(rrid)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="pydist-refs", daemon=True)
                 self._thread.start()
-        self._wake.set()
+        if first:   # later ones ride along: no wake-up (a thread switch) per notice
+            self._wake.set()
 
     def _loop(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
+            time.sleep(BATCH_WINDOW)   # gather what the next calls release
             self.flush()
 
     def flush(self) -> None:
@@ -236,7 +241,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
     and ``as_completed`` take it, mixed with standard futures, and asyncio awaits it.
     """
 
-    __slots__ = ("_cache", "_watch")
+    __slots__ = ("_cache", "_watch", "_pushed")
 
     def __init__(self, pid: int | None = None) -> None:
         where = PGRP.myid if pid is None else pid
@@ -244,6 +249,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         self.where = where
         self.rrid = PGRP.next_rrid()
         self._cache = _UNSET
+        self._pushed: RemoteValue | None = None   # where a call's owner announces its result
         self._released = False
         self._watch = None
         if where == PGRP.myid:
@@ -256,6 +262,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         f = cls.__new__(cls)
         f.where, f.rrid, f._cache, f._released = pid, PGRP.next_rrid(), _UNSET, False
         f._watch = None
+        f._pushed = None
         _handles[f.rrid] = f
         return f
 
@@ -271,11 +278,23 @@ class Future(StdFutureFace, AbstractRemoteRef):
             if self.where == PGRP.myid:
                 value = wait_value(self._local_cell(), timeout, f"{self!r}")
             else:
-                value = call_on_owner(_fetch_ref, self.where, self.rrid, timeout=timeout)
+                value = self._announced(timeout)
+                if value is STORED:
+                    value = call_on_owner(_fetch_ref, self.where, self.rrid, timeout=timeout)
             self._cache = value
             if self.where != PGRP.myid:
                 self._release()   # the value is cached here now
         return unwrap(self._cache)
+
+    def _announced(self, timeout: float | None) -> Any:
+        """What the call's owner sent when the result was there: the result itself, or
+        ``STORED`` (also when no announcement was asked for)."""
+        pushed = self._pushed
+        if pushed is None:
+            return STORED
+        value = wait_value(pushed, timeout, f"{self!r}", via=self.where)
+        self._pushed = None
+        return value
 
     def put(self, value: Any) -> "Future":
         """Set the value; a Future can be set only once (``InvalidStateException``)."""
@@ -294,6 +313,8 @@ class Future(StdFutureFace, AbstractRemoteRef):
             return True
         if self.where == PGRP.myid:
             return self._local_cell().ready()
+        if self._pushed is not None:
+            return self._pushed.ready()
         return bool(unwrap(call_on_owner(_isready_ref, self.where, self.rrid)))
 
     def wait(self, timeout: float | None = None) -> "Future":
@@ -301,6 +322,12 @@ class Future(StdFutureFace, AbstractRemoteRef):
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
                 unwrap(wait_value(self._local_cell(), timeout, f"{self!r}"))
+            elif self._pushed is not None:
+                value = self._announced(timeout)
+                if value is not STORED:
+                    self._cache = value
+                    self._release()   # the value is cached here now
+                unwrap(value)
             else:
                 unwrap(call_on_owner(_wait_ref, self.where, self.rrid, timeout=timeout))
         else:
@@ -364,7 +391,7 @@ def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future:
             existing._cache = cache
         return existing
     f = Future.__new__(Future)
-    f.where, f.rrid, f._released, f._watch = where, rrid, False, None
+    f.where, f.rrid, f._released, f._watch, f._pushed = where, rrid, False, None, None
     f._cache = _UNSET if cache is _UNSET_MARK else cache
     if f._cache is not _UNSET:
         f._released = True     # a handle with a value needs nothing from the owner

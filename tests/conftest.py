@@ -31,7 +31,7 @@ def cluster(transport):
 
 # Threads pydist keeps for the life of the process, once started.
 SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-reaper", "pydist-heartbeat",
-                   "pydist-beat")
+                   "pydist-beat", "pydist-worker-server")
 
 
 def _threads() -> set[tuple[int, str]]:
