@@ -84,7 +84,8 @@ class Executor(cf.Executor):
     def __new__(cls, max_workers: int | None = None, mp_context: Any = None,
                 initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
                 max_tasks_per_child: int | None = None, transport: str = "auto",
-                pool: AbstractWorkerPool | None = None) -> Any:
+                pool: AbstractWorkerPool | None = None,
+                max_memory_per_child: int | None = None) -> Any:
         if pool is None and _nested.in_task():
             # Inside a task: the standard library's executor on private children
             # (dropin/nested.py); only process 1 adds cluster workers.

@@ -67,7 +67,8 @@ class Pool:
 
     def __new__(cls, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
-                context: Any = None, *, transport: str = "auto") -> Any:
+                context: Any = None, *, transport: str = "auto",
+                max_memory_per_child: int | None = None) -> Any:
         if _nested.in_task():
             # Inside a task: the standard library's pool on private children
             # (dropin/nested.py); only process 1 adds cluster workers.
