@@ -1,6 +1,7 @@
 """pydist beside the standard library's process pools and loky, in one run, as ratios.
 
     python bench/bench.py [--quick] [--only NAME ...] [--backends KEY ...] [--json out.json]
+                          [--plot DIR] [--from-json recorded.json --plot DIR]
 
 What is measured (every backend has 2 workers; see docs/benchmarks.md):
 
@@ -54,6 +55,7 @@ for _p in (ROOT, HERE):          # workers get this sys.path: pydist by sending,
 
 import numpy as np               # noqa: E402
 
+import startpath                           # noqa: E402
 from workloads import echo, noop, square   # noqa: E402
 
 MIB = 1 << 20
@@ -90,7 +92,7 @@ class Config:
                    timeout=20.0, quick=True)
 
 
-MEASUREMENTS = ("startup", "noop", "tasks", "arrays")
+MEASUREMENTS = ("startup", "startpath", "noop", "tasks", "arrays")
 
 
 # -- the watchdog ----------------------------------------------------------------------------------
@@ -323,6 +325,36 @@ class Loky(PPE):
             ex.shutdown(wait=True, kill_workers=True)
 
 
+class Mpire(Backend):
+    """``mpire.WorkerPool(2)`` (fork), kept alive between calls so that no call pays a start."""
+    key, label = "mpire", "mpire.WorkerPool"
+
+    def unavailable(self) -> str | None:
+        try:
+            __import__("mpire")
+        except ImportError as e:
+            return f"mpire not importable ({e})"
+        return None
+
+    def start(self) -> None:
+        import mpire
+        self.pool = mpire.WorkerPool(2, keep_alive=True)
+
+    def noop(self) -> None:
+        self.pool.apply(noop)
+
+    def map(self, f, n, chunksize):
+        return self.pool.map(f, range(n), chunk_size=chunksize, progress_bar=False)
+
+    def echo(self, a):
+        return self.pool.apply(echo, (a,))
+
+    def close(self) -> None:
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            _bounded(pool.terminate, 15.0, [], f"{self.label}.terminate()")
+
+
 def _pydist_feature(names: Iterable[str]) -> Any:
     """The first of ``module:attr`` names that imports, or ``None``."""
     import importlib
@@ -463,7 +495,7 @@ class PydistPool(MPPool):
 
 # The order in which the steady-state phase starts them: forking pools first, before
 # anything in this process has threads or sockets a fork would copy.
-BACKENDS: list[type[Backend]] = [MPPool, PPE, Loky, PydistShm, PydistShmRing, PydistTcp,
+BACKENDS: list[type[Backend]] = [MPPool, PPE, Loky, Mpire, PydistShm, PydistShmRing, PydistTcp,
                                  PydistPPE, PydistPool]
 
 
@@ -591,6 +623,21 @@ class Runner:
                     stop = time.perf_counter() - t0
                 if took is not None:
                     self.res.add("startup", b.key, {"start": took, "stop": stop})
+
+    def run_startpath(self) -> None:
+        """Import, recycling, the Future path and the first large frame (``startpath.py``),
+        each pass with nothing else running."""
+        for p in range(self.cfg.passes):
+            self.log(f"start path, pass {p + 1}/{self.cfg.passes}")
+            self.dog.arm(600, "start path")
+            try:
+                startpath.run_pass(self.cfg.quick, self.res.add, self.log)
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                self.failed[("pydist-shm", "startpath")] = f"{type(e).__name__}: {e}"
+                return
+            finally:
+                self.dog.disarm()
 
     # 2. the steady state: start all, warm up, size the maps --------------------------------------
     def start_all(self) -> None:
@@ -813,6 +860,8 @@ class Report:
             self.tasks()
         if any(k.startswith("arrays_") for k in self.res.data):
             self.arrays()
+        if any(k.startswith("sp_") for k in self.res.data):
+            self.lines.extend(startpath.report_lines(self.res.median))
         self.targets()
         self.problems()
 
@@ -896,7 +945,7 @@ class Report:
     def how(self, b: Backend, row: str) -> str:
         if isinstance(b, PydistCluster):
             return b.map_kind
-        if isinstance(b, MPPool):
+        if isinstance(b, (MPPool, Mpire)):
             return "map(chunksize=1)" if row == "cs1" else "map()"
         return "map(chunksize=1)"
 
@@ -922,7 +971,7 @@ class Report:
                     line += f"{v:>14.2f}{_ratio(v, self.res.median(f'arrays_{mib}', REF)):>8}"
             self.out(line)
 
-    # the targets of issues 4, 5 and 6 --------------------------------------------------------------
+    # the targets --------------------------------------------------------------------------------
     def target_list(self) -> list[dict[str, Any]]:
         r = self.res
 
@@ -931,43 +980,44 @@ class Report:
 
         noop = lambda k: r.median("noop", k, "median_us")                  # noqa: E731
         return [
-            {"issue": 4, "what": "pydist shm no-op round trip median ≤ 0.4 × PPE",
+            {"what": "pydist shm no-op round trip median ≤ 0.4 × PPE",
              "ratio": ratio(noop("pydist-shm"), noop(REF)), "limit": 0.4, "le": True},
-            {"issue": 4, "what": "pydist shm no-op round trip median ≤ 0.7 × pydist tcp",
+            {"what": "pydist shm no-op round trip median ≤ 0.7 × pydist tcp",
              "ratio": ratio(noop("pydist-shm"), noop("pydist-tcp")), "limit": 0.7, "le": True},
-            {"issue": 4, "what": "pydist shm 128 MiB round trip ≥ 10 × PPE GB/s",
+            {"what": "pydist shm 128 MiB round trip ≥ 10 × PPE GB/s",
              "ratio": ratio(r.median("arrays_128", "pydist-shm"), r.median("arrays_128", REF)),
              "limit": 10, "le": False},
-            {"issue": 5, "what": f"pmap over {self.cfg.map_n:,} ints (shm) ≥ 5 × PPE map(chunksize=1) tasks/s",
+            {"what": f"pmap over {self.cfg.map_n:,} ints (shm) ≥ 5 × PPE map(chunksize=1) tasks/s",
              "ratio": ratio(r.median("tasks_cs1", "pydist-shm"), r.median("tasks_cs1", REF)),
              "limit": 5, "le": False},
-            {"issue": 5, "what": "  the same with a lambda, as the issue writes it",
+            {"what": "  the same with a lambda, as users often write it",
              "ratio": ratio(r.median("tasks_cs1", "pydist-shm:lambda"), r.median("tasks_cs1", REF)),
              "limit": 5, "le": False},
-            {"issue": 6, "what": "pydist.ProcessPoolExecutor submit().result() no-op ≤ 0.4 × PPE",
+            {"what": "pydist.ProcessPoolExecutor submit().result() no-op ≤ 0.4 × PPE",
              "ratio": ratio(noop("pydist-ppe"), noop(REF)), "limit": 0.4, "le": True},
-            {"issue": 6, "what": f"pydist.ProcessPoolExecutor.map chunksize 1 over {self.cfg.map_n:,} ≥ 5 × PPE",
+            {"what": f"pydist.ProcessPoolExecutor.map chunksize 1 over {self.cfg.map_n:,} ≥ 5 × PPE",
              "ratio": ratio(r.median("tasks_cs1", "pydist-ppe"), r.median("tasks_cs1", REF)),
              "limit": 5, "le": False},
-            {"issue": 6, "what": f"pydist.Pool.map over {self.cfg.big_map_n:,} ≥ 1 × multiprocessing.Pool.map",
+            {"what": f"pydist.Pool.map over {self.cfg.big_map_n:,} ≥ 1 × multiprocessing.Pool.map",
              "ratio": ratio(r.median("tasks_big", "pydist-pool"), r.median("tasks_big", "mp-pool")),
              "limit": 1, "le": False},
-            {"issue": 6, "what": "128 MiB through pydist.ProcessPoolExecutor.submit ≥ 10 × PPE GB/s",
+            {"what": "128 MiB through pydist.ProcessPoolExecutor.submit ≥ 10 × PPE GB/s",
              "ratio": ratio(r.median("arrays_128", "pydist-ppe"), r.median("arrays_128", REF)),
              "limit": 10, "le": False},
-            {"issue": "", "what": "pydist shm 128 MiB round trip, segments ≥ 1.5 × the ring only",
+            {"what": "pydist shm 128 MiB round trip, segments ≥ 1.5 × the ring only",
              "ratio": ratio(r.median("arrays_128", "pydist-shm"),
                             r.median("arrays_128", "pydist-shm-ring")),
              "limit": 1.5, "le": False},
-            {"issue": "", "what": "pydist shm 128 MiB round trip ≥ 12 GB/s (on a quiet machine)",
+            {"what": "pydist shm 128 MiB round trip ≥ 12 GB/s (on a quiet machine)",
              "ratio": r.median("arrays_128", "pydist-shm"), "limit": 12, "le": False,
              "unit": " GB/s"},
-        ]
+        ] + [dict(t, issue="start") for t in startpath.targets(
+            self.res.median, lambda k: r.median("startup", k, "start"))]
 
     def targets(self) -> None:
         self.target_results = self.target_list()
         self.out("")
-        self.out("targets (issues 4, 5, 6), from the medians above")
+        self.out("targets, from the medians above")
         self.out("-" * 96)
         for t in self.target_results:
             v = t["ratio"]
@@ -975,12 +1025,12 @@ class Report:
                 state, shown = "not measured", "—"
             else:
                 met = v <= t["limit"] if t["le"] else v >= t["limit"]
-                state, shown = ("met" if met else "NOT MET"), f"{v:.2f}{t.get('unit', '×')}"
+                state = "met" if met else "NOT MET"
+                shown = f"{v:.3f} s" if t.get("seconds") else f"{v:.2f}{t.get('unit', '×')}"
             t["met"] = None if v is None else state == "met"
-            tag = f"#{t['issue']}" if t["issue"] else "  "
-            self.out(f"{tag}  {t['what']:<76}{shown:>8}  {state}")
+            self.out(f"{t['what']:<80}{shown:>8}  {state}")
         if self.cfg.quick:
-            self.out("(--quick: smaller maps and fewer calls than the issues name; run without it to judge)")
+            self.out("(--quick: smaller maps and fewer calls than the targets name; run without it to judge)")
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -996,18 +1046,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "ratios need 'ppe'")
     ap.add_argument("--passes", type=int, help="passes (default 3)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    ap.add_argument("--plot", metavar="DIR", help="also draw PNG plots of the run into DIR "
+                    "(needs matplotlib)")
+    ap.add_argument("--from-json", metavar="PATH", help="measure nothing: plot the run recorded "
+                    "in PATH by --json (with --plot)")
     return ap.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plot(run: dict[str, Any], outdir: str) -> None:
+    from plot import plot_run    # bench/plot.py, beside this script; matplotlib only here
+    for path in plot_run(run, outdir):
+        print(f"[bench] plot: {path}", file=sys.stderr)
 
 
 def environment() -> dict[str, Any]:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+            "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "loadavg_start": os.getloadavg(),
             "start_method": multiprocessing.get_start_method()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            raise SystemExit("--from-json needs --plot DIR")
+        with open(args.from_json) as f:
+            plot(json.load(f), args.plot)
+        return 0
     cfg = Config.quick_config() if args.quick else Config()
     if args.passes:
         cfg.passes = max(1, args.passes)
@@ -1024,7 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "startup" in only:
             runner.run_startup()
-        if only - {"startup"}:
+        if "startpath" in only:
+            runner.run_startpath()
+        if only - {"startup", "startpath"}:
             runner.start_all()
             runner.warm_up()
             runner.run_passes()
@@ -1057,16 +1136,19 @@ def main(argv: list[str] | None = None) -> int:
     print(report.text())
     print(f"\ntook {elapsed:.0f} s" + (" (interrupted: partial figures)" if interrupted else ""),
           flush=True)
+    record = {"environment": env, "config": asdict(cfg),
+              "backends": {b.key: {"label": b.label, "unavailable": b.unavailable(),
+                                   "broken": b.broken,
+                                   "map": getattr(b, "map_kind", None) or None}
+                           for b in backends},
+              "results": runner.res.data, "targets": report.target_results,
+              "failed": {f"{k}/{m}": why for (k, m), why in runner.failed.items()}}
+    text = json.dumps(record, indent=1, default=str)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "config": asdict(cfg),
-                       "backends": {b.key: {"label": b.label, "unavailable": b.unavailable(),
-                                            "broken": b.broken,
-                                            "map": getattr(b, "map_kind", None) or None}
-                                    for b in backends},
-                       "results": runner.res.data, "targets": report.target_results,
-                       "failed": {f"{k}/{m}": why for (k, m), why in runner.failed.items()}},
-                      f, indent=1, default=str)
+            f.write(text)
+    if args.plot:
+        plot(json.loads(text), args.plot)
     return 130 if interrupted else 0
 
 

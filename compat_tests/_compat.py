@@ -13,6 +13,7 @@ import time
 import psutil
 
 import pydist
+from pydist.managers.forkclient import worker_server_pid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,9 +33,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
 
 
 def worker_children() -> list[psutil.Process]:
-    """Child processes still running."""
+    """Child processes still running (pydist's worker server, which lives as long as this
+    process, is not one of them)."""
     out = []
+    server = worker_server_pid()
     for child in psutil.Process().children(recursive=True):
+        if child.pid == server:
+            continue
         try:
             if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
                 out.append(child)

@@ -7,6 +7,8 @@ import signal
 import threading
 import time
 
+import pydist
+
 INITIALIZED = "no"
 
 
@@ -129,3 +131,26 @@ class BrokenOnLoad:
 
     def __reduce__(self):
         return (_refuse, ())
+
+
+
+def nested_executor_kind():
+    """Inside a task: what pydist.ProcessPoolExecutor gives, and a map on it."""
+    with pydist.ProcessPoolExecutor(1) as inner:
+        kind = f"{type(inner).__module__}.{type(inner).__qualname__}"
+        return kind, list(inner.map(sq, range(3)))
+
+
+_shared = {}
+
+
+def init_counter(lock, counter):
+    """The classic initializer: keep a lock and a shared counter for the tasks."""
+    _shared["lock"], _shared["counter"] = lock, counter
+
+
+def count_up(n):
+    for _ in range(n):
+        with _shared["lock"]:
+            _shared["counter"].value += 1
+    return n

@@ -61,9 +61,6 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "ExecutorDeadlockTest.test_error_during_result_unpickle_in_result_handler": (
         "xfail", "divergence: a result that fails to unpickle fails its task with that error "
                  "(UnpicklingError), it does not break the pool"),
-    "FailingInitializerMixin.test_initializer": (
-        "xfail", "the initializer's argument is a multiprocessing.Queue, which can only be "
-                 "passed to processes multiprocessing itself starts"),
     # multiprocessing.Pool -----------------------------------------------------------------------
     "_TestPoolWorkerErrors.test_unpickleable_result": (
         "xfail", "divergence: pydist pickles lambdas (cloudpickle), so the result the test "

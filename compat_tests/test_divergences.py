@@ -133,16 +133,6 @@ def test_7_failing_initializer_names_its_cause():
         executor.shutdown()
 
 
-def test_7_initargs_must_be_picklable_by_pydist():
-    executor = pydist.ProcessPoolExecutor(1, initializer=T.init, initargs=(multiprocessing.Queue(),))
-    try:
-        with pytest.raises(cf.process.BrokenProcessPool) as info:
-            executor.submit(T.sq, 2).result(timeout=WAIT)
-        assert isinstance(info.value.__cause__, RuntimeError)
-    finally:
-        executor.shutdown()
-
-
 # 8 -----------------------------------------------------------------------------------------------
 def test_8_pool_failing_initializer_fails_its_tasks():
     p = pydist.Pool(2, initializer=T.init_fail)
@@ -226,3 +216,9 @@ def test_14_workers_are_cluster_members(ex):
     os_pid = ex.submit(T.pid).result(timeout=WAIT)
     worker_ids = [p.worker_id for p in ex._processes.values() if p.pid == os_pid]
     assert worker_ids and worker_ids[0] in pydist.workers()
+
+
+# 15 ----------------------------------------------------------------------------------------------
+def test_15_an_executor_made_inside_a_task_is_the_standard_librarys(ex):
+    kind, results = ex.submit(T.nested_executor_kind).result(timeout=WAIT)
+    assert kind == "concurrent.futures.process.ProcessPoolExecutor" and results == [0, 1, 4]

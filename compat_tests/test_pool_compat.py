@@ -6,6 +6,7 @@ does, so its run proves them.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import multiprocessing.pool
@@ -16,7 +17,7 @@ import time
 import pytest
 
 import _tasks as T
-from _compat import make_pool, outcome, run_script
+from _compat import MP_CONTEXT, make_pool, outcome, run_script
 
 WAIT = 60
 
@@ -305,3 +306,17 @@ def test_interpreter_exit_with_an_open_pool(impl):
     assert done.returncode == 0, done.stderr
     assert "[0.0, 1.0, 2.0, 3.0]" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_initializer_with_lock_and_shared_counter(impl):
+    """``Pool(initializer=init, initargs=(lock, counter))``: every increment counted.
+    (The objects come from the context the standard library's pool starts with, which
+    can hand them to its children; pydist takes any.)"""
+    lock, counter = MP_CONTEXT.Lock(), MP_CONTEXT.Value("i", 0)
+    with make_pool(impl, 2, initializer=T.init_counter, initargs=(lock, counter)) as pool:
+        assert pool.map(T.count_up, [25] * 8, chunksize=1) == [25] * 8
+        pool.close()
+        pool.join()
+    assert counter.value == 200
+    del pool, lock, counter
+    gc.collect()     # the semaphore's name goes now, before the module stops the tracker

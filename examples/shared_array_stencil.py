@@ -67,9 +67,11 @@ def parallel(a: np.ndarray, steps: int) -> tuple[np.ndarray, float]:
 
 
 def main() -> None:
+    small = bool(os.environ.get("PYDIST_EXAMPLES_SMALL"))   # the test suite's quick run
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=3000, help="image side in pixels")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=400 if small else 3000,
+                    help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=3 if small else 20)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
     pd.addprocs(args.workers)

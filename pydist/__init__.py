@@ -11,34 +11,66 @@ Remote calls, futures, remote channels, worker pools and ``pmap`` over local wor
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-from .cluster import myid, nprocs, nworkers, procs, workers
-from .control import addprocs, cluster_cookie, interrupt, rmprocs
-from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
-                     ProcessExitedException, RemoteException)
-from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
-from .managers.local import LocalManager
-from .managers.ssh import SSHManager
-from .messages import RRID
-from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
-from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
-from .channel import Channel
-from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
-from .bootstrap import init_worker, process_messages, start_worker
-from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
-                         remote)
-from .pmap import pmap
-from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
+if TYPE_CHECKING:   # what each name is; at run time its module loads on first use (below)
+    from .cluster import myid, nprocs, nworkers, procs, workers
+    from .control import addprocs, cluster_cookie, interrupt, rmprocs
+    from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
+                         ProcessExitedException, RemoteException)
+    from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
+    from .managers.forkclient import set_worker_preload
+    from .managers.local import LocalManager
+    from .managers.ssh import SSHManager
+    from .managers.slurm import SlurmManager
+    from .managers.elastic import ElasticManager
+    from .messages import RRID
+    from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+    from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
+    from .channel import Channel
+    from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
+    from .bootstrap import init_worker, process_messages, start_worker
+    from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
+                             remote)
+    from .pmap import pmap
+    from .progress import progress
+    from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
 
-# The drop-ins load on first use, so a worker process (and a program that only uses the
-# Julia API) does not pay for importing them.
-_LAZY = {"Executor": ".executor", "ProcessPoolExecutor": ".executor", "Pool": ".pool",
-         # numpy is imported only by a program that uses SharedArrays
-         **dict.fromkeys(["SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
-                          "shared_ones"], ".sharedarray")}
+# ``import pydist`` loads none of its modules: each public name loads its module on first
+# use, so a program, and a worker, pays only for what its first calls need.
+_MODULES: dict[str, tuple[str, ...]] = {
+    ".cluster": ("myid", "nprocs", "nworkers", "procs", "workers"),
+    ".control": ("addprocs", "cluster_cookie", "interrupt", "rmprocs"),
+    ".errors": ("AuthenticationError", "CapturedException", "InvalidStateException", "LaunchError",
+                "ProcessExitedException", "RemoteException"),
+    ".managers.base": ("ClusterManager", "WorkerConfig", "default_addprocs_params"),
+    ".managers.forkclient": ("set_worker_preload",),
+    ".managers.local": ("LocalManager",),
+    ".managers.ssh": ("SSHManager",),
+    ".managers.slurm": ("SlurmManager",),
+    ".managers.elastic": ("ElasticManager",),
+    ".messages": ("RRID",),
+    ".remotecall": ("remote_do", "remotecall", "remotecall_fetch", "remotecall_wait"),
+    ".remoteref": ("AbstractRemoteRef", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"),
+    ".channel": ("Channel",),
+    ".macros": ("ANY", "distributed", "everywhere", "fetchfrom", "spawn", "spawnat"),
+    ".bootstrap": ("init_worker", "process_messages", "start_worker"),
+    ".workerpool": ("AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool",
+                    "remote"),
+    ".pmap": ("pmap",),
+    ".progress": ("progress",),
+    ".api": ("close", "fetch", "isready", "put", "take", "wait", "worker_id_from_socket"),
+    ".executor": ("Executor", "ProcessPoolExecutor"),
+    ".pool": ("Pool",),
+    # numpy is imported only by a program that uses SharedArrays
+    ".sharedarray": ("SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
+                     "shared_ones"),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
@@ -53,6 +85,22 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
+
+class _Package(types.ModuleType):
+    """This package: importing a submodule named as a function (``pmap``, ``remotecall``)
+    must not hide the function behind the module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return    # the submodule stays in sys.modules; the name stays the function's
+        super().__setattr__(name, value)
+
+    def __reduce__(self) -> tuple:
+        return (importlib.import_module, (self.__name__,))   # by name, as a plain module pickles
+
+
+sys.modules[__name__].__class__ = _Package
+
 __all__ = [
     "myid", "procs", "workers", "nprocs", "nworkers", "addprocs", "rmprocs", "interrupt",
     "cluster_cookie", "remotecall", "remotecall_fetch", "remotecall_wait", "remote_do",
@@ -61,8 +109,10 @@ __all__ = [
     "ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed",
     "wait", "worker_id_from_socket", "RemoteException", "CapturedException",
     "ProcessExitedException", "InvalidStateException", "LaunchError", "AuthenticationError",
-    "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "default_addprocs_params", "init_worker",
+    "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "SlurmManager",
+    "ElasticManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
-    "pmap", "SharedArray", "sdata", "localindices", "indexpids", "shared_zeros", "shared_ones",
+    "pmap", "progress", "set_worker_preload", "SharedArray", "sdata", "localindices", "indexpids",
+    "shared_zeros", "shared_ones",
 ]

@@ -24,6 +24,7 @@ from . import transport as _transport
 from .cluster import PGRP
 from .join import accept_loop, serve_incoming
 from .managers.base import CONTACT_PREFIX
+from .managers.dialback import dial_master, read_cookie_file, route_to
 from .net.address import format_tcp_url
 from .tasks import TaskRunner
 
@@ -115,13 +116,17 @@ _joined = threading.Event()
 def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_stdin: bool = True,
                  stderr_to_stdout: bool = True, bind: str = "127.0.0.1",
                  transports: tuple[str, ...] = ("tcp", "shm"), lifeline: bool = False,
-                 port: int = 0, lease: float = 0.0) -> None:
+                 port: int = 0, lease: float = 0.0, connect: str | None = None) -> None:
     """Run this process as a worker until it is told to exit (never returns).
 
     ``lease`` > 0: exit when no heartbeat comes from the master for that many seconds
-    (see ``pydist.lease``); ``port``: the TCP port to listen on (0: any free one).
+    (see ``pydist.lease``); ``port``: the TCP port to listen on (0: any free one);
+    ``connect``: ``tcp://host:port`` of a master to dial (``managers.dialback``) instead of
+    printing a contact line, listening for peers on the address that routes there.
     """
     init_worker(_read_cookie() if cookie is None else cookie)
+    if connect is not None and bind == "127.0.0.1":
+        bind = route_to(connect)
     if stderr_to_stdout and hasattr(out, "fileno"):
         os.dup2(out.fileno(), 2)
     try:
@@ -140,7 +145,10 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         threading.Thread(target=accept_loop, args=(listener,), name="pydist-accept",
                          daemon=True).start()
     addresses = " ".join(listener.address for listener in PGRP.listeners)
-    print(f"{CONTACT_PREFIX} 1 {addresses}", file=out, flush=True)
+    if connect is None:
+        print(f"{CONTACT_PREFIX} 1 {addresses}", file=out, flush=True)
+    else:
+        _dial_master(connect, addresses.split())
     if lifeline:
         threading.Thread(target=_watch_stdin, name="pydist-lifeline", daemon=True).start()
     elif close_stdin:
@@ -151,6 +159,16 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         watch(lease, _joined, exit_worker)
     runner.run_main_loop(_master_inbox)
     exit_worker(0)
+
+
+def _dial_master(url: str, addresses: list[str]) -> None:
+    """Dial the master and serve the connection as if it had dialed us; exit on failure."""
+    try:
+        t = dial_master(url, PGRP.cookie or "", tuple(addresses))
+    except Exception as e:
+        print(f"pydist-worker: could not join the master at {url}: {e}", file=sys.stderr)
+        exit_worker(1)
+    threading.Thread(target=serve_incoming, args=(t,), name="pydist-master", daemon=True).start()
 
 
 def _allow_shm_moves() -> None:
@@ -190,6 +208,12 @@ def worker_main(argv: list[str] | None = None) -> None:
                         help="TCP port to listen on (default 0: any free port)")
     parser.add_argument("--lease", type=float, default=0.0, metavar="SECONDS",
                         help="exit when the master sends no heartbeat for SECONDS (0: never)")
+    parser.add_argument("--connect", metavar="HOST:PORT",
+                        help="dial the master at HOST:PORT instead of waiting to be dialed")
+    parser.add_argument("--cookie-file", metavar="PATH",
+                        help="read the cookie from PATH (mode 0600) instead of standard input")
     args = parser.parse_args(argv)
-    start_worker(sys.stdout, None, bind=args.bind, lifeline=args.lifeline, port=args.port,
-                 lease=args.lease, transports=tuple(s for s in args.transports.split(",") if s))
+    cookie = read_cookie_file(args.cookie_file) if args.cookie_file else None
+    start_worker(sys.stdout, cookie, bind=args.bind, lifeline=args.lifeline, port=args.port,
+                 lease=args.lease, transports=tuple(s for s in args.transports.split(",") if s),
+                 connect=f"tcp://{args.connect}" if args.connect else None)

@@ -197,6 +197,7 @@ class Channel:
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` was called (values already in it can still be taken)."""
         return self._closed
 
     def __len__(self) -> int:

@@ -82,10 +82,14 @@ def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def addprocs(arg: Any = None, **kwargs: Any) -> list[int]:
+def addprocs(arg: Any = None, n: int | None = None, **kwargs: Any) -> list[int]:
     """Start workers and return their ids: ``addprocs(n)`` local workers,
-    ``addprocs(machines)`` over SSH, ``addprocs(manager)`` with any cluster manager."""
+    ``addprocs(machines)`` over SSH, ``addprocs(manager)`` with any cluster manager;
+    ``addprocs(manager, n, timeout=)`` waits for ``n`` workers of a manager whose workers
+    join by themselves (``ElasticManager``)."""
     _only_master("add workers")
+    if n is not None:
+        return _wait_for(arg, n, kwargs)
     manager = _manager_for(arg, kwargs)
     params = _params(manager, kwargs)
     cluster_cookie()
@@ -106,6 +110,18 @@ def addprocs(arg: Any = None, **kwargs: Any) -> list[int]:
 
     threading.Thread(target=launch, name="pydist-launch", daemon=True).start()
     return _join_launched(manager, params, launched, ntfy, outcome)
+
+
+def _wait_for(manager: Any, n: int, kwargs: dict[str, Any]) -> list[int]:
+    """``addprocs(manager, n, timeout=)``: the manager's own wait for workers that dial in."""
+    wait_for = getattr(manager, "wait_for", None)
+    if not isinstance(manager, ClusterManager) or wait_for is None:
+        raise TypeError(f"addprocs(x, n) needs a manager whose workers join by themselves "
+                        f"(ElasticManager), not {type(manager).__name__}")
+    timeout = kwargs.pop("timeout", None)
+    if kwargs:
+        raise TypeError(f"addprocs(manager, n) takes only timeout=, not {sorted(kwargs)}")
+    return wait_for(n, timeout)
 
 
 def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: list[WorkerConfig],
@@ -131,8 +147,9 @@ def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: li
             finished = "done" in outcome and seen == len(launched)
         for config in fresh:
             config.transport = config.transport if config.transport != "auto" else params["transport"]
-            w = Worker(PGRP.next_pid, config, manager)
-            PGRP.next_pid += 1
+            with PGRP.lock:   # an elastic manager may add workers while another addprocs runs
+                w = Worker(PGRP.next_pid, config, manager)
+                PGRP.next_pid += 1
             PGRP.add_worker(w)
             th = threading.Thread(target=setup, args=(w,), name=f"pydist-join-{w.id}", daemon=True)
             th.start()

@@ -18,10 +18,10 @@ from .cluster import PGRP, W_TERMINATED, Worker
 from .codec import decode_message
 from .errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
                      RemoteException, SerializationError, TransportBroken, TransportClosed)
-from .messages import (CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader, RemoteDoMsg,
-                       ResultMsg, RRID)
+from .messages import (NULL_RRID, CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader,
+                       RemoteDoMsg, ResultMsg, RRID)
 from .inbox import Inbox
-from .values import Failure
+from .values import STORED, Failure, pushable
 
 __all__ = ["read_one", "start_serving", "internal_op", "OpContext", "run_call", "capture", "reply"]
 
@@ -100,7 +100,19 @@ def _is_op(f: Any) -> bool:
 def _on_call(w: Worker, header: MsgHeader, msg: CallMsg) -> None:
     rv = PGRP.lookup_ref(header.response_oid)
     assert rv is not None
-    PGRP.runner.submit(lambda: rv.try_set(run_call(msg.f, msg.args, msg.kwargs)))
+    notify = header.notify_oid
+    if notify == NULL_RRID:
+        PGRP.runner.submit(lambda: rv.try_set(run_call(msg.f, msg.args, msg.kwargs)))
+        return
+    sender = w.id
+
+    def task() -> None:
+        # The caller asked to hear of the result: a small one is sent along (its fetch
+        # then needs no round trip), a large one stays here until fetched.
+        value = run_call(msg.f, msg.args, msg.kwargs)
+        rv.try_set(value)
+        reply(sender, notify, value if pushable(value) else STORED)
+    PGRP.runner.submit(task)
 
 
 def _on_call_fetch(w: Worker, header: MsgHeader, msg: CallFetchMsg) -> None:
@@ -160,7 +172,7 @@ def _on_undecodable(w: Worker, e: BodyDecodeError) -> None:
         rv = PGRP.lookup_ref(h.response_oid)
         if rv is not None:
             rv.try_set(failure)
-        if e.kind is CallWaitMsg:
+        if e.kind is CallWaitMsg or h.notify_oid != NULL_RRID:
             reply(w.id, h.notify_oid, failure)
     elif e.kind is CallFetchMsg:
         reply(w.id, h.notify_oid, failure)

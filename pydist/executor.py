@@ -41,11 +41,14 @@ import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from .dropin import closing as _closing
+from .dropin import nested as _nested
 from .dropin.core import _Core
 from .dropin.futures import _Future
 from .dropin.mapfeed import _chunks, _Feed, _map_results
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
+from .dropin.staffing import check_max_memory
 from .dropin.worker_side import CALL, STARCHUNK
+from .progress import ProgressIterator, check_progress
 from .workerpool import AbstractWorkerPool
 
 # The machinery lives in pydist/dropin/ (its __init__ has the map); these names stay
@@ -73,13 +76,28 @@ class Executor(cf.Executor):
 
     ``mp_context`` is accepted and ignored (workers are fresh interpreters, never forks).
     Beyond the standard library: ``transport`` picks how to talk to the workers it starts,
-    and ``pool`` makes it use the workers of a pydist worker pool instead.
+    ``pool`` makes it use the workers of a pydist worker pool instead, and
+    ``max_memory_per_child`` (bytes; Linux) replaces a worker whose resident memory is over
+    it after a task: it takes no more tasks and a fresh worker takes its place.
     """
+
+    def __new__(cls, max_workers: int | None = None, mp_context: Any = None,
+                initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
+                max_tasks_per_child: int | None = None, transport: str = "auto",
+                pool: AbstractWorkerPool | None = None,
+                max_memory_per_child: int | None = None) -> Any:
+        if pool is None and _nested.in_task():
+            # Inside a task: the standard library's executor on private children
+            # (dropin/nested.py); only process 1 adds cluster workers.
+            return _nested.nested_executor(max_workers, initializer, initargs,
+                                           max_tasks_per_child)
+        return super().__new__(cls)
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
                  max_tasks_per_child: int | None = None, transport: str = "auto",
-                 pool: AbstractWorkerPool | None = None) -> None:
+                 pool: AbstractWorkerPool | None = None,
+                 max_memory_per_child: int | None = None) -> None:
         if max_workers is None:
             max_workers = (len(pool.workers()) or 1) if pool is not None else (os.cpu_count() or 1)
         elif max_workers <= 0:
@@ -93,9 +111,10 @@ class Executor(cf.Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if pool is not None and not isinstance(pool, AbstractWorkerPool):
             raise TypeError(f"pool must be a pydist worker pool, not {type(pool).__name__}")
+        max_memory = check_max_memory(max_memory_per_child, pool)
         self._given_context = mp_context
         self._core = _Core(max_workers, initializer, tuple(initargs), max_tasks_per_child,
-                           transport, pool)
+                           transport, pool, max_memory=max_memory)
         if pool is not None:
             self._core._adopt_pool()
         weakref.finalize(self, _Core.abandon, self._core).atexit = False   # see _at_exit
@@ -116,15 +135,22 @@ class Executor(cf.Executor):
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
         """Like ``builtins.map(fn, *iterables)``, run on the workers; results in order.
 
         The input is read a bounded window ahead of the results taken (all at once only
         when the executor shuts down first); ``TimeoutError`` once ``timeout`` seconds have
         passed since this call; ``chunksize`` items go to a worker as one task.
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar, one step per result
+        (needs ``pip install 'pydist[progress]'``).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if check_progress(progress, "Executor.map"):
+            sized = bool(iterables) and all(hasattr(it, "__len__") for it in iterables)
+            total = min(len(it) for it in iterables) if sized else None   # type: ignore[arg-type]
+            return ProgressIterator(self.map(fn, *iterables, timeout=timeout, chunksize=chunksize),
+                                    total, "Executor.map")
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self._core
         if chunksize == 1:

@@ -22,8 +22,8 @@ from .messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMsg, Joi
                        JoinPGRPMsg, Message, MsgHeader, RemoteDoMsg)
 from .transport import DEFAULT_MAX_FRAME, Transport
 
-__all__ = ["authenticate", "join_worker", "serve_incoming", "accept_loop", "connect_peer",
-           "HELLO_TIMEOUT"]
+__all__ = ["authenticate", "proven", "join_worker", "serve_incoming", "accept_loop",
+           "connect_peer", "HELLO_TIMEOUT"]
 
 HELLO_TIMEOUT = 10.0
 JOIN_TIMEOUT = 60.0
@@ -62,6 +62,12 @@ def authenticate(t: Transport, cookie: str, role: str, timeout: float = HELLO_TI
     t.max_frame = DEFAULT_MAX_FRAME
 
 
+def proven(t: Transport) -> bool:
+    """Whether ``t`` has passed the hello already (a worker that dialed its master has):
+    ``authenticate`` raises the frame limit only then."""
+    return t.max_frame >= DEFAULT_MAX_FRAME
+
+
 def _exchange(t: Transport, msg: Message, timeout: float) -> Message:
     """Send ``msg`` and read the peer's answer, with a deadline."""
     timer = _with_deadline(t, timeout)
@@ -86,7 +92,8 @@ def join_worker(w: Worker, params: dict[str, Any]) -> None:
     assert w.manager is not None and w.config is not None and PGRP.cookie is not None
     t = w.manager.connect(w.id, w.config)
     try:
-        authenticate(t, PGRP.cookie, "dial")
+        if not proven(t):
+            authenticate(t, PGRP.cookie, "dial")
         live = [o for p, o in sorted(PGRP.workers.items()) if p != w.id and o.state == W_CONNECTED]
         peers = tuple((o.id, o.addresses, o.host_key) for o in live)
         msg = JoinPGRPMsg(self_pid=w.id, other_workers=peers, topology=params["topology"],
@@ -165,7 +172,8 @@ def serve_incoming(t: Transport) -> None:
     """Authenticate an incoming connection, then serve it as the master or a peer."""
     try:
         try:
-            authenticate(t, PGRP.cookie or "", "accept")
+            if not proven(t):
+                authenticate(t, PGRP.cookie or "", "accept")
             first = _read_first(t, JOIN_TIMEOUT)
         finally:
             _unproven.done(t)

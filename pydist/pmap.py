@@ -39,6 +39,7 @@ from .errors import ProcessExitedException, SerializationError
 from .values import Failure
 from .abstractpool import _start
 from .funccache import _drop_caches, _FunctionCache, _is_cache_miss
+from .progress import check_progress, progress_bar
 from .workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
 from . import serialize
 
@@ -165,7 +166,8 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
     gives a failed element's result; without it the first failure (a ``RemoteException``,
     or ``ProcessExitedException``) is raised. ``retry_delays``: seconds to wait before each
     retry of a failed element; ``retry_check(state, exc) -> (state, bool)`` may veto one.
-    ``distributed=False`` runs everything in this process. ``progress=True`` shows a bar.
+    ``distributed=False`` runs everything in this process. ``progress=True`` shows a
+    ``tqdm.auto`` bar (needs ``pip install 'pydist[progress]'``).
     """
     if not callable(f):
         raise TypeError(f"pmap needs a callable, not {type(f).__name__}")
@@ -180,12 +182,13 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
         raise TypeError(f"batch_size must be an int or 'auto', not {batch_size!r}")
     if batch_size != "auto" and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_progress(progress, "pmap")
     policy = _RetryPolicy(_delays(retry_delays), retry_check)
     star = len(iterables) > 1
     items = list(zip(*iterables)) if star else list(iterables[0])
     if not items:
         return []
-    bar = _progress_bar(len(items)) if progress else None
+    bar = progress_bar(len(items), "pmap") if progress else None
     try:
         if distributed:
             pool = default_worker_pool() if pool is None else pool
@@ -197,11 +200,6 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
     finally:
         if bar is not None:
             bar.close()
-
-
-def _progress_bar(total: int) -> Any:
-    from tqdm import tqdm
-    return tqdm(total=total, desc="pmap", unit="el")
 
 
 def _map_here(f: Callable[..., Any], items: list, star: bool, policy: _RetryPolicy,

@@ -23,11 +23,14 @@ import weakref
 from multiprocessing.pool import RemoteTraceback
 from typing import Any, Callable, Iterable
 
+from .dropin import nested as _nested
 from .dropin.core import _Core
 from .dropin.imap import IMapIterator, IMapUnorderedIterator
 from .dropin.records import _NO_KWARGS, WorkerProcess, _Task
 from .dropin.results import ApplyResult, MapResult, _ChunkSink
+from .dropin.staffing import check_max_memory
 from .dropin.worker_side import CALL, CHUNK, STARCHUNK
+from .progress import ProgressIterator, check_progress
 
 # The result classes live in pydist/dropin/ (results.py, imap.py); these names stay
 # importable from here, where they used to be defined.
@@ -57,12 +60,25 @@ class Pool:
     """A pool of pydist worker processes with ``multiprocessing.pool.Pool``'s interface.
 
     ``context`` is accepted and ignored (workers are fresh interpreters, never forks);
-    ``transport`` (beyond the standard library) picks how to talk to the workers.
+    ``transport`` (beyond the standard library) picks how to talk to the workers, and
+    ``max_memory_per_child`` (bytes; Linux) replaces a worker whose resident memory is over
+    it after a task: it takes no more tasks and a fresh worker takes its place.
     """
+
+    def __new__(cls, processes: int | None = None, initializer: Callable[..., Any] | None = None,
+                initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
+                context: Any = None, *, transport: str = "auto",
+                max_memory_per_child: int | None = None) -> Any:
+        if _nested.in_task():
+            # Inside a task: the standard library's pool on private children
+            # (dropin/nested.py); only process 1 adds cluster workers.
+            return _nested.nested_pool(processes, initializer, initargs, maxtasksperchild)
+        return super().__new__(cls)
 
     def __init__(self, processes: int | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
-                 context: Any = None, *, transport: str = "auto") -> None:
+                 context: Any = None, *, transport: str = "auto",
+                 max_memory_per_child: int | None = None) -> None:
         self._state = INIT
         if processes is None:
             processes = os.cpu_count() or 1
@@ -73,12 +89,14 @@ class Pool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError('initializer must be a callable')
+        max_memory = check_max_memory(max_memory_per_child, None)
         self._processes = processes
         self._maxtasksperchild = maxtasksperchild
         self._initializer, self._initargs = initializer, tuple(initargs)
         self._ctx = context
         self._core = _Core(processes, initializer, tuple(initargs), maxtasksperchild, transport,
-                           None, eager=True, pool_mode=True, tb_class=RemoteTraceback)
+                           None, eager=True, pool_mode=True, tb_class=RemoteTraceback,
+                           max_memory=max_memory)
         self._feeds: set[Any] = set()       # imap inputs not read to the end yet
         self._terminator = weakref.finalize(self, _terminate_core, self._core)
         self._terminator.atexit = False     # executor._at_exit terminates it
@@ -157,8 +175,19 @@ class Pool:
         return result
 
     # -- maps ----------------------------------------------------------------------------------------
-    def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None) -> list:
-        """``list(map(func, iterable))``, in chunks on the workers."""
+    def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None,
+            *, progress: bool = False) -> list:
+        """``list(map(func, iterable))``, in chunks on the workers.
+
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar advancing as results
+        arrive (needs ``pip install 'pydist[progress]'``).
+        """
+        if check_progress(progress, "Pool.map"):
+            self._check_running()
+            items = iterable if hasattr(iterable, "__len__") else list(iterable)
+            n = len(items)   # type: ignore[arg-type]
+            size = chunksize or max(1, _default_chunksize(n, self._processes))
+            return list(ProgressIterator(self.imap(func, items, size), n, "Pool.map"))
         return self._map_async(func, iterable, CHUNK, chunksize).get()
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
@@ -168,11 +197,13 @@ class Pool:
 
     def map_async(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None,
                   callback: Any = None, error_callback: Any = None) -> MapResult:
+        """``map`` without waiting: a ``MapResult`` whose ``get()`` gives the list."""
         return self._map_async(func, iterable, CHUNK, chunksize, callback, error_callback)
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None, callback: Any = None,
                       error_callback: Any = None) -> MapResult:
+        """``starmap`` without waiting: a ``MapResult`` whose ``get()`` gives the list."""
         return self._map_async(func, iterable, STARCHUNK, chunksize, callback, error_callback)
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], kind: int,
@@ -215,17 +246,32 @@ class Pool:
         self._core.enqueue(tasks)
         return result
 
-    def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1) -> IMapIterator:
-        """Results in order, as they come; the input is read a bounded window ahead."""
+    def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1,
+             *, progress: bool = False) -> IMapIterator:
+        """Results in order, as they come; the input is read a bounded window ahead.
+
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar, one step per result.
+        """
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        if check_progress(progress, "Pool.imap"):
+            total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
+            it = IMapIterator(self, func, iterable, chunksize)
+            return ProgressIterator(it, total, "Pool.imap")   # type: ignore[return-value]
         return IMapIterator(self, func, iterable, chunksize)
 
     def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
-                       chunksize: int = 1) -> IMapUnorderedIterator:
-        """Results in the order they finish."""
+                       chunksize: int = 1, *, progress: bool = False) -> IMapUnorderedIterator:
+        """Results in the order they finish.
+
+        ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar, one step per result.
+        """
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        return IMapUnorderedIterator(self, func, iterable, chunksize)
+        it = IMapUnorderedIterator(self, func, iterable, chunksize)
+        if check_progress(progress, "Pool.imap_unordered"):
+            total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
+            return ProgressIterator(it, total, "Pool.imap_unordered")   # type: ignore[return-value]
+        return it

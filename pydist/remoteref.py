@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -28,12 +29,14 @@ from .dispatch import OpContext, internal_op
 from .errors import InvalidStateException, ProcessExitedException
 from .inbox import SIGINT_DEFERRAL
 from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
-from .values import Failure, RemoteValue, unwrap
+from .stdfuture import StdFutureFace
+from .values import STORED, Failure, RemoteValue, unwrap
 
 __all__ = ["Future", "RemoteChannel", "wait_value", "blocking_section", "call_on_owner",
            "remoteref_id", "channel_from_id", "AbstractRemoteRef"]
 
 _UNSET: Any = object()
+BATCH_WINDOW = 0.005   # seconds a del-client notice waits for others to the same owner
 _handles: "weakref.WeakValueDictionary[RRID, AbstractRemoteRef]" = weakref.WeakValueDictionary()
 
 
@@ -114,16 +117,19 @@ class _ClientMessages:
             PGRP.del_client(rrid, where)   # nothing to send: no thread needed
             return
         with self._lock:
+            first = not self._pending
             self._pending[where].append(rrid)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="pydist-refs", daemon=True)
                 self._thread.start()
-        self._wake.set()
+        if first:   # later ones ride along: no wake-up (a thread switch) per notice
+            self._wake.set()
 
     def _loop(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
+            time.sleep(BATCH_WINDOW)   # gather what the next calls release
             self.flush()
 
     def flush(self) -> None:
@@ -228,10 +234,14 @@ class AbstractRemoteRef:
         return hash((type(self).__name__, self.rrid))
 
 
-class Future(AbstractRemoteRef):
-    """A write-once value living on process ``where`` (Julia's ``Future``)."""
+class Future(StdFutureFace, AbstractRemoteRef):
+    """A write-once value living on process ``where`` (Julia's ``Future``).
 
-    __slots__ = ("_cache",)
+    It is also a future in Python's sense (``stdfuture.py``): ``concurrent.futures.wait``
+    and ``as_completed`` take it, mixed with standard futures, and asyncio awaits it.
+    """
+
+    __slots__ = ("_cache", "_watch", "_pushed")
 
     def __init__(self, pid: int | None = None) -> None:
         where = PGRP.myid if pid is None else pid
@@ -239,7 +249,9 @@ class Future(AbstractRemoteRef):
         self.where = where
         self.rrid = PGRP.next_rrid()
         self._cache = _UNSET
+        self._pushed: RemoteValue | None = None   # where a call's owner announces its result
         self._released = False
+        self._watch = None
         if where == PGRP.myid:
             PGRP.lookup_ref(self.rrid)
         _handles[self.rrid] = self
@@ -249,6 +261,8 @@ class Future(AbstractRemoteRef):
         """A handle for the result of a call about to be sent to ``pid``."""
         f = cls.__new__(cls)
         f.where, f.rrid, f._cache, f._released = pid, PGRP.next_rrid(), _UNSET, False
+        f._watch = None
+        f._pushed = None
         _handles[f.rrid] = f
         return f
 
@@ -264,11 +278,23 @@ class Future(AbstractRemoteRef):
             if self.where == PGRP.myid:
                 value = wait_value(self._local_cell(), timeout, f"{self!r}")
             else:
-                value = call_on_owner(_fetch_ref, self.where, self.rrid, timeout=timeout)
+                value = self._announced(timeout)
+                if value is STORED:
+                    value = call_on_owner(_fetch_ref, self.where, self.rrid, timeout=timeout)
             self._cache = value
             if self.where != PGRP.myid:
                 self._release()   # the value is cached here now
         return unwrap(self._cache)
+
+    def _announced(self, timeout: float | None) -> Any:
+        """What the call's owner sent when the result was there: the result itself, or
+        ``STORED`` (also when no announcement was asked for)."""
+        pushed = self._pushed
+        if pushed is None:
+            return STORED
+        value = wait_value(pushed, timeout, f"{self!r}", via=self.where)
+        self._pushed = None
+        return value
 
     def put(self, value: Any) -> "Future":
         """Set the value; a Future can be set only once (``InvalidStateException``)."""
@@ -287,6 +313,8 @@ class Future(AbstractRemoteRef):
             return True
         if self.where == PGRP.myid:
             return self._local_cell().ready()
+        if self._pushed is not None:
+            return self._pushed.ready()
         return bool(unwrap(call_on_owner(_isready_ref, self.where, self.rrid)))
 
     def wait(self, timeout: float | None = None) -> "Future":
@@ -294,6 +322,12 @@ class Future(AbstractRemoteRef):
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
                 unwrap(wait_value(self._local_cell(), timeout, f"{self!r}"))
+            elif self._pushed is not None:
+                value = self._announced(timeout)
+                if value is not STORED:
+                    self._cache = value
+                    self._release()   # the value is cached here now
+                unwrap(value)
             else:
                 unwrap(call_on_owner(_wait_ref, self.where, self.rrid, timeout=timeout))
         else:
@@ -301,7 +335,33 @@ class Future(AbstractRemoteRef):
         return self
 
     def take(self, *args: Any, **kwargs: Any) -> Any:
+        """Always a TypeError: a Future is fetched, not taken (``take`` is for channels)."""
         raise TypeError("take() is for channels; use fetch() on a Future")
+
+    def _cached(self) -> bool:
+        return self._cache is not _UNSET
+
+    def _when_ready(self, cb: Any) -> None:
+        """Call ``cb(failed)`` once the value is cached here (fetched from its owner)."""
+        def arrived(value: Any) -> None:
+            if self._cache is _UNSET:
+                self._cache = value
+                if self.where != PGRP.myid:
+                    self._release()   # the value is cached here now
+            cb(type(self._cache) is Failure)
+        if self._cache is not _UNSET:
+            arrived(self._cache)
+        elif self.where == PGRP.myid:
+            self._local_cell().add_callback(arrived)
+        else:
+            rrid, rv = PGRP.expect_reply(self.where)
+            rv.add_callback(arrived)
+            try:
+                PGRP.send(self.where, MsgHeader(notify_oid=rrid),
+                          CallFetchMsg(_fetch_ref, (self.rrid,), {}))
+            except BaseException as e:   # the owner is gone: that is the outcome
+                PGRP.forget_reply(rrid)
+                rv.try_set(Failure(e))
 
     def __reduce__(self):
         if self._cache is _UNSET:
@@ -331,7 +391,7 @@ def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future:
             existing._cache = cache
         return existing
     f = Future.__new__(Future)
-    f.where, f.rrid, f._released = where, rrid, False
+    f.where, f.rrid, f._released, f._watch, f._pushed = where, rrid, False, None, None
     f._cache = _UNSET if cache is _UNSET_MARK else cache
     if f._cache is not _UNSET:
         f._released = True     # a handle with a value needs nothing from the owner

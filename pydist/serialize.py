@@ -21,13 +21,15 @@ Only the standard library, cloudpickle and ``pydist.errors`` are imported (layer
 """
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
-from typing import Any, Iterable
+from collections import ChainMap
+from typing import Any, Iterable, Mapping
 
 from .errors import SerializationError
 
-__all__ = ["PICKLE_PROTOCOL", "dumps", "loads"]
+__all__ = ["PICKLE_PROTOCOL", "dumps", "dumps_with", "loads"]
 
 PICKLE_PROTOCOL = 5
 
@@ -60,6 +62,35 @@ def _cloudpickle_dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     try:
         import cloudpickle   # on first need: workers that run importable code never load it
         cloudpickle.Pickler(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(obj)
+    except Exception as e:
+        raise SerializationError(
+            f"cannot pickle an object of type {_type_name(obj)} for another process: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return out.getvalue(), buffers
+
+
+def dumps_with(obj: Any, reducers: Mapping[type, Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """``dumps``, with ``reducers`` (type -> reduce function) consulted before the usual
+    ``copyreg`` table, by both picklers."""
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    pickler.dispatch_table = ChainMap(reducers, copyreg.dispatch_table)  # type: ignore[arg-type]
+    try:
+        pickler.dump(obj)
+    except Exception:
+        pass
+    else:
+        if _MAIN_MARK not in out.getvalue():
+            return out.getvalue(), buffers
+    buffers, out = [], io.BytesIO()
+    try:
+        import cloudpickle   # on first need, as in _cloudpickle_dumps
+        # The C pickler reads the table when made, and cloudpickle's class sets its own.
+        table = ChainMap(reducers, cloudpickle.Pickler.dispatch_table)
+        cls = type("_Pickler", (cloudpickle.Pickler,), {"dispatch_table": table})
+        cls(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(obj)
     except Exception as e:
         raise SerializationError(
             f"cannot pickle an object of type {_type_name(obj)} for another process: "

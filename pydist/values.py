@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 from .errors import InvalidStateException
 
-__all__ = ["RemoteValue", "Failure", "unwrap"]
+__all__ = ["RemoteValue", "Failure", "unwrap", "STORED", "pushable", "PUSH_LIMIT"]
+
+PUSH_LIMIT = 64 << 10     # bytes of a result sent to its caller before it asks for it
 
 
 class Failure:
@@ -35,6 +37,45 @@ def unwrap(value: Any) -> Any:
     if type(value) is Failure:
         raise value.exc
     return value
+
+
+class _Stored:
+    """Sent instead of a call's result when the result is too large to send unasked: the
+    caller fetches it from its owner if and when it wants it."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (_stored, ())
+
+    def __repr__(self) -> str:
+        return "STORED"
+
+
+def _stored() -> _Stored:
+    return STORED
+
+
+STORED = _Stored()
+_ATOMS = (type(None), bool, int, float, complex)
+
+
+def pushable(value: Any) -> bool:
+    """Whether a call's result is small enough to send to the caller before it asks: an
+    atom, a failure, a short string, a small numpy array, or a short tuple or list of atoms
+    and short strings."""
+    t = type(value)
+    if t in _ATOMS or t is Failure:
+        return True
+    if t is str or t is bytes:
+        return len(value) <= PUSH_LIMIT
+    if t is tuple or t is list:
+        return len(value) <= 64 and all(type(v) in _ATOMS or (type(v) in (str, bytes) and len(v) <= 1024)
+                                        for v in value)
+    if t.__module__ == "numpy":     # an array or a scalar, unless it holds objects
+        nbytes, dtype = getattr(value, "nbytes", None), getattr(value, "dtype", None)
+        return type(nbytes) is int and nbytes <= PUSH_LIMIT and not getattr(dtype, "hasobject", True)
+    return False
 
 
 _UNSET = object()

@@ -30,7 +30,8 @@ def cluster(transport):
 
 
 # Threads pydist keeps for the life of the process, once started.
-SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-reaper", "pydist-heartbeat")
+SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-reaper", "pydist-heartbeat",
+                   "pydist-beat", "pydist-worker-server")
 
 
 def _threads() -> set[tuple[int, str]]:

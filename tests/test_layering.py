@@ -14,7 +14,7 @@ LAYERS = {
     "codec": 1, "serialize": 1,
     "transport": 2, "shm": 2, "net": 2, "testing": 2,
     "executor": 4, "pool": 4, "dropin": 4,
-    "__init__": 5,
+    "__init__": 5, "cli": 5, "__main__": 5,
 }
 DEFAULT_LAYER = 3          # the cluster layer: everything else
 STDLIB_ONLY = {"errors", "messages"}

@@ -308,7 +308,8 @@ def test_master_killed_while_handing_over_a_segment(tmp_path, noted):
         elapsed = _time_to_exit(children, killed_at)
     finally:
         master.close()
-    assert len(children) == 1 and elapsed < EXIT_BOUND, f"{children} still up after {elapsed:.1f} s"
+    # The worker, and the worker server that forked it (unless it was exec'd).
+    assert len(children) in (1, 2) and elapsed < EXIT_BOUND, f"{children} still up after {elapsed:.1f} s"
     assert len(made) == len(noted()) == 7  # the segment and its six semaphores existed
     assert wait_until(lambda: not _alive_names(noted()), 2), \
         f"/dev/shm still holds {_alive_names(noted())}"

@@ -7,6 +7,7 @@ import time
 import psutil
 
 import pydist as pd
+from pydist.managers.forkclient import worker_server_pid
 
 
 def available_transports() -> list[str]:
@@ -34,9 +35,13 @@ def shm_entries() -> set[str]:
 
 
 def live_children() -> list[psutil.Process]:
-    """Processes started by this test process that are still running (zombies count)."""
+    """Processes started by this test process that are still running (zombies count);
+    the worker server, which lives as long as this process, is not one of them."""
     out = []
+    server = worker_server_pid()
     for child in psutil.Process().children(recursive=True):
+        if child.pid == server:
+            continue
         try:
             out.append(child) if child.is_running() else None
         except psutil.NoSuchProcess:

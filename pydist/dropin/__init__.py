@@ -12,5 +12,7 @@ Layer 4, as the two fronts: built on the public cluster API only. One idea a mod
   retired), ``stealing.py`` (tasks taken back from behind a long one), ``closing.py``
   (shutdown, breaking, interpreter exit);
 * ``mapfeed.py``: ``Executor.map``'s lazily read input;
-* ``results.py``, ``imap.py``: what ``Pool``'s calls return.
+* ``results.py``, ``imap.py``: what ``Pool``'s calls return;
+* ``mpshare.py``: multiprocessing's locks, values and queues handed to local workers;
+* ``nested.py``: a drop-in made inside a task (the standard library's class).
 """

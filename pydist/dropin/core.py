@@ -42,11 +42,12 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
     def __init__(self, max_workers: int, initializer: Callable[..., Any] | None, initargs: tuple,
                  max_tasks: int | None, transport: str, pool: AbstractWorkerPool | None,
                  eager: bool = False, pool_mode: bool = False,
-                 tb_class: type = _RemoteTraceback) -> None:
+                 tb_class: type = _RemoteTraceback, max_memory: int | None = None) -> None:
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
         self.init_packed: tuple[bytes, list] | None = None
         self.max_tasks = max_tasks
+        self.max_memory = max_memory        # bytes of resident memory per worker, or None
         self.transport = transport
         self.given_pool = pool
         self.eager = eager                  # keep max_workers alive (Pool), not on demand

@@ -24,10 +24,10 @@ from typing import Any, Iterable
 
 from ..errors import ProcessExitedException, SerializationError
 from ..remotecall import remote_do
-from ..serialize import dumps
 from ..values import Failure
 from ..workerpool import _start
 from .futures import _copy_exc, _report, _unwrap
+from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
 from .worker_side import (CALL, _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _run_one,
                           _Undecodable, inline_ok)
@@ -214,9 +214,9 @@ class _Dispatching:
             t = tasks[0]
             if inline_ok(t.args, t.kwargs):
                 return _run_one, (t.args, t.kwargs, None, self.pool_mode)
-            data, bufs = dumps([(CALL, t.args, t.kwargs)])
+            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)])
             return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), self.pool_mode)
-        data, bufs = dumps([(t.kind, t.args, t.kwargs) for t in tasks])
+        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks])
         return _run_batch, (_Packed(data, *bufs), self.pool_mode, self.key, batch.seq)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:

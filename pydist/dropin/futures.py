@@ -57,6 +57,11 @@ class _Future(cf.Future):
             pump_for(self, self._settled)
         return super().exception(timeout)
 
+    def __await__(self) -> Any:
+        """``await future`` in asyncio (as ``asyncio.wrap_future`` gives)."""
+        import asyncio   # only programs that await pay for importing asyncio
+        return asyncio.wrap_future(self).__await__()
+
 
 def _unwrap(exc: BaseException, tb_class: type) -> BaseException:
     """The exception a task's future raises: the original, remote traceback as cause."""

@@ -9,11 +9,13 @@
   replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
 * Retirement (``max_tasks_per_child``): a worker that has done its share takes no more
   tasks and is removed once idle; its process counts against the bound of twice
-  ``max_workers`` until it is gone.
+  ``max_workers`` until it is gone. ``max_memory_per_child`` retires a worker the same
+  way once its resident memory, read after each answer, is over the limit.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -25,10 +27,42 @@ from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
 from .futures import _unwrap
+from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
 
 _addprocs_lock = threading.Lock()     # one addprocs at a time from the drop-ins
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def check_max_memory(value: Any, given_pool: Any) -> int | None:
+    """``max_memory_per_child`` checked: a positive int of bytes, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"max_memory_per_child must be an int (bytes) or None, not {value!r}")
+    if value <= 0:
+        raise ValueError(f"max_memory_per_child must be > 0 bytes, got {value}")
+    if given_pool is not None:
+        raise ValueError("max_memory_per_child needs workers the executor starts itself, "
+                         "not a given pool")
+    return value
+
+
+def _resident_bytes(w: _Worker) -> int | None:
+    """The resident memory of ``w``'s local process (``None``: not local, or gone)."""
+    config = getattr(PGRP.workers.get(w.pid), "config", None) if w.pid is not None else None
+    ospid = getattr(config, "ospid", None)
+    if not ospid or getattr(config, "process", None) is None:   # only processes started here
+        return None
+    try:
+        with open(f"/proc/{ospid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PER_WORKER: Any = (b"", [])          # init_packed: pickle the initializer for each worker
 
 
 class _Staffing:
@@ -79,7 +113,11 @@ class _Staffing:
         self.dispatch()
 
     def _retire_due(self, w: _Worker) -> bool:
-        """(Under the lock.) ``w`` has done its share and is idle: take it out."""
+        """(Under the lock, after an answer from ``w``.) ``w`` has done its share (or
+        outgrown ``max_memory_per_child``) and is idle: take it out."""
+        if self.max_memory is not None and not w.retiring and not w.gone:
+            rss = _resident_bytes(w)
+            w.retiring = rss is not None and rss > self.max_memory
         if not w.retiring or w.ntasks or w.outbox or w.gone:
             return False
         w.gone = True
@@ -180,12 +218,17 @@ class _Staffing:
         self.dispatch()
         self._maybe_steal()
 
-    def _init_payload(self) -> tuple[bytes, list]:
+    def _init_payload(self) -> tuple[bytes, list] | None:
         """The initializer and its arguments, pickled once (SerializationError if they
-        cannot be)."""
+        cannot be); ``None`` if they hold multiprocessing objects, which are pickled for
+        each worker (``mpshare.py``: each gets descriptors of its own)."""
         if self.init_packed is None:
-            self.init_packed = dumps((self.initializer, self.initargs))
-        return self.init_packed
+            try:
+                self.init_packed = dumps((self.initializer, self.initargs))
+            except SerializationError:
+                check_shared((self.initializer, self.initargs))
+                self.init_packed = _PER_WORKER
+        return None if self.init_packed is _PER_WORKER else self.init_packed
 
     def _initialize(self, pids: list[int]) -> BaseException | None:
         """Run ``_init_worker`` on each new worker; the first failure, unwrapped. Only the
@@ -193,10 +236,12 @@ class _Staffing:
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
         try:
-            data, bufs = self._init_payload()
+            payload = self._init_payload()
             for pid in pids:
+                data, bufs = payload or dumps_shared((self.initializer, self.initargs))
+                tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
-                                        not self.pool_mode))
+                                        not self.pool_mode, tracker))
             for f in calls:
                 f.fetch()
         except SerializationError as e:

@@ -242,12 +242,15 @@ def _fn_drop(key: Any, fids: list[int] | None) -> None:
             _shipped.pop((key, fid), None)
 
 
-def _init_worker(authkey: bytes | None, packed: _Packed, log: bool) -> None:
+def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any = None) -> None:
     """On a new worker: the master's multiprocessing authkey (so manager proxies passed as
-    arguments connect, as in a multiprocessing child), then the user's initializer
-    (unpickled only now, after the authkey)."""
+    arguments connect, as in a multiprocessing child) and resource tracker, if given (see
+    mpshare.py), then the user's initializer (unpickled only now, after the authkey)."""
     if authkey is not None:
         multiprocessing.current_process().authkey = authkey
+    if tracker is not None:
+        from multiprocessing import resource_tracker   # only programs that use one pay
+        resource_tracker._resource_tracker._fd = tracker.detach()
     initializer, initargs = loads(packed.data, packed.bufs)
     if initializer is None:
         return

@@ -6,6 +6,8 @@ directory (or ``dir``) with the master's environment (plus ``env``). The cookie 
 its standard input, which the master then keeps open as the worker's lifeline: when the
 master dies, the pipe closes and the worker exits. The worker's output is relayed to the
 master's standard output, each line prefixed with the worker's id, as Julia does.
+Where the request allows, the worker server (``forkclient.py``) forks the worker instead
+of starting an interpreter; it is set up the same way and has the same pipes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from ..errors import LaunchError, describe_exit
 from .base import ClusterManager, WorkerConfig, parse_contact_line
+from .forkclient import check_preload, fork_refusal, fork_worker
 
 __all__ = ["LocalManager"]
 
@@ -38,7 +41,11 @@ class LocalManager(ClusterManager):
         return f"LocalManager(np={self.np}, restrict={self.restrict})"
 
     def known_params(self) -> tuple[str, ...]:
-        return ("restrict",)
+        return ("restrict", "preload")
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        if params.get("preload") is not None:
+            check_preload(params["preload"], "addprocs(preload=...)")
 
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: Any) -> None:
@@ -81,6 +88,11 @@ class LocalManager(ClusterManager):
             cmd += ["--bind", "0.0.0.0"]
         if params.get("transport") == "tcp":
             cmd += ["--transports", "tcp"]
+        proc = self._fork(params, cmd, env)
+        if proc is not None:
+            proc.stdin.write((cookie + "\n").encode())
+            proc.stdin.flush()
+            return proc
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, cwd=params["dir"], env=env,
@@ -92,6 +104,16 @@ class LocalManager(ClusterManager):
         proc.stdin.write((cookie + "\n").encode())
         proc.stdin.flush()
         return proc
+
+    @staticmethod
+    def _fork(params: dict[str, Any], cmd: list[str], env: dict[str, str]) -> Any:
+        """The worker forked by the worker server (``forkclient``), or ``None`` where a
+        fork cannot honour the request and a fresh interpreter must start."""
+        if fork_refusal(params["exename"], params["exeflags"], env) is not None:
+            return None
+        argv = cmd[cmd.index("pydist.worker") + 1:]
+        proc = fork_worker(params["dir"], env, argv, params.get("preload"))
+        return None if isinstance(proc, str) else proc
 
     def _relay_output(self, config: WorkerConfig) -> None:
         threading.Thread(target=_relay, args=(config, self._ids), name="pydist-output",

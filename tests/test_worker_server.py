@@ -1,0 +1,155 @@
+"""The worker server: local workers are forks of one single-threaded, preloaded process,
+set up as a fresh interpreter would be; requests a fork cannot honour start one."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import pydist as pd
+from pydist.managers.forkclient import worker_server_pid
+from testkit import shm_entries, subprocess_env, wait_until
+
+STEP = 30.0
+
+
+def _describe() -> dict:
+    import os
+    import sys
+    return {"ppid": os.getppid(), "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
+            "cwd": os.getcwd(), "path0": sys.path[0], "env": dict(os.environ),
+            "argv": list(sys.argv), "modules": sorted(sys.modules)}
+
+
+@contextlib.contextmanager
+def _workers(n: int, transport: str, **kwargs):
+    pids = pd.addprocs(n, transport=transport, **kwargs)
+    try:
+        yield pids
+    finally:
+        pd.rmprocs(*pids, waitfor=STEP)
+
+
+def test_a_forked_worker_starts_as_a_fresh_interpreter_would(transport, leak_oracle, tmp_path):
+    with _workers(1, transport, dir=str(tmp_path), env={"PYDIST_TEST_MARKER": "here"}) as pids:
+        seen = pd.remotecall_fetch(_describe, pids[0])
+    assert seen["ppid"] == worker_server_pid() is not None       # forked by the server
+    assert seen["pgid"] == seen["sid"] == seen["pid"]            # a session of its own
+    assert seen["cwd"] == str(tmp_path)
+    assert seen["path0"] == sys.path[0]                           # the master's path, as joined
+    assert seen["env"]["PYDIST_TEST_MARKER"] == "here"
+    assert seen["argv"][0].endswith(os.path.join("pydist", "worker.py"))
+    assert "--lifeline" in seen["argv"]
+    cookie = pd.cluster_cookie()
+    assert cookie not in repr(seen["env"]) and cookie not in repr(seen["argv"])
+
+
+def test_preloaded_modules_are_imported_before_the_fork(transport, leak_oracle):
+    module = "xml.dom.minidom"            # nothing of pydist or a worker imports it
+    with _workers(1, transport, preload=[module]) as pids:
+        seen = pd.remotecall_fetch(_describe, pids[0])
+    assert seen["ppid"] == worker_server_pid()
+    assert module in seen["modules"]
+
+
+@pytest.mark.parametrize("preload, error", [("json", TypeError), ([3], ValueError),
+                                            (["not a module"], ValueError)])
+def test_a_bad_preload_is_refused_before_anything_starts(preload, error, leak_oracle):
+    before = pd.workers()
+    with pytest.raises(error, match="preload"):
+        pd.addprocs(1, preload=preload)
+    with pytest.raises(error, match="preload"):
+        pd.set_worker_preload(preload)
+    assert pd.workers() == before
+
+
+def test_interpreter_flags_start_a_fresh_interpreter(transport, leak_oracle):
+    with _workers(1, transport, exeflags=["-X", "utf8"]) as pids:
+        seen = pd.remotecall_fetch(_describe, pids[0])
+    assert seen["ppid"] == os.getpid()                           # started by the master itself
+    assert seen["pgid"] == seen["pid"]
+
+
+def test_recycled_workers_are_forked_too(transport, leak_oracle):
+    with pd.Executor(1, max_tasks_per_child=1, transport=transport) as ex:
+        parents = {ex.submit(os.getppid).result(timeout=STEP) for _ in range(3)}
+        pids = {ex.submit(os.getpid).result(timeout=STEP) for _ in range(3)}
+    assert parents == {worker_server_pid()}
+    assert len(pids) == 3
+
+
+MASTER = textwrap.dedent("""
+    import os, sys, time
+    import pydist as pd
+    from pydist.managers.forkclient import worker_server_pid
+    pids = pd.addprocs(2, transport=sys.argv[1])
+    workers = [pd.remotecall_fetch(os.getpid, p) for p in pids]
+    parents = {pd.remotecall_fetch(os.getppid, p) for p in pids}
+    print(worker_server_pid(), *parents, *workers, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_forked_workers_and_their_server_die_with_the_master(transport, tmp_path, leak_oracle):
+    script = tmp_path / "master.py"
+    script.write_text(MASTER)
+    shm_before = shm_entries()
+    master = subprocess.Popen([sys.executable, str(script), transport], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True, env=subprocess_env())
+    try:
+        line = master.stdout.readline().split()
+        assert line, "the master printed nothing"
+        server, parent, *workers = (int(w) for w in line)
+        assert parent == server and len(workers) == 2, f"not forked by the server: {line}"
+        os.kill(master.pid, signal.SIGKILL)
+        master.wait(STEP)
+        gone = wait_until(lambda: not any(_alive(p) for p in (server, *workers)), 2.0, 0.005)
+        assert gone, f"outlived their master: {[p for p in (server, *workers) if _alive(p)]}"
+        assert wait_until(lambda: shm_entries() <= shm_before, 5), \
+            f"/dev/shm left: {sorted(shm_entries() - shm_before)}"
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait(STEP)
+        master.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_worker_killed_by_a_signal_says_so(transport, leak_oracle):
+    pids = pd.addprocs(1, transport=transport)
+    ospid = pd.remotecall_fetch(os.getpid, pids[0])
+    os.kill(ospid, signal.SIGKILL)
+    with pytest.raises(pd.ProcessExitedException, match="SIGKILL"):
+        deadline = time.monotonic() + STEP
+        while time.monotonic() < deadline:
+            pd.remotecall_fetch(os.getpid, pids[0])
+            time.sleep(0.01)
+    assert pids[0] not in pd.workers()
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+    return random.random(), float(np.random.random())
+
+
+def test_forked_workers_draw_different_random_numbers(transport, leak_oracle):
+    with _workers(2, transport, preload=["numpy.random"]) as pids:
+        draws = [pd.remotecall_fetch(_draws, p) for p in pids]
+        parents = {pd.remotecall_fetch(os.getppid, p) for p in pids}
+    assert parents == {worker_server_pid()}
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1], draws
