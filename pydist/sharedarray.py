@@ -118,7 +118,13 @@ class SharedArray(np.ndarray):
         m = _make_mapping(nbytes, chosen)
         arr = _view(_handle(m, 1), 0, shape_t, None, dt)
         if init is not None:
-            _run_init(arr, init, chosen)
+            try:
+                _run_init(arr, init, chosen)
+            except BaseException:
+                # Nobody will get this array: forget it everywhere now, rather than when
+                # every handle is gone (a traceback may hold one for a long time).
+                sharedmap.abandon(m.rrid)
+                raise
         return arr
 
     @classmethod

@@ -32,6 +32,7 @@ from .shm import segment as seg
 
 __all__ = ["Mapping", "OwnedArray", "create_segment", "unlink", "add", "attach_here", "lookup",
            "forget_here", "table_size", "register_owned", "count_holder", "note_sent", "release",
+           "abandon",
            "mapping_or_error"]
 
 
@@ -145,6 +146,14 @@ def count_holder(rrid: RRID, pid: int, n: int) -> bool:
             if not rec.holders:
                 del PGRP.refs[rrid]
         return True
+
+
+def abandon(rrid: RRID) -> None:
+    """Drop the record of a SharedArray owned here whatever its counts: every process of
+    its ``pids`` forgets its mapping (for an array whose construction failed)."""
+    with PGRP.lock:
+        if isinstance(PGRP.refs.get(rrid), OwnedArray):
+            del PGRP.refs[rrid]
 
 
 @internal_op

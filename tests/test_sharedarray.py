@@ -214,3 +214,16 @@ def test_kill_9_of_everyone_leaves_nothing_in_dev_shm(transport, leak_oracle):
                                       psutil.Process(p).status() != "zombie" for p in pids[1:]),
                       10)
     assert shm_entries() <= before
+
+
+def fail_on_second_worker(S):
+    if pd.indexpids(S) == 1:
+        raise RuntimeError("this share cannot be filled")
+    S[..., pd.localindices(S)] = 1
+
+
+def test_a_failing_init_is_raised_and_the_array_forgotten(cluster, leak_oracle):
+    with pytest.raises(pd.RemoteException, match="this share cannot be filled"):
+        pd.SharedArray((2, 10), init=fail_on_second_worker)
+    gc.collect()
+    assert wait_until(lambda: table_sizes(cluster) == [0, 0, 0], 10), table_sizes(cluster)
