@@ -5,7 +5,6 @@ import socket
 import threading
 import time
 
-import psutil
 import pytest
 
 from pydist import transport
@@ -13,6 +12,7 @@ from pydist.errors import TransportBroken, TransportClosed
 from pydist.net.address import TcpAddress, format_tcp_url, is_loopback, parse_tcp_url
 from pydist.net.tcp import TcpListener, TcpTransport, connect_tcp
 from pydist.testing import CHECKS, THREAD_PREFIX, transport_pair
+from testkit import live_children
 
 URLS = ["tcp://127.0.0.1:0"]
 try:
@@ -24,11 +24,12 @@ except ImportError:
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Each test leaves no child process and no thread of the conformance suite behind."""
+    """Each test leaves no child process (the worker server, which lives as long as this
+    process, aside) and no thread of the conformance suite behind."""
     yield
     deadline = time.monotonic() + 2.0
     while True:
-        children = psutil.Process().children(recursive=True)
+        children = live_children()
         threads = [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
         if not children and not threads:
             return
