@@ -25,6 +25,7 @@ from .cluster import PGRP
 from .join import accept_loop, serve_incoming
 from .managers.base import CONTACT_PREFIX
 from .net.address import format_tcp_url
+from .output import install_worker_streams
 from .tasks import TaskRunner
 
 __all__ = ["init_worker", "start_worker", "worker_main", "exit_worker", "process_messages"]
@@ -141,6 +142,8 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
                          daemon=True).start()
     addresses = " ".join(listener.address for listener in PGRP.listeners)
     print(f"{CONTACT_PREFIX} 1 {addresses}", file=out, flush=True)
+    if out is sys.stdout:
+        install_worker_streams()   # counted from here on, as the master's relay counts
     if lifeline:
         threading.Thread(target=_watch_stdin, name="pydist-lifeline", daemon=True).start()
     elif close_stdin:
@@ -188,8 +191,11 @@ def worker_main(argv: list[str] | None = None) -> None:
                         help="exit when standard input closes (the master holds it open)")
     parser.add_argument("--port", type=int, default=0,
                         help="TCP port to listen on (default 0: any free port)")
+    parser.add_argument("--separate-stderr", action="store_true",
+                        help="keep stderr apart from stdout (by default it joins stdout)")
     parser.add_argument("--lease", type=float, default=0.0, metavar="SECONDS",
                         help="exit when the master sends no heartbeat for SECONDS (0: never)")
     args = parser.parse_args(argv)
     start_worker(sys.stdout, None, bind=args.bind, lifeline=args.lifeline, port=args.port,
+                 stderr_to_stdout=not args.separate_stderr,
                  lease=args.lease, transports=tuple(s for s in args.transports.split(",") if s))

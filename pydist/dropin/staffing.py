@@ -152,7 +152,7 @@ class _Staffing:
             return
         try:
             with _addprocs_lock:
-                pids = addprocs(len(group), transport=self.transport)
+                pids = addprocs(len(group), transport=self.transport, output="raw")
         except BaseException as e:
             for pid in getattr(e, "pids", None) or ():
                 self._helper(rmprocs, pid, waitfor=30)

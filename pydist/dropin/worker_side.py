@@ -7,7 +7,9 @@ The master sends a batch as one call, ``_run_batch(fn, packed, pool_mode, key, s
 * ``kind`` says how to call ``fn``: ``CALL`` (``fn(*args, **kwargs)``), ``CHUNK`` (``fn``
   on each item of a chunk), ``STARCHUNK`` (``fn(*item)`` on each);
 * the reply (``_Results``) is every task's result or ``Failure``, and the seconds the
-  batch took to run, which the master uses to size its windows;
+  batch took to run, which the master uses to size its windows; if the tasks printed, it
+  also carries how far the worker's output had got, and the master delivers the results
+  only once its relay has passed that output on (``pydist/output.py``);
 * ``key`` names the executor and ``seq`` the batch's place on this worker: a batch not
   started yet may be taken back (``_revoke``), and then answers ``_REVOKED``.
 
@@ -29,6 +31,7 @@ from typing import Any, Callable
 from ..cluster import PGRP
 from ..dispatch import OpContext, capture, internal_op
 from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, SerializationError
+from ..output import printed, wait_relayed
 from ..serialize import dumps, loads
 from ..values import Failure
 
@@ -53,16 +56,20 @@ class _Results:
     """A batch's results on their way back: pickled as a whole when possible, else item by
     item, each item that cannot be pickled replaced by its pickling error."""
 
-    __slots__ = ("values", "elapsed", "pool_mode")
+    __slots__ = ("values", "elapsed", "pool_mode", "mark")
 
-    def __init__(self, values: list, elapsed: float, pool_mode: bool) -> None:
+    def __init__(self, values: list, elapsed: float, pool_mode: bool,
+                 mark: tuple[int, int] | None = None) -> None:
         self.values, self.elapsed, self.pool_mode = values, elapsed, pool_mode
+        self.mark = mark     # (stdout, stderr) bytes written by the worker, if the tasks printed
 
     def __reduce__(self):
         try:
             data, bufs = dumps(self.values)
         except BaseException:
             data, bufs = dumps([self._sendable(v) for v in self.values])
+        if self.mark is not None:
+            return (_load_printed, (PGRP.myid, self.mark, self.elapsed, data, *bufs))
         return (_load_results, (self.elapsed, data, *bufs))
 
     def _sendable(self, value: Any) -> Any:
@@ -87,6 +94,13 @@ def _load_results(elapsed: float, data: Any, *bufs: Any) -> tuple[Any, float]:
         return loads(data, bufs), elapsed
     except BaseException as e:
         return _Undecodable(e), elapsed
+
+
+def _load_printed(pid: int, mark: tuple[int, int], elapsed: float, data: Any,
+                  *bufs: Any) -> tuple[Any, float]:
+    """``_load_results`` once what worker ``pid`` printed before them has been passed on."""
+    wait_relayed(pid, *mark)
+    return _load_results(elapsed, data, *bufs)
 
 
 class _Undecodable:
@@ -145,9 +159,10 @@ def _run_one(fn: Callable[..., Any], args: tuple, kwargs: dict, packed: _Packed 
         value = fn(*args, **kwargs)
     except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
         value = Failure(capture(e))
-    if type(value) in _ATOMS:
+    mark = printed()
+    if type(value) in _ATOMS and mark is None:
         return value
-    return _Results([value], time.perf_counter() - t0, pool_mode)
+    return _Results([value], time.perf_counter() - t0, pool_mode, mark)
 
 
 def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: Any, seq: int) -> Any:
@@ -173,7 +188,7 @@ def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: An
         except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
             out.append(Failure(capture(e)))
         del args, kwargs
-    return _Results(out, time.perf_counter() - t0, pool_mode)
+    return _Results(out, time.perf_counter() - t0, pool_mode, printed())
 
 
 # -- revoking batches that have not started ------------------------------------------------------
