@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import types
 from typing import Any, TextIO
 
 from . import transport as _transport
@@ -196,6 +197,8 @@ def worker_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lease", type=float, default=0.0, metavar="SECONDS",
                         help="exit when the master sends no heartbeat for SECONDS (0: never)")
     args = parser.parse_args(argv)
+    # User code shipped here lands in an empty __main__ (Julia's Main), not in this command's.
+    sys.modules["__main__"] = types.ModuleType("__main__")
     start_worker(sys.stdout, None, bind=args.bind, lifeline=args.lifeline, port=args.port,
                  stderr_to_stdout=not args.separate_stderr,
                  lease=args.lease, transports=tuple(s for s in args.transports.split(",") if s))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -184,7 +185,8 @@ class _Staffing:
         """The initializer and its arguments, pickled once (SerializationError if they
         cannot be)."""
         if self.init_packed is None:
-            self.init_packed = dumps((self.initializer, self.initargs))
+            self.init_packed = dumps((self.initializer, self.initargs),
+                                     main_by_reference=self.main is not None)
         return self.init_packed
 
     def _initialize(self, pids: list[int]) -> BaseException | None:
@@ -192,11 +194,12 @@ class _Staffing:
         local workers this executor starts itself are given multiprocessing's authkey."""
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
+        main = None if self.main is None else (self.main, sys.path, sys.argv)
         try:
             data, bufs = self._init_payload()
             for pid in pids:
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
-                                        not self.pool_mode))
+                                        not self.pool_mode, main))
             for f in calls:
                 f.fetch()
         except SerializationError as e:
