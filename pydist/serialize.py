@@ -35,9 +35,12 @@ Only the standard library, cloudpickle and ``pydist.errors`` are imported (layer
 from __future__ import annotations
 
 import io
+import linecache
 import pickle
 import sys
 import threading
+import types
+from collections import ChainMap
 from typing import Any, Iterable
 
 from .errors import SerializationError
@@ -97,6 +100,10 @@ def _main_pickler() -> type:
         import cloudpickle   # on first need: workers that run importable code never load it
 
         class _MainPickler(cloudpickle.Pickler):
+            # Code keeps its file name (cloudpickle puts "<dynamic-code>"): tracebacks of
+            # it elsewhere name the user's file, and show its lines where they can be read.
+            dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
             def _dynamic_function_reduce(self, func: Any) -> Any:
                 reduced = super()._dynamic_function_reduce(func)
                 main = sys.modules.get("__main__")
@@ -106,9 +113,20 @@ def _main_pickler() -> type:
                 shared = _tag_versions(slots["__globals__"])
                 slots["__globals__"] = {}
                 return (make, (code, _MainNamespace(), name, defaults, closure),
-                        (state, slots, shared), None, None, _set_main_function_state)
+                        (state, slots, shared, _source_of(code)), None, None,
+                        _set_main_function_state)
         _pickler.append(_MainPickler)
     return _pickler[0]
+
+
+def _code_reduce(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with the code's own file name."""
+    from cloudpickle.cloudpickle import _code_reduce as reduce_code
+    make, args = reduce_code(code)
+    at = [i for i, a in enumerate(args) if isinstance(a, str) and a == "<dynamic-code>"]
+    if len(at) == 1:
+        args = (*args[:at[0]], code.co_filename, *args[at[0] + 1:])
+    return make, args
 
 
 class _MainNamespace:
@@ -135,10 +153,22 @@ def _tag_versions(shared: dict[str, Any]) -> dict[str, tuple[Any, int]]:
     return out
 
 
+def _source_of(code: Any) -> tuple[str, tuple] | None:
+    """The source lines of ``code`` when they exist only in this process's ``linecache``
+    (a notebook cell, code run by ``everywhere``): sent along, so that tracebacks of the
+    function elsewhere show its lines."""
+    entry = linecache.cache.get(code.co_filename)
+    if entry is None or len(entry) != 4 or entry[1] is not None:
+        return None      # a real file (the receiver reads it) or nothing known
+    return code.co_filename, entry
+
+
 def _set_main_function_state(func: Any, state: tuple) -> None:
     """Bind a function of the sender's ``__main__`` into ours (see the module's docstring)."""
     from cloudpickle.cloudpickle import _function_setstate   # loaded by the pickle already
-    fstate, slots, shared = state
+    fstate, slots, shared, source = state
+    if source is not None:
+        linecache.cache.setdefault(*source)
     namespace = func.__globals__
     with _versions_lock:
         for name, (value, version) in shared.items():
