@@ -29,6 +29,7 @@ from .bootstrap import init_worker, process_messages, start_worker
 from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
                          remote)
 from .pmap import pmap
+from .logforward import forward_logging
 from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
@@ -61,5 +62,5 @@ __all__ = [
     "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
-    "pmap",
+    "pmap", "forward_logging",
 ]

@@ -240,3 +240,48 @@ def test_remote_tracebacks_of_code_sent_by_value_show_its_lines(tmp_path, transp
     assert f'File "{path}", line 16, in <lambda>\n    pydist.remotecall_fetch(lambda: ev(0), p)' in done.stdout
     assert re.search(r'File "<everywhere \w+>", line 2, in ev\n    return 1 / x', done.stdout), done.stdout
     assert "pydist/" not in done.stdout
+
+
+# -- logging ---------------------------------------------------------------------------------------
+def test_forward_logging_hands_worker_records_to_the_master(tmp_path, transport):
+    path = tmp_path / "prog.py"
+    path.write_text(textwrap.dedent(f"""
+        import logging
+        import time
+        import pydist
+
+        def task(x):
+            logging.getLogger("app").info("task %d", x)
+            logging.getLogger("other").debug("not forwarded")
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                logging.getLogger("app").exception("boom")
+            return x
+
+        class Keep(logging.Handler):
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def emit(self, record):
+                self.seen.append((record.worker, record.name, record.levelname,
+                                  record.getMessage(), "ZeroDivisionError" in (record.exc_text or "")))
+
+        if __name__ == "__main__":
+            keep = Keep()
+            logging.getLogger().addHandler(keep)
+            logging.getLogger().setLevel(logging.DEBUG)
+            pydist.forward_logging("app", logging.INFO)
+            with pydist.ProcessPoolExecutor(1, transport={transport!r}) as ex:
+                ex.submit(task, 5).result()
+                pid = ex.submit(pydist.myid).result()
+            deadline = time.monotonic() + 10
+            while len(keep.seen) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print(keep.seen == [(pid, "app", "INFO", "task 5", False),
+                                (pid, "app", "ERROR", "boom", True)], keep.seen)
+    """))
+    done = run(str(path), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True"), done.stdout
