@@ -85,12 +85,12 @@ class Relay:
                     data = _read_some(stream)
                 except (OSError, ValueError):
                     return
+                try:
+                    write(data)       # b"": the end (a last line without its newline)
+                except Exception:     # our stream is closed or gone, the callable failed:
+                    pass              # drop it, but keep draining the worker's pipe
                 if not data:
                     return
-                try:
-                    write(data)
-                except (OSError, ValueError):   # our own stream is closed: drop the rest
-                    pass
                 with _relayed:
                     self.counts[index] += len(data)
                     _relayed.notify_all()
@@ -110,16 +110,18 @@ def _writer(relay: Relay, index: int) -> Callable[[bytes], None]:
     """How stream ``index`` (0 stdout, 1 stderr) of ``relay``'s worker is passed on."""
     name = ("stdout", "stderr")[index]
     if callable(relay.output):
-        return lambda data: relay.output(relay.pid, name, data)
+        return lambda data: data and relay.output(relay.pid, name, data)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if relay.output == "raw":
         return lambda data: _write_raw(getattr(sys, name), data, decoder)
     partial: list[str] = []
 
     def prefixed(data: bytes) -> None:
-        text = "".join(partial) + decoder.decode(data)
+        text = "".join(partial) + decoder.decode(data, final=not data)
         lines = text.splitlines(keepends=True)
         partial[:] = [lines.pop()] if lines and not lines[-1].endswith(("\n", "\r")) else []
+        if not data and partial:
+            lines, partial[:] = [partial[0] + "\n"], []
         if lines:
             head = f"      From worker {relay.pid if relay.pid is not None else '?'}:\t"
             stream = getattr(sys, name)

@@ -277,7 +277,9 @@ def main_spec() -> tuple[str, str] | None:
             return None
         return ("module", name)
     path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or not path.endswith(".py") or not os.path.isfile(path):
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    if os.path.splitext(path)[1] not in (".py", ""):    # a zip application, a .pyc: by value
         return None
     return ("path", os.path.abspath(path))
 
