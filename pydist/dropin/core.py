@@ -31,7 +31,7 @@ from .shipping import _FnCache
 from .records import _Task, _Worker
 from .staffing import _Staffing
 from .stealing import _Stealing
-from .worker_side import main_spec
+from .mainscript import main_spec
 
 _keys = itertools.count(1)
 

@@ -17,7 +17,8 @@ from functools import partial
 from typing import Any, Callable
 
 from ..cluster import PGRP
-from .worker_side import _fn_lookup, _fn_store, _MainRef
+from .mainscript import _MainRef
+from .worker_side import _fn_lookup, _fn_store
 
 
 class _Shipped:

@@ -24,15 +24,11 @@ Everything here is pickled by reference (``pydist.dropin.worker_side.<name>``).
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import multiprocessing
-import os
-import sys
 import threading
 import time
-import types
 from typing import Any, Callable
 
 from ..cluster import PGRP
@@ -41,6 +37,7 @@ from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, Ser
 from ..output import printed, wait_relayed
 from ..serialize import dumps, loads
 from ..values import Failure
+from .mainscript import _load_main
 
 CALL, CHUNK, STARCHUNK = 0, 1, 2     # how a task calls its function (see _run_batch)
 _REVOKED = "pydist-executor-revoked"
@@ -262,75 +259,6 @@ def _fn_drop(key: Any, fids: list[int] | None) -> None:
     else:
         for fid in fids:
             _shipped.pop((key, fid), None)
-
-
-# -- the main script ------------------------------------------------------------------------------
-def main_spec() -> tuple[str, str] | None:
-    """How a worker can run this process's main script: ``("path", file)`` or ``("module",
-    name)`` (``python -m name``); ``None`` when there is none to run (``-c``, an interactive
-    session, a notebook), and then ``__main__`` travels by value."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    name = getattr(spec, "name", None)
-    if name is not None:
-        if name == "__main__" or name.endswith(".__main__"):
-            return None
-        return ("module", name)
-    path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or not os.path.isfile(path):
-        return None
-    if os.path.splitext(path)[1] not in (".py", ""):    # a zip application, a .pyc: by value
-        return None
-    return ("path", os.path.abspath(path))
-
-
-class _MainRef:
-    """Unpickles as the attribute ``qualname`` of the receiver's ``__main__``."""
-
-    __slots__ = ("qualname",)
-
-    def __init__(self, qualname: str) -> None:
-        self.qualname = qualname
-
-    def __reduce__(self):
-        return (_main_attr, (self.qualname,))
-
-
-def _main_attr(qualname: str) -> Any:
-    obj: Any = sys.modules["__main__"]
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-_main_loaded: list[tuple[str, str]] = []
-
-
-def _load_main(spec: tuple[str, str], path: list[str], argv: list[str]) -> None:
-    """Run the master's main script here as ``__mp_main__`` (once), and make it ``__main__``;
-    ``sys.path`` gets the master's entries first and ``sys.argv`` is the master's, as in a
-    child the standard library spawns."""
-    if spec in _main_loaded:
-        return
-    sys.path[:0] = [p for p in path if p not in sys.path]
-    sys.argv[:] = argv
-    kind, where = spec
-    if kind == "module":
-        found = importlib.util.find_spec(where)
-        if found is None or found.loader is None:
-            raise ImportError(f"the main module {where!r} cannot be found on a worker")
-        code = found.loader.get_code(where)     # type: ignore[attr-defined]
-        file = found.origin
-    else:
-        with open(where, "rb") as f:
-            code = compile(f.read(), where, "exec")
-        file = where
-    module = types.ModuleType("__mp_main__")
-    module.__file__ = file
-    module.__builtins__ = __builtins__    # type: ignore[attr-defined]
-    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
-    _main_loaded.append(spec)
-    exec(code, vars(module))    # its `if __name__ == "__main__":` part does not run
 
 
 def _init_worker(authkey: bytes | None, packed: _Packed, log: bool,
