@@ -283,3 +283,20 @@ def test_forward_logging_hands_worker_records_to_the_master(tmp_path, transport)
     done = run(str(path), cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("True"), done.stdout
+
+
+def test_a_script_that_makes_a_pool_at_import_breaks_it_as_spawn_does(tmp_path, transport):
+    """No `if __name__ == "__main__":` guard: each worker runs the script, whose pool must
+    not start workers of its own there; the master's pool breaks, as under spawn."""
+    std, pd = both(tmp_path, transport, """
+        def f(x):
+            return x
+
+        ex = ProcessPoolExecutor(1)
+        print(ex.submit(f, 1).result())
+    """)
+    for done in (std, pd):
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.rstrip().splitlines()[-1].startswith(
+            "concurrent.futures.process.BrokenProcessPool: "), done.stderr
+    assert "under `if __name__ == \"__main__\":`" in pd.stderr

@@ -31,7 +31,7 @@ from .shipping import _FnCache
 from .records import _Task, _Worker
 from .staffing import _Staffing
 from .stealing import _Stealing
-from .mainscript import main_spec
+from .mainscript import check_not_importing_main, main_spec
 
 _keys = itertools.count(1)
 
@@ -44,6 +44,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
                  max_tasks: int | None, transport: str, pool: AbstractWorkerPool | None,
                  eager: bool = False, pool_mode: bool = False,
                  tb_class: type = _RemoteTraceback) -> None:
+        check_not_importing_main()
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
         self.init_packed: tuple[bytes, list] | None = None

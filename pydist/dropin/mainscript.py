@@ -16,7 +16,9 @@ import sys
 import types
 from typing import Any
 
-__all__ = ["main_spec"]
+__all__ = ["main_spec", "check_not_importing_main"]
+
+_importing: list[bool] = []      # non-empty while this worker runs the main script
 
 
 def main_spec() -> tuple[str, str] | None:
@@ -84,4 +86,18 @@ def _load_main(spec: tuple[str, str], path: list[str], argv: list[str]) -> None:
     module.__builtins__ = __builtins__    # type: ignore[attr-defined]
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
     _main_loaded.append(spec)
-    exec(code, vars(module))    # its `if __name__ == "__main__":` part does not run
+    _importing.append(True)
+    try:
+        exec(code, vars(module))    # its `if __name__ == "__main__":` part does not run
+    finally:
+        _importing.clear()
+
+
+def check_not_importing_main() -> None:
+    """Refuse to make a pool while the main script is being run as ``__mp_main__``: its
+    workers would run the script again, and theirs, without end."""
+    if _importing:
+        raise RuntimeError(
+            "a process pool was created while a worker was running the main script as "
+            "__mp_main__ (each worker runs it once, as the standard library's spawn does); "
+            "put the code that creates pools under `if __name__ == \"__main__\":`")
