@@ -111,6 +111,56 @@ def test_julia_api_output_is_prefixed_and_stderr_stays_stderr(tmp_path, transpor
     assert sorted(done.stderr.splitlines()) == ["      From worker 2:\toops", "oops"], done.stderr
 
 
+def test_everyday_programs_print_the_same(tmp_path, transport):
+    """Programs in the style of the two modules' documentation, printing from the master and
+    the workers, with a failing task at the end."""
+    std, pd = both(tmp_path, transport, """
+        import concurrent.futures
+        import math
+        import sys
+
+        NUMBERS = [112272535095293, 112582705942171, 115280095190773, 1099726899285419]
+
+        def is_prime(n):
+            if n < 2 or n % 2 == 0:
+                return n == 2
+            return all(n % k for k in range(3, int(math.isqrt(n)) + 1, 2))
+
+        def square(x):
+            return x * x
+
+        def shout(x):
+            print("squaring", x)     # one task at a time: the order is known
+            return x * x
+
+        def check(x):
+            if x == 3:
+                raise ValueError("three is right out")
+            return x
+
+        if __name__ == "__main__":
+            with ProcessPoolExecutor() as executor:
+                for number, prime in zip(NUMBERS, executor.map(is_prime, NUMBERS)):
+                    print(f"{number} is prime: {prime}")
+                futures = {executor.submit(square, x): x for x in range(3)}
+                done = [(futures[f], f.result()) for f in concurrent.futures.as_completed(futures)]
+                print(sorted(done), file=sys.stderr)
+            with Pool(3) as p:
+                print(p.map(square, [1, 2, 3]))
+                print(sorted(p.imap_unordered(square, range(4))))
+                print(p.apply_async(shout, (10,)).get(timeout=30))
+                print(p.map(check, range(5)))
+    """)
+    assert std.returncode == 1 and "ValueError: three is right out" in std.stderr, std.stderr
+    std_err = std.stderr.splitlines()
+    pd_err = pd.stderr.splitlines()
+    # The worker's part of the last traceback differs (pydist leaves out the frames of its
+    # worker loop); everything else is the same, in the same order.
+    cut = [line for line in std_err if not line.startswith(("  File", "    "))]
+    assert [line for line in pd_err if not line.startswith(("  File", "    "))] == cut
+    assert (pd.returncode, pd.stdout) == (std.returncode, std.stdout)
+
+
 # -- the main script's globals ---------------------------------------------------------------------
 def test_globals_of_the_main_script_are_one_namespace_per_worker(tmp_path, transport):
     std, pd = both(tmp_path, transport, """
