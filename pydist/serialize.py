@@ -40,6 +40,7 @@ import pickle
 import sys
 import threading
 import types
+import weakref
 from collections import ChainMap
 from typing import Any, Iterable
 
@@ -88,7 +89,7 @@ def _cloudpickle_dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
 
 # -- functions of __main__ by value: one namespace on the receiver ------------------------------------
 _pickler: list[type] = []                          # _MainPickler, made on first need
-_sent: dict[str, tuple[Any, int]] = {}             # sender: global name -> (value, version)
+_sent: dict[str, tuple[Any, int]] = {}             # sender: global name -> (value or weakref, version)
 _got: dict[str, int] = {}                          # receiver: global name -> version set here
 _versions_lock = threading.Lock()
 _MISSING = object()
@@ -147,10 +148,23 @@ def _tag_versions(shared: dict[str, Any]) -> dict[str, tuple[Any, int]]:
     with _versions_lock:
         for name, value in shared.items():
             seen = _sent.get(name)
-            if seen is None or seen[0] is not value:
-                seen = _sent[name] = (value, (seen[1] + 1) if seen else 1)
+            if seen is None or _referent(seen[0]) is not value:
+                seen = _sent[name] = (_reference(value), (seen[1] + 1) if seen else 1)
             out[name] = (value, seen[1])
     return out
+
+
+def _reference(value: Any) -> Any:
+    """A weak reference to ``value`` where it takes one (a big array is not kept alive
+    here once the sender rebinds the name), else the value itself."""
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return value
+
+
+def _referent(ref: Any) -> Any:
+    return ref() if type(ref) is weakref.ref else ref
 
 
 def _source_of(code: Any) -> tuple[str, tuple] | None:
