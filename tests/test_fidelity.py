@@ -66,7 +66,15 @@ def test_task_output_reaches_stdout_and_stderr_before_the_result(tmp_path, trans
             sys.stdout.write("no newline ")
             return x * 2
 
+        def ready():
+            print("worker ready")
+            print("ready, on stderr", file=sys.stderr)
+
         if __name__ == "__main__":
+            with ProcessPoolExecutor(1, initializer=ready) as ex:
+                print("result", ex.submit(task, 9).result(), flush=True)
+            with Pool(1, initializer=ready) as p:
+                print("result", p.apply(task, (8,)), flush=True)
             with ProcessPoolExecutor(2) as ex:
                 for i in range(3):
                     print("result", ex.submit(task, i).result(), flush=True)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from ..cluster import PGRP
 from ..control import addprocs, rmprocs
 from ..errors import ProcessExitedException, SerializationError
+from ..output import wait_relayed
 from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
@@ -200,8 +201,10 @@ class _Staffing:
             for pid in pids:
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
                                         not self.pool_mode, main))
-            for f in calls:
-                f.fetch()
+            for pid, f in zip(pids, calls):
+                mark = f.fetch()
+                if mark is not None:   # the script or the initializer printed: that goes first
+                    wait_relayed(pid, *mark)
         except SerializationError as e:
             return e.__cause__ or e
         except BaseException as e:

@@ -262,18 +262,18 @@ def _fn_drop(key: Any, fids: list[int] | None) -> None:
 
 
 def _init_worker(authkey: bytes | None, packed: _Packed, log: bool,
-                 main: tuple[Any, list[str], list[str]] | None = None) -> None:
+                 main: tuple[Any, list[str], list[str]] | None = None) -> tuple[int, int] | None:
     """On a new worker: the master's multiprocessing authkey (so manager proxies passed as
     arguments connect, as in a multiprocessing child), its main script (``main``: how to
     find it, the master's ``sys.path`` and ``sys.argv``), then the user's initializer
-    (unpickled only now)."""
+    (unpickled only now). Answers how far the worker's output got if they printed."""
     if authkey is not None:
         multiprocessing.current_process().authkey = authkey
     if main is not None:
         _load_main(*main)
     initializer, initargs = loads(packed.data, packed.bufs)
     if initializer is None:
-        return
+        return printed()
     try:
         initializer(*initargs)
     except BaseException:
@@ -281,3 +281,4 @@ def _init_worker(authkey: bytes | None, packed: _Packed, log: bool,
             logging.getLogger("concurrent.futures").critical("Exception in initializer:",
                                                              exc_info=True)
         raise
+    return printed()
