@@ -31,11 +31,17 @@ pydist.ProcessPoolExecutor  # (the head is as long as the standard library's)
 """
 
 
-def run(path: str, *args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _env() -> dict[str, str]:
+    """The environment of the programs: unbuffered, as at a terminal, so that the standard
+    library's workers write what they print at once (else only when they exit)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run(path: str, *args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, path, *args], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, cwd=cwd)
+                          timeout=TIMEOUT, env=_env(), cwd=cwd)
 
 
 def both(tmp_path, transport: str, body: str) -> tuple[subprocess.CompletedProcess, ...]:
@@ -75,7 +81,7 @@ def test_task_output_reaches_stdout_and_stderr_before_the_result(tmp_path, trans
                 print("result", ex.submit(task, 9).result(), flush=True)
             with Pool(1, initializer=ready) as p:
                 print("result", p.apply(task, (8,)), flush=True)
-            with ProcessPoolExecutor(2) as ex:
+            with ProcessPoolExecutor(1) as ex:     # one worker: the tasks' output has an order
                 for i in range(3):
                     print("result", ex.submit(task, i).result(), flush=True)
                 print(list(ex.map(task, range(3))), flush=True)
@@ -231,9 +237,8 @@ def test_globals_are_one_namespace_without_a_script(tmp_path, transport):
             a = 2
             print(pydist.remotecall_fetch(lambda: (state, a), p))
     """)
-    env = dict(os.environ, PYTHONPATH=ROOT)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, cwd=str(tmp_path))
+                          timeout=TIMEOUT, env=_env(), cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[10, 11, 13]\n[13, 14]\n(5, 1)\n(5, 2)\n"
 
