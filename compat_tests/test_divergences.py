@@ -222,3 +222,33 @@ def test_14_workers_are_cluster_members(ex):
 def test_15_an_executor_made_inside_a_task_is_the_standard_librarys(ex):
     kind, results = ex.submit(T.nested_executor_kind).result(timeout=WAIT)
     assert kind == "concurrent.futures.process.ProcessPoolExecutor" and results == [0, 1, 4]
+
+
+# 16 ----------------------------------------------------------------------------------------------
+def test_16_task_output_goes_to_sys_stdout_before_the_result(ex):
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        ex.submit(print, "to stdout").result(timeout=WAIT)
+        ex.submit(T.sleep_and_print, 0, "again").result(timeout=WAIT)
+        ex.submit(print, "to stderr", file=_Stderr()).result(timeout=WAIT)
+        got = out.getvalue(), err.getvalue()
+    assert got == ("to stdout\nagain\n", "to stderr\n")
+
+
+class _Stderr:
+    """Pickles as the receiving process's ``sys.stderr``."""
+
+    def __reduce__(self):
+        return (getattr, (__import__("sys"), "stderr"))
+
+
+# 17 ----------------------------------------------------------------------------------------------
+def test_17_remote_traceback_starts_in_the_users_code(ex):
+    with pytest.raises(ValueError) as info:
+        ex.submit(T.fail, ValueError, "bad").result(timeout=WAIT)
+    remote = str(info.value.__cause__)
+    first = remote.split("Traceback (most recent call last):\n", 1)[1].splitlines()[0]
+    assert "_tasks.py" in first and "in fail" in first, remote
+    assert "pydist" not in remote

@@ -36,6 +36,7 @@ if TYPE_CHECKING:   # what each name is; at run time its module loads on first u
                              remote)
     from .pmap import pmap
     from .progress import progress
+    from .logforward import forward_logging
     from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
@@ -63,6 +64,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
                     "remote"),
     ".pmap": ("pmap",),
     ".progress": ("progress",),
+    ".logforward": ("forward_logging",),
     ".api": ("close", "fetch", "isready", "put", "take", "wait", "worker_id_from_socket"),
     ".executor": ("Executor", "ProcessPoolExecutor"),
     ".pool": ("Pool",),
@@ -114,5 +116,5 @@ __all__ = [
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
     "pmap", "progress", "set_worker_preload", "SharedArray", "sdata", "localindices", "indexpids",
-    "shared_zeros", "shared_ones",
+    "shared_zeros", "shared_ones", "forward_logging",
 ]

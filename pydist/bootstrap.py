@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import types
 from typing import Any, TextIO
 
 from . import transport as _transport
@@ -26,6 +27,7 @@ from .join import accept_loop, serve_incoming
 from .managers.base import CONTACT_PREFIX
 from .managers.dialback import dial_master, read_cookie_file, route_to
 from .net.address import format_tcp_url
+from .output import install_worker_streams
 from .tasks import TaskRunner
 
 __all__ = ["init_worker", "start_worker", "worker_main", "exit_worker", "process_messages"]
@@ -149,6 +151,8 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         print(f"{CONTACT_PREFIX} 1 {addresses}", file=out, flush=True)
     else:
         _dial_master(connect, addresses.split())
+    if out is sys.stdout:
+        install_worker_streams()   # counted from here on, as the master's relay counts
     if lifeline:
         threading.Thread(target=_watch_stdin, name="pydist-lifeline", daemon=True).start()
     elif close_stdin:
@@ -206,6 +210,8 @@ def worker_main(argv: list[str] | None = None) -> None:
                         help="exit when standard input closes (the master holds it open)")
     parser.add_argument("--port", type=int, default=0,
                         help="TCP port to listen on (default 0: any free port)")
+    parser.add_argument("--separate-stderr", action="store_true",
+                        help="keep stderr apart from stdout (by default it joins stdout)")
     parser.add_argument("--lease", type=float, default=0.0, metavar="SECONDS",
                         help="exit when the master sends no heartbeat for SECONDS (0: never)")
     parser.add_argument("--connect", metavar="HOST:PORT",
@@ -214,6 +220,9 @@ def worker_main(argv: list[str] | None = None) -> None:
                         help="read the cookie from PATH (mode 0600) instead of standard input")
     args = parser.parse_args(argv)
     cookie = read_cookie_file(args.cookie_file) if args.cookie_file else None
+    # User code shipped here lands in an empty __main__ (Julia's Main), not in this command's.
+    sys.modules["__main__"] = types.ModuleType("__main__")
     start_worker(sys.stdout, cookie, bind=args.bind, lifeline=args.lifeline, port=args.port,
+                 stderr_to_stdout=not args.separate_stderr,
                  lease=args.lease, transports=tuple(s for s in args.transports.split(",") if s),
                  connect=f"tcp://{args.connect}" if args.connect else None)

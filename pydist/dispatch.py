@@ -9,9 +9,11 @@ runner is busy.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import traceback
+from types import TracebackType
 from typing import Any, Callable
 
 from .cluster import PGRP, W_TERMINATED, Worker
@@ -31,8 +33,20 @@ def capture(exc: BaseException, pid: int | None = None) -> RemoteException:
     """Wrap an exception of user code run here (never wrapping a RemoteException twice)."""
     if isinstance(exc, RemoteException):
         return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     return RemoteException(PGRP.myid if pid is None else pid, CapturedException(exc, tb))
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without its leading frames of pydist itself (what ran the user's code), so a
+    remote traceback starts in the user's code; all of it if it never reaches user code."""
+    first = tb
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        tb = tb.tb_next
+    return first if tb is None else tb
 
 
 def run_call(f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dis
 import itertools
+import linecache
 import sys
 import threading
+import zlib
 from functools import reduce
 from typing import Any, Callable, Iterable
 
@@ -57,9 +59,12 @@ def fetchfrom(p: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 # -- everywhere -----------------------------------------------------------------------------------
 def _exec_in_main(code: str) -> None:
-    """Run ``code`` in this process's ``__main__`` namespace."""
+    """Run ``code`` in this process's ``__main__`` namespace; its lines are kept in
+    ``linecache`` (under a name of their own), so tracebacks through it show them."""
     main = sys.modules["__main__"]
-    exec(compile(code, "<everywhere>", "exec"), main.__dict__)
+    name = f"<everywhere {zlib.crc32(code.encode()):08x}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)
+    exec(compile(code, name, "exec"), main.__dict__)
 
 
 def _define_in_main(name: str, f: Callable[..., Any]) -> None:

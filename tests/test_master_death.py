@@ -47,7 +47,7 @@ MASTER = textwrap.dedent("""
     transport, phase, names_path = sys.argv[1:4]
     N = 400_000  # map items: far more than fit in the kill delay
 
-    if transport == "shm":
+    if transport == "shm" and __name__ == "__main__":
         # Note every segment and semaphore name before it is created: the test checks them.
         from pydist.shm import segment
         names, fresh = open(names_path, "a", buffering=1), segment.new_name
@@ -67,7 +67,9 @@ MASTER = textwrap.dedent("""
     def work(x):  # a few microseconds
         return sum(range(32)) + x
 
-    if phase == "addprocs":
+    if __name__ != "__main__":
+        pass  # a drop-in's worker runs this script as __mp_main__: the definitions only
+    elif phase == "addprocs":
         say("begin")
         pd.addprocs(3, transport=transport)
         say("end")
@@ -118,7 +120,8 @@ MASTER = textwrap.dedent("""
             return created
         rendezvous.new_segment = held
         pd.addprocs(1, transport=transport)
-    time.sleep(60)
+    if __name__ == "__main__":
+        time.sleep(60)
 """)
 
 # Each phase, and the upper end of the kill delay after "begin" (seconds). Here the phases

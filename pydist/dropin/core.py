@@ -31,6 +31,7 @@ from .shipping import _FnCache
 from .records import _Task, _Worker
 from .staffing import _Staffing
 from .stealing import _Stealing
+from .mainscript import check_not_importing_main, main_spec
 
 _keys = itertools.count(1)
 
@@ -43,6 +44,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
                  max_tasks: int | None, transport: str, pool: AbstractWorkerPool | None,
                  eager: bool = False, pool_mode: bool = False,
                  tb_class: type = _RemoteTraceback, max_memory: int | None = None) -> None:
+        check_not_importing_main()
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
         self.init_packed: tuple[bytes, list] | None = None
@@ -68,7 +70,10 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         self.broken: str | None = None
         self.est: float | None = None       # seconds per task, measured on the workers
         self.rtt = 0.0005                   # seconds of round trip beyond the work
-        self.fcache = _FnCache(self.key)
+        # The main script, which the workers this executor starts run as __mp_main__: its
+        # functions and classes then travel by reference (None: by value).
+        self.main = main_spec() if pool is None else None
+        self.fcache = _FnCache(self.key, by_reference=self.main is not None)
         self.feeds: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.stop_lock = threading.Lock()
         self.stop_done = threading.Event()

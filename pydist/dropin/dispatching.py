@@ -214,9 +214,9 @@ class _Dispatching:
             t = tasks[0]
             if inline_ok(t.args, t.kwargs):
                 return _run_one, (t.args, t.kwargs, None, self.pool_mode)
-            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)])
+            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)], self.main is not None)
             return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), self.pool_mode)
-        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks])
+        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks], self.main is not None)
         return _run_batch, (_Packed(data, *bufs), self.pool_mode, self.key, batch.seq)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:

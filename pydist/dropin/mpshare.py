@@ -57,22 +57,23 @@ class _LocalSpawn:
         return resource_sharer.DupFd(fd)
 
 
-def dumps_shared(obj: Any) -> tuple[bytes, list]:
+def dumps_shared(obj: Any, main_by_reference: bool = False) -> tuple[bytes, list]:
     """``dumps(obj)``; if that fails, again as for a process multiprocessing starts (see
-    the module's docstring). Raises the second ``SerializationError`` if both fail."""
+    the module's docstring). Raises the second ``SerializationError`` if both fail.
+    ``main_by_reference`` as for ``serialize.dumps``."""
     try:
-        return dumps(obj)
+        return dumps(obj, main_by_reference)
     except SerializationError:
-        return _spawn_dumps(obj, _LocalSpawn())
+        return _spawn_dumps(obj, _LocalSpawn(), main_by_reference)
 
 
-def check_shared(obj: Any) -> None:
+def check_shared(obj: Any, main_by_reference: bool = False) -> None:
     """Raise ``SerializationError`` unless ``dumps_shared(obj)`` would work (a dry run:
     no descriptor is offered to anyone)."""
     try:
-        dumps(obj)
+        dumps(obj, main_by_reference)
     except SerializationError:
-        _spawn_dumps(obj, _DryRun())
+        _spawn_dumps(obj, _DryRun(), main_by_reference)
 
 
 class _DryRun(_LocalSpawn):
@@ -80,11 +81,12 @@ class _DryRun(_LocalSpawn):
         return None
 
 
-def _spawn_dumps(obj: Any, popen: _LocalSpawn) -> tuple[bytes, list]:
+def _spawn_dumps(obj: Any, popen: _LocalSpawn, main_by_reference: bool) -> tuple[bytes, list]:
     previous = mp_context.get_spawning_popen()
     mp_context.set_spawning_popen(popen)
     try:
-        return dumps_with(obj, ChainMap(_REDUCERS, ForkingPickler._extra_reducers))
+        return dumps_with(obj, ChainMap(_REDUCERS, ForkingPickler._extra_reducers),
+                          main_by_reference)
     except SerializationError:
         raise     # the second error: it says why the multiprocessing way failed too
     finally:

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any, Callable
 
 from ..cluster import PGRP
+from .mainscript import _MainRef
 from .worker_side import _fn_lookup, _fn_store
 
 
@@ -37,8 +38,9 @@ class _Shipped:
 class _FnCache:
     """Which function was shipped under which id to which worker, holding functions weakly."""
 
-    def __init__(self, key: Any) -> None:
+    def __init__(self, key: Any, by_reference: bool = False) -> None:
         self.key = key
+        self.by_reference = by_reference    # the workers run the main script as __mp_main__
         self.lock = threading.Lock()
         self.entries: dict[int, tuple[weakref.ref, int, set[int]]] = {}   # id(fn) -> (ref, fid, pids)
         self.fids = itertools.count(1)
@@ -54,6 +56,8 @@ class _FnCache:
         """What to send as ``fn`` to ``pid``, and a token for ``sent``."""
         if not self.wanted(fn) or pid == PGRP.myid:
             return fn, None
+        if self.by_reference and fn.__module__ == "__main__" and "<" not in fn.__qualname__:
+            return _MainRef(fn.__qualname__), None
         with self.lock:
             entry = self.entries.get(id(fn))
             if entry is None or entry[0]() is not fn:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from ..cluster import PGRP
 from ..control import addprocs, rmprocs
 from ..errors import ProcessExitedException, SerializationError
+from ..output import wait_relayed
 from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
@@ -190,7 +192,7 @@ class _Staffing:
             return
         try:
             with _addprocs_lock:
-                pids = addprocs(len(group), transport=self.transport)
+                pids = addprocs(len(group), transport=self.transport, output="raw")
         except BaseException as e:
             for pid in getattr(e, "pids", None) or ():
                 self._helper(rmprocs, pid, waitfor=30)
@@ -224,9 +226,10 @@ class _Staffing:
         each worker (``mpshare.py``: each gets descriptors of its own)."""
         if self.init_packed is None:
             try:
-                self.init_packed = dumps((self.initializer, self.initargs))
+                self.init_packed = dumps((self.initializer, self.initargs),
+                                         main_by_reference=self.main is not None)
             except SerializationError:
-                check_shared((self.initializer, self.initargs))
+                check_shared((self.initializer, self.initargs), self.main is not None)
                 self.init_packed = _PER_WORKER
         return None if self.init_packed is _PER_WORKER else self.init_packed
 
@@ -235,15 +238,19 @@ class _Staffing:
         local workers this executor starts itself are given multiprocessing's authkey."""
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
+        main = None if self.main is None else (self.main, sys.path, sys.argv)
         try:
             payload = self._init_payload()
             for pid in pids:
-                data, bufs = payload or dumps_shared((self.initializer, self.initargs))
+                data, bufs = payload or dumps_shared((self.initializer, self.initargs),
+                                                     self.main is not None)
                 tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
-                                        not self.pool_mode, tracker))
-            for f in calls:
-                f.fetch()
+                                        not self.pool_mode, tracker, main))
+            for pid, f in zip(pids, calls):
+                mark = f.fetch()
+                if mark is not None:   # the script or the initializer printed: that goes first
+                    wait_relayed(pid, *mark)
         except SerializationError as e:
             return e.__cause__ or e
         except BaseException as e:

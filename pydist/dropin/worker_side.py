@@ -7,13 +7,18 @@ The master sends a batch as one call, ``_run_batch(fn, packed, pool_mode, key, s
 * ``kind`` says how to call ``fn``: ``CALL`` (``fn(*args, **kwargs)``), ``CHUNK`` (``fn``
   on each item of a chunk), ``STARCHUNK`` (``fn(*item)`` on each);
 * the reply (``_Results``) is every task's result or ``Failure``, and the seconds the
-  batch took to run, which the master uses to size its windows;
+  batch took to run, which the master uses to size its windows; if the tasks printed, it
+  also carries how far the worker's output had got, and the master delivers the results
+  only once its relay has passed that output on (``pydist/output.py``);
 * ``key`` names the executor and ``seq`` the batch's place on this worker: a batch not
   started yet may be taken back (``_revoke``), and then answers ``_REVOKED``.
 
 Functions pickled by value are kept here (``_shipped``) once the master has sent them
 whole, and referred to by id afterwards (see ``shipping.py``). A new worker first runs
-``_init_worker``: the multiprocessing authkey, then the user's initializer.
+``_init_worker``: the multiprocessing authkey, the master's main script (``main_spec``:
+run once per worker as ``__mp_main__`` and made its ``__main__``, as the standard library's
+spawn does, so that functions and classes of the script travel by reference and share its
+globals), then the user's initializer.
 
 Everything here is pickled by reference (``pydist.dropin.worker_side.<name>``).
 """
@@ -29,8 +34,10 @@ from typing import Any, Callable
 from ..cluster import PGRP
 from ..dispatch import OpContext, capture, internal_op
 from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, SerializationError
+from ..output import printed, wait_relayed
 from ..serialize import dumps, loads
 from ..values import Failure
+from .mainscript import _load_main
 
 CALL, CHUNK, STARCHUNK = 0, 1, 2     # how a task calls its function (see _run_batch)
 _REVOKED = "pydist-executor-revoked"
@@ -53,16 +60,20 @@ class _Results:
     """A batch's results on their way back: pickled as a whole when possible, else item by
     item, each item that cannot be pickled replaced by its pickling error."""
 
-    __slots__ = ("values", "elapsed", "pool_mode")
+    __slots__ = ("values", "elapsed", "pool_mode", "mark")
 
-    def __init__(self, values: list, elapsed: float, pool_mode: bool) -> None:
+    def __init__(self, values: list, elapsed: float, pool_mode: bool,
+                 mark: tuple[int, int] | None = None) -> None:
         self.values, self.elapsed, self.pool_mode = values, elapsed, pool_mode
+        self.mark = mark     # (stdout, stderr) bytes written by the worker, if the tasks printed
 
     def __reduce__(self):
         try:
             data, bufs = dumps(self.values)
         except BaseException:
             data, bufs = dumps([self._sendable(v) for v in self.values])
+        if self.mark is not None:
+            return (_load_printed, (PGRP.myid, self.mark, self.elapsed, data, *bufs))
         return (_load_results, (self.elapsed, data, *bufs))
 
     def _sendable(self, value: Any) -> Any:
@@ -87,6 +98,13 @@ def _load_results(elapsed: float, data: Any, *bufs: Any) -> tuple[Any, float]:
         return loads(data, bufs), elapsed
     except BaseException as e:
         return _Undecodable(e), elapsed
+
+
+def _load_printed(pid: int, mark: tuple[int, int], elapsed: float, data: Any,
+                  *bufs: Any) -> tuple[Any, float]:
+    """``_load_results`` once what worker ``pid`` printed before them has been passed on."""
+    wait_relayed(pid, *mark)
+    return _load_results(elapsed, data, *bufs)
 
 
 class _Undecodable:
@@ -145,9 +163,10 @@ def _run_one(fn: Callable[..., Any], args: tuple, kwargs: dict, packed: _Packed 
         value = fn(*args, **kwargs)
     except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
         value = Failure(capture(e))
-    if type(value) in _ATOMS:
+    mark = printed()
+    if type(value) in _ATOMS and mark is None:
         return value
-    return _Results([value], time.perf_counter() - t0, pool_mode)
+    return _Results([value], time.perf_counter() - t0, pool_mode, mark)
 
 
 def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: Any, seq: int) -> Any:
@@ -173,7 +192,7 @@ def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: An
         except BaseException as e:   # SystemExit and KeyboardInterrupt are the task's error too
             out.append(Failure(capture(e)))
         del args, kwargs
-    return _Results(out, time.perf_counter() - t0, pool_mode)
+    return _Results(out, time.perf_counter() - t0, pool_mode, printed())
 
 
 # -- revoking batches that have not started ------------------------------------------------------
@@ -242,18 +261,23 @@ def _fn_drop(key: Any, fids: list[int] | None) -> None:
             _shipped.pop((key, fid), None)
 
 
-def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any = None) -> None:
+def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any = None,
+                 main: tuple[Any, list[str], list[str]] | None = None) -> tuple[int, int] | None:
     """On a new worker: the master's multiprocessing authkey (so manager proxies passed as
     arguments connect, as in a multiprocessing child) and resource tracker, if given (see
-    mpshare.py), then the user's initializer (unpickled only now, after the authkey)."""
+    mpshare.py), its main script (``main``: how to find it, the master's ``sys.path`` and
+    ``sys.argv``), then the user's initializer (unpickled only now, after the authkey).
+    Answers how far the worker's output got if they printed."""
     if authkey is not None:
         multiprocessing.current_process().authkey = authkey
     if tracker is not None:
         from multiprocessing import resource_tracker   # only programs that use one pay
         resource_tracker._resource_tracker._fd = tracker.detach()
+    if main is not None:
+        _load_main(*main)
     initializer, initargs = loads(packed.data, packed.bufs)
     if initializer is None:
-        return
+        return printed()
     try:
         initializer(*initargs)
     except BaseException:
@@ -261,3 +285,4 @@ def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any
             logging.getLogger("concurrent.futures").critical("Exception in initializer:",
                                                              exc_info=True)
         raise
+    return printed()

@@ -85,11 +85,11 @@ def fork_refusal(exename: str, exeflags: tuple | list, env: dict[str, str]) -> s
 
 class ForkedProcess:
     """A worker forked by the server, with the parts of ``subprocess.Popen`` pydist uses:
-    ``pid``, ``stdin`` (the lifeline), ``stdout``, ``poll``, ``wait``, ``send_signal``,
+    ``pid``, ``stdin`` (the lifeline), ``stdout``, ``stderr``, ``poll``, ``wait``, ``send_signal``,
     ``terminate``, ``kill`` and ``returncode`` (the server reports the exit)."""
 
-    def __init__(self, pid: int, args: list[str], stdin: Any, stdout: Any) -> None:
-        self.pid, self.args, self.stdin, self.stdout = pid, args, stdin, stdout
+    def __init__(self, pid: int, args: list[str], stdin: Any, stdout: Any, stderr: Any) -> None:
+        self.pid, self.args, self.stdin, self.stdout, self.stderr = pid, args, stdin, stdout, stderr
         self.returncode: int | None = None
         self._done = threading.Event()
 
@@ -189,23 +189,24 @@ class _Server:
         """Fork a worker; its process, or why the server could not."""
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             with self.lock:
                 msg = pickle.dumps(("fork", cwd, env, argv, preload))
-                socket.send_fds(self.sock, [msg], [in_r, out_w])
+                socket.send_fds(self.sock, [msg], [in_r, out_w, err_w])
                 reply = self._reply(REPLY_TIMEOUT)
         except OSError as e:
             reply = ("error", f"the worker server is unreachable ({e})")
         finally:
-            os.close(in_r)
-            os.close(out_w)
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
         if reply[0] != "forked":
-            os.close(in_w)
-            os.close(out_r)
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
             return str(reply[1])
         pid = reply[1]
         proc = ForkedProcess(pid, [sys.executable, "-m", "pydist.worker", *argv],
-                             os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb"))
+                             os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb"))
         with _registry_lock:
             early = self.exits.pop(pid, None)
             if early is None:

@@ -88,14 +88,14 @@ class _Server:
     def serve_one(self) -> bool:
         """Answer one request; ``False`` at the end of the socket."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 2)
+            data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 3)
         except OSError:
             return False
         if not data:
             return False
         try:
             msg = pickle.loads(data)
-            if msg[0] != "fork" or len(fds) != 2:
+            if msg[0] != "fork" or len(fds) != 3:
                 raise ValueError(f"unexpected request {msg[0]!r} with {len(fds)} descriptors")
             self.send(("forked", self.fork(*msg[1:], fds)))
         except Exception as e:
@@ -128,12 +128,12 @@ class _Server:
         try:
             self.shed_server()
             os.setsid()
-            stdin, out = fds
+            stdin, out, err = fds
             os.dup2(stdin, 0)
             os.dup2(out, 1)
-            os.dup2(out, 2)
-            os.close(stdin)
-            os.close(out)
+            os.dup2(err, 2)
+            for fd in fds:
+                os.close(fd)
             os.chdir(cwd)
             os.environ.clear()
             os.environ.update(environ)

@@ -4,8 +4,9 @@ Each worker is ``python -m pydist.worker --lifeline`` started in its own session
 Ctrl-C at the master's terminal reaches only the master), in the master's working
 directory (or ``dir``) with the master's environment (plus ``env``). The cookie goes over
 its standard input, which the master then keeps open as the worker's lifeline: when the
-master dies, the pipe closes and the worker exits. The worker's output is relayed to the
-master's standard output, each line prefixed with the worker's id, as Julia does.
+master dies, the pipe closes and the worker exits. The worker's stdout and stderr are
+relayed to the master's (``pydist/output.py``): by default each line prefixed with the
+worker's id, as Julia does; ``addprocs(..., output="raw")`` passes the bytes on as they are.
 Where the request allows, the worker server (``forkclient.py``) forks the worker instead
 of starting an interpreter; it is set up the same way and has the same pipes.
 """
@@ -14,11 +15,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from typing import Any
 
 from ..errors import LaunchError, describe_exit
+from ..output import Relay, check_output
 from .base import ClusterManager, WorkerConfig, parse_contact_line
 from .forkclient import check_preload, fork_refusal, fork_worker
 
@@ -35,17 +36,18 @@ class LocalManager(ClusterManager):
             raise ValueError(f"LocalManager needs a positive number of workers, got {np!r}")
         self.np = np
         self.restrict = restrict
-        self._ids: dict[int, int] = {}   # id(config) -> worker id, for output prefixes
+        self._relays: dict[int, Relay] = {}   # id(config) -> the relay of its output
 
     def __repr__(self) -> str:
         return f"LocalManager(np={self.np}, restrict={self.restrict})"
 
     def known_params(self) -> tuple[str, ...]:
-        return ("restrict", "preload")
+        return ("restrict", "preload", "output")
 
     def check_params(self, params: dict[str, Any]) -> None:
         if params.get("preload") is not None:
             check_preload(params["preload"], "addprocs(preload=...)")
+        check_output(params.get("output", "prefix"))
 
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: Any) -> None:
@@ -64,7 +66,7 @@ class LocalManager(ClusterManager):
                                   process=proc, ospid=proc.pid, host="127.0.0.1",
                                   addresses=addresses, transport=params["transport"],
                                   enable_threaded_blas=params["enable_threaded_blas"], io=proc.stdout)
-            self._relay_output(config)
+            self._relay_output(config, params.get("output", "prefix"))
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify_all()
@@ -83,7 +85,8 @@ class LocalManager(ClusterManager):
         if not params.get("enable_threaded_blas"):
             for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env.setdefault(var, "1")
-        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--lifeline"]
+        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--lifeline",
+               "--separate-stderr"]
         if not self.restrict:
             cmd += ["--bind", "0.0.0.0"]
         if params.get("transport") == "tcp":
@@ -95,7 +98,7 @@ class LocalManager(ClusterManager):
             return proc
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, cwd=params["dir"], env=env,
+                                    stderr=subprocess.PIPE, cwd=params["dir"], env=env,
                                     start_new_session=True)
         except OSError as e:
             raise LaunchError(f"could not start a local worker with {cmd[0]!r} in "
@@ -115,17 +118,22 @@ class LocalManager(ClusterManager):
         proc = fork_worker(params["dir"], env, argv, params.get("preload"))
         return None if isinstance(proc, str) else proc
 
-    def _relay_output(self, config: WorkerConfig) -> None:
-        threading.Thread(target=_relay, args=(config, self._ids), name="pydist-output",
-                         daemon=True).start()
+    def _relay_output(self, config: WorkerConfig, output: Any) -> None:
+        relay = self._relays[id(config)] = Relay(output)
+        relay.start(config.io, config.process.stderr)
 
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
         if op == "register":
-            self._ids[id(config)] = pid
+            relay = self._relays.get(id(config))
+            if relay is not None:
+                relay.register(pid)
         elif op == "interrupt":
             if config.process is not None and config.process.poll() is None:
                 config.process.send_signal(signal.SIGINT)
         elif op == "deregister":
+            relay = self._relays.pop(id(config), None)
+            if relay is not None:
+                relay.forget()
             _close_lifeline(config)
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
@@ -171,21 +179,9 @@ def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
         proc.kill()
         raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s")
     code = proc.wait(5)
+    if proc.stderr is not None:   # it is gone: what it said on stderr is all there
+        seen.append(proc.stderr.read().decode(errors="replace"))
     tail = "".join(seen[-20:]).strip()
     raise LaunchError(f"local worker (pid {proc.pid}) stopped before it was ready: it {describe_exit(code)}"
                       + (f"; its output:\n{tail}" if tail else ""))
 
-
-def _relay(config: WorkerConfig, ids: dict[int, int]) -> None:
-    """Copy a worker's output to ours, each line prefixed with the worker's id."""
-    stream = config.io
-    try:
-        for raw in iter(stream.readline, b""):
-            pid = ids.get(id(config), "?")
-            try:
-                sys.stdout.write(f"      From worker {pid}:\t{raw.decode(errors='replace')}")
-                sys.stdout.flush()
-            except (ValueError, OSError):
-                return
-    finally:
-        stream.close()   # the worker is gone (end of its output)
