@@ -16,6 +16,7 @@ import multiprocessing.pool
 from typing import Any
 
 from ..cluster import PGRP
+from .mainscript import check_not_importing_main
 
 __all__ = ["in_task", "nested_executor", "nested_pool"]
 
@@ -31,12 +32,16 @@ def _spawn() -> Any:
 
 def nested_executor(max_workers: int | None, initializer: Any, initargs: tuple,
                     max_tasks_per_child: int | None) -> cf.ProcessPoolExecutor:
-    """The standard library's executor, on spawned children of this worker."""
+    """The standard library's executor, on spawned children of this worker (refused while
+    this worker runs the main script: its children would run it too, without end)."""
+    check_not_importing_main()
     return cf.ProcessPoolExecutor(max_workers, _spawn(), initializer, initargs,
                                   max_tasks_per_child=max_tasks_per_child)
 
 
 def nested_pool(processes: int | None, initializer: Any, initargs: Any,
                 maxtasksperchild: int | None) -> multiprocessing.pool.Pool:
-    """The standard library's pool, on spawned children of this worker."""
+    """The standard library's pool, on spawned children of this worker (refused while
+    this worker runs the main script)."""
+    check_not_importing_main()
     return _spawn().Pool(processes, initializer, initargs, maxtasksperchild)
