@@ -20,6 +20,7 @@ from .dispatch import OpContext, internal_op
 from .errors import LaunchError, ProcessExitedException
 from .join import join_worker
 from .managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
+from .managers.params import normalize_exeflags
 from .messages import NULL_HEADER, RemoteDoMsg
 
 __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
@@ -74,6 +75,7 @@ def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
     params.update({k: v for k, v in kwargs.items() if v is not None or k in ("dir",)})
     if params.get("dir") is None:
         params["dir"] = os.getcwd()
+    params["exeflags"] = normalize_exeflags(params.get("exeflags"), params.get("exename"))
     if params["transport"] not in TRANSPORTS:
         raise ValueError(f"unknown transport {params['transport']!r}; choose one of {', '.join(TRANSPORTS)}")
     if params["topology"] not in TOPOLOGIES:

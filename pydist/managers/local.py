@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import LaunchError, describe_exit
 from .base import ClusterManager, WorkerConfig, parse_contact_line
+from .params import scrub
 
 __all__ = ["LocalManager"]
 
@@ -49,7 +50,7 @@ class LocalManager(ClusterManager):
         errors = []
         for proc in procs:
             try:
-                addresses = _await_contact(proc, LAUNCH_TIMEOUT)
+                addresses = _await_contact(proc, LAUNCH_TIMEOUT, cookie)
             except LaunchError as e:
                 errors.append(str(e))
                 continue
@@ -57,7 +58,7 @@ class LocalManager(ClusterManager):
                                   process=proc, ospid=proc.pid, host="127.0.0.1",
                                   addresses=addresses, transport=params["transport"],
                                   enable_threaded_blas=params["enable_threaded_blas"], io=proc.stdout)
-            self._relay_output(config)
+            self._relay_output(config, cookie)
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify_all()
@@ -93,8 +94,8 @@ class LocalManager(ClusterManager):
         proc.stdin.flush()
         return proc
 
-    def _relay_output(self, config: WorkerConfig) -> None:
-        threading.Thread(target=_relay, args=(config, self._ids), name="pydist-output",
+    def _relay_output(self, config: WorkerConfig, cookie: str) -> None:
+        threading.Thread(target=_relay, args=(config, self._ids, cookie), name="pydist-output",
                          daemon=True).start()
 
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
@@ -126,8 +127,10 @@ def _close_lifeline(config: WorkerConfig) -> None:
         threading.Thread(target=proc.wait, name="pydist-reaper", daemon=True).start()
 
 
-def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
-    """Read the worker's output until its contact line; LaunchError if it dies or stalls."""
+def _await_contact(proc: subprocess.Popen, timeout: float, cookie: str) -> tuple[str, ...]:
+    """Read the worker's output until its contact line; LaunchError if it dies or stalls.
+    The output is quoted with the cookie blanked out: an interpreter told to run its
+    standard input as a program would print it."""
     assert proc.stdout is not None
     seen: list[str] = []
     result: list[tuple[str, ...]] = []
@@ -145,23 +148,26 @@ def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
     reader.join(timeout)
     if result:
         return result[0]
+    tail = scrub("".join(seen[-20:]).strip(), cookie)
     if reader.is_alive():
         proc.kill()
-        raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s")
+        raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s"
+                          + (f"; its output:\n{tail}" if tail else ""))
     code = proc.wait(5)
-    tail = "".join(seen[-20:]).strip()
+    tail = scrub("".join(seen[-20:]).strip(), cookie)
     raise LaunchError(f"local worker (pid {proc.pid}) stopped before it was ready: it {describe_exit(code)}"
                       + (f"; its output:\n{tail}" if tail else ""))
 
 
-def _relay(config: WorkerConfig, ids: dict[int, int]) -> None:
+def _relay(config: WorkerConfig, ids: dict[int, int], cookie: str) -> None:
     """Copy a worker's output to ours, each line prefixed with the worker's id."""
     stream = config.io
     try:
         for raw in iter(stream.readline, b""):
             pid = ids.get(id(config), "?")
             try:
-                sys.stdout.write(f"      From worker {pid}:\t{raw.decode(errors='replace')}")
+                line = scrub(raw.decode(errors="replace"), cookie)
+                sys.stdout.write(f"      From worker {pid}:\t{line}")
                 sys.stdout.flush()
             except (ValueError, OSError):
                 return
