@@ -137,11 +137,12 @@ class ProcessGroup:
         with self.lock:
             self.workers[w.id] = w
 
-    def check_pid(self, pid: int) -> None:
-        """Raise if ``pid`` cannot be talked to: ``ValueError`` if it never existed,
-        ``ProcessExitedException`` if it is gone."""
+    def check_pid(self, pid: int, param: str = "pid") -> None:
+        """Raise if ``pid`` cannot be talked to: ``TypeError`` (naming ``param``) if it is not
+        an int, ``ValueError`` if it never existed, ``ProcessExitedException`` if it is gone."""
         if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"a process id must be an int, not {type(pid).__name__}")
+            raise TypeError(f"{param} must be a process id (an int), not {pid!r} "
+                            f"({type(pid).__name__})")
         if pid == self.myid:
             return
         with self.lock:
