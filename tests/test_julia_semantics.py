@@ -47,3 +47,59 @@ def test_julia_shape_remote_channel_of_a_pid(cluster):
     assert rc.where == w
     rc.put(5)
     assert rc.take(timeout=30) == 5
+
+
+# -- types only a worker can import ----------------------------------------------------------
+WORKER_ONLY = '''
+class Oddity(Exception):
+    pass
+
+class Thing:
+    def __init__(self, n):
+        self.n = n
+'''
+
+
+def _use_worker_only(where: str, what: str):
+    """On a worker: import a module the master cannot, then raise or return one of its types."""
+    import sys
+    if where not in sys.path:
+        sys.path.insert(0, where)
+    import pydist_worker_only_mod as m
+    if what == "raise":
+        raise m.Oddity("odd 42")
+    if what == "return":
+        return m.Thing(7)
+    return [m.Thing(1), m.Oddity("inside")]
+
+
+@pytest.fixture(scope="module")
+def worker_only_dir():
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "pydist_worker_only_mod.py"), "w") as f:
+            f.write(WORKER_ONLY)
+        yield d
+
+
+def test_an_exception_the_master_cannot_import_keeps_its_name_message_and_traceback(
+        cluster, worker_only_dir):
+    w = cluster[0]
+    for call in (lambda: pd.remotecall_fetch(_use_worker_only, w, worker_only_dir, "raise"),
+                 lambda: pd.remotecall(_use_worker_only, w, worker_only_dir, "raise").fetch(30)):
+        with pytest.raises(pd.RemoteException) as info:
+            call()
+        text = str(info.value)
+        assert "pydist_worker_only_mod.Oddity: odd 42" in text
+        assert "in _use_worker_only" in text              # the remote traceback
+        assert info.value.captured.ex.type_name == "pydist_worker_only_mod.Oddity"
+    assert pd.remotecall_fetch(pd.myid, w) == w         # the connection stays usable
+
+
+@pytest.mark.parametrize("what", ["return", "nested"])
+def test_a_result_the_master_cannot_rebuild_names_its_type(cluster, worker_only_dir, what):
+    w = cluster[1]
+    with pytest.raises(pd.RemoteException, match=r"pydist_worker_only_mod\.Thing"):
+        pd.remotecall_fetch(_use_worker_only, w, worker_only_dir, what)
+    with pytest.raises(pd.RemoteException, match=r"pydist_worker_only_mod\.Thing"):
+        pd.remotecall(_use_worker_only, w, worker_only_dir, what).fetch(30)
+    assert pd.remotecall_fetch(pd.myid, w) == w
