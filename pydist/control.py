@@ -20,7 +20,8 @@ from .dispatch import OpContext, internal_op
 from .errors import LaunchError, ProcessExitedException
 from .join import join_worker
 from .managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
-from .managers.params import normalize_exeflags
+from .managers.local import LocalManager
+from .managers.params import normalize_env, normalize_exeflags, worker_timeout
 from .messages import NULL_HEADER, RemoteDoMsg
 
 __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
@@ -29,6 +30,7 @@ __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit",
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
 _LOCAL_PARAMS = ("restrict",)
 _SSH_PARAMS = ("tunnel", "multiplex", "sshflags", "shell", "max_parallel")
+_SSH_ONLY = ("tunnel", "multiplex", "sshflags", "shell", "lease", "launch_timeout")
 on_workers_added: list[Callable[[list[int]], None]] = []
 
 
@@ -57,7 +59,6 @@ def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
         n = os.cpu_count() or 1 if arg is None else arg
         if n < 1:
             raise ValueError(f"addprocs needs a positive number of workers, got {n}")
-        from .managers.local import LocalManager
         return LocalManager(n, restrict=kwargs.pop("restrict", True))
     if isinstance(arg, (list, tuple)):
         from .managers.ssh import SSHManager
@@ -66,20 +67,54 @@ def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
                     f"ClusterManager, not {type(arg).__name__}")
 
 
-def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
-    params = default_addprocs_params(manager)
-    allowed = set(params) | set(_SSH_PARAMS) | set(_LOCAL_PARAMS) | set(manager.known_params())
+def _check_keywords(manager: ClusterManager, params: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """An unknown keyword, or an SSH-only one for local workers: ``TypeError`` naming it."""
+    local = isinstance(manager, LocalManager)
+    allowed = set(params) | set(_LOCAL_PARAMS) | {"max_parallel"} | set(manager.known_params())
+    if not local:
+        allowed |= set(_SSH_PARAMS)
     for key in kwargs:
+        if local and key in _SSH_ONLY:
+            raise TypeError(f"addprocs() of local workers got the SSH-only keyword argument "
+                            f"{key!r}; it applies to addprocs(machines) only")
         if key not in allowed:
             raise TypeError(f"addprocs() got an unexpected keyword argument {key!r}")
+
+
+def _fixed_by_first(params: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """``topology`` and ``lazy`` are those of the first ``addprocs`` while workers exist
+    (Julia's rule); not given, they follow it; given otherwise, ``ValueError``."""
+    if not isinstance(params["lazy"], bool):
+        raise TypeError(f"lazy must be True or False, not {params['lazy']!r}")
+    existing = PGRP.worker_ids()
+    if not existing:
+        return
+    for key in ("topology", "lazy"):
+        current = getattr(PGRP, key)
+        if key in kwargs and kwargs[key] is not None and kwargs[key] != current:
+            raise ValueError(f"addprocs({key}={kwargs[key]!r}): workers {existing} already run with "
+                             f"{key}={current!r}, which the first addprocs fixed; remove them "
+                             f"(rmprocs) before asking for {key}={kwargs[key]!r}")
+        params[key] = current
+
+
+def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = default_addprocs_params(manager)
+    _check_keywords(manager, params, kwargs)
     params.update({k: v for k, v in kwargs.items() if v is not None or k in ("dir",)})
     if params.get("dir") is None:
         params["dir"] = os.getcwd()
     params["exeflags"] = normalize_exeflags(params.get("exeflags"), params.get("exename"))
+    params["env"] = normalize_env(params.get("env"))
+    params["worker_timeout"] = worker_timeout(params.get("worker_timeout"))
+    if "launch_timeout" in params and kwargs.get("launch_timeout") is None and \
+            (kwargs.get("worker_timeout") is not None or os.environ.get("PYDIST_WORKER_TIMEOUT")):
+        params["launch_timeout"] = params["worker_timeout"]
     if params["transport"] not in TRANSPORTS:
         raise ValueError(f"unknown transport {params['transport']!r}; choose one of {', '.join(TRANSPORTS)}")
     if params["topology"] not in TOPOLOGIES:
         raise ValueError(f"unknown topology {params['topology']!r}; choose one of {', '.join(TOPOLOGIES)}")
+    _fixed_by_first(params, kwargs)
     manager.check_params(params)
     return params
 

@@ -69,6 +69,7 @@ def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict[str
         "enable_threaded_blas": False,
         "env": {},
         "transport": "auto",
+        "worker_timeout": None,   # seconds to start and join; None: PYDIST_WORKER_TIMEOUT or 60
     }
     if manager is not None:
         params.update(manager.default_params())

@@ -50,7 +50,8 @@ class LocalManager(ClusterManager):
         errors = []
         for proc in procs:
             try:
-                addresses = _await_contact(proc, LAUNCH_TIMEOUT, cookie)
+                addresses = _await_contact(proc, params.get("worker_timeout") or LAUNCH_TIMEOUT,
+                                           cookie)
             except LaunchError as e:
                 errors.append(str(e))
                 continue
