@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .cluster import myid, nprocs, nworkers, procs, workers
+from .cluster import WorkerState, myid, nprocs, nworkers, procs, worker_state, workers
 from .control import addprocs, cluster_cookie, interrupt, rmprocs
 from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
                      ProcessExitedException, RemoteException)
@@ -24,7 +24,7 @@ from .messages import RRID
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
 from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
 from .channel import Channel
-from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
+from .macros import ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn, spawnat
 from .bootstrap import init_worker, process_messages, start_worker
 from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
                          remote)
@@ -61,5 +61,5 @@ __all__ = [
     "ClusterManager", "WorkerConfig", "LocalManager", "SSHManager", "default_addprocs_params", "init_worker",
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
-    "pmap",
+    "pmap", "remotecall_eval", "WorkerState", "worker_state",
 ]

@@ -22,6 +22,7 @@ modules change them only through its methods, under its lock.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 import socket
@@ -39,10 +40,18 @@ if TYPE_CHECKING:
     from .transport import Transport
 
 __all__ = ["Worker", "ProcessGroup", "PGRP", "myid", "procs", "workers", "nprocs", "nworkers",
-           "host_key"]
+           "host_key", "WorkerState", "worker_state"]
 
-# Worker states, as in Julia's cluster.jl.
-W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = "created", "connected", "terminating", "terminated"
+class WorkerState(enum.StrEnum):
+    """A worker's state, as in Julia's cluster.jl (equal to its lower-case word)."""
+
+    W_CREATED = "created"
+    W_CONNECTED = "connected"
+    W_TERMINATING = "terminating"
+    W_TERMINATED = "terminated"
+
+
+W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = WorkerState
 
 
 def host_key() -> str:
@@ -336,3 +345,17 @@ def nworkers() -> int:
     """The number of workers; 1 when only the master exists (as in Julia)."""
     n = len(procs()) - 1
     return n if n > 0 else 1
+
+
+def worker_state(pid: int) -> WorkerState:
+    """The state of process ``pid`` as this process knows it (``W_TERMINATED`` once removed)."""
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise TypeError(f"pid must be a process id (an int), not {pid!r} ({type(pid).__name__})")
+    if pid == PGRP.myid:
+        return W_CONNECTED
+    w = PGRP.workers.get(pid)
+    if w is not None:
+        return WorkerState(w.state)
+    if pid in PGRP.removed:
+        return W_TERMINATED
+    raise ValueError(f"no process with id {pid} exists in this cluster")

@@ -23,6 +23,7 @@ from .managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_add
 from .managers.local import LocalManager
 from .managers.params import normalize_env, normalize_exeflags, worker_timeout
 from .messages import NULL_HEADER, RemoteDoMsg
+from .remoteref import Future
 
 __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
            "on_workers_added"]
@@ -222,9 +223,23 @@ def _validate_pids(pids: Iterable[Any], what: str) -> list[int]:
     return out
 
 
-def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
-    """Remove workers; wait up to ``waitfor`` seconds (``None``: until they are gone)."""
+def _check_waitfor(waitfor: Any) -> None:
+    if waitfor is None:
+        return
+    if isinstance(waitfor, bool) or not isinstance(waitfor, (int, float)):
+        raise TypeError(f"rmprocs: waitfor must be a number of seconds or None, not {waitfor!r}")
+    if not waitfor >= 0:
+        raise ValueError(f"rmprocs: waitfor must not be negative, not {waitfor!r}")
+
+
+def rmprocs(*pids: Any, waitfor: float | None = None) -> Future | None:
+    """Remove workers; wait up to ``waitfor`` seconds (``None``: until they are gone).
+
+    ``waitfor=0`` returns at once a ``Future`` (owned here) that completes when the removal
+    is done, as Julia returns a task.
+    """
     _only_master("remove workers")
+    _check_waitfor(waitfor)
     if len(pids) == 1 and isinstance(pids[0], (list, tuple)):
         pids = tuple(pids[0])
     targets, killers = [], []
@@ -238,6 +253,8 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
         t = threading.Thread(target=_kill, args=(w,), name=f"pydist-kill-{pid}", daemon=True)
         t.start()
         killers.append(t)
+    if waitfor == 0:
+        return _removal_future(killers)
     deadline = None if waitfor is None else time.monotonic() + waitfor
     for w in targets:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -248,6 +265,19 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
     # the managers to see the processes exit, so that a return means they are gone.
     for t in killers:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _removal_future(killers: list[threading.Thread]) -> Future:
+    """A Future set (to ``None``) once every removal thread has finished."""
+    done = Future()
+    cell = done._local_cell()
+
+    def settle() -> None:
+        for t in killers:
+            t.join()
+        cell.try_set(None)
+    threading.Thread(target=settle, name="pydist-rmprocs", daemon=True).start()
+    return done
 
 
 def _kill(w: Worker) -> None:

@@ -18,7 +18,8 @@ from .errors import RemoteException
 from .remotecall import remotecall, remotecall_fetch, remotecall_wait
 from .remoteref import Future
 
-__all__ = ["ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed", "splitrange"]
+__all__ = ["ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed", "splitrange",
+           "remotecall_eval"]
 
 ANY = "any"
 _next = itertools.count()
@@ -60,6 +61,35 @@ def _exec_in_main(code: str) -> None:
     """Run ``code`` in this process's ``__main__`` namespace."""
     main = sys.modules["__main__"]
     exec(compile(code, "<everywhere>", "exec"), main.__dict__)
+
+
+def _eval_in_main(code: str) -> Any:
+    """Run ``code`` in ``__main__``: the value of an expression, ``None`` for statements."""
+    main = sys.modules["__main__"]
+    try:
+        compiled = compile(code, "<remotecall_eval>", "eval")
+    except SyntaxError:
+        exec(compile(code, "<remotecall_eval>", "exec"), main.__dict__)
+        return None
+    return eval(compiled, main.__dict__)
+
+
+def remotecall_eval(procs: Any, code: str) -> Any:
+    """Julia's ``remotecall_eval``: run ``code`` (a str) in ``__main__`` of each process of
+    ``procs`` at once and wait; failures are raised as ``everywhere`` raises them. Given one
+    id (an int), run it there and return its value (``None`` for statements)."""
+    if not isinstance(code, str):
+        raise TypeError(f"remotecall_eval(procs, code): code must be a str, not {code!r}")
+    if isinstance(procs, int) and not isinstance(procs, bool):
+        return remotecall_fetch(_eval_in_main, procs, code)
+    if isinstance(procs, (str, bytes)) or not isinstance(procs, Iterable):
+        raise TypeError(f"remotecall_eval(procs, code): procs must be a process id or a list "
+                        f"of them, not {procs!r}")
+    targets = sorted(set(procs))
+    for p in targets:
+        PGRP.check_pid(p, "procs")
+    _run_everywhere(_eval_in_main, (code,), {}, targets)
+    return None
 
 
 def _define_in_main(name: str, f: Callable[..., Any]) -> None:

@@ -159,7 +159,8 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
          retry_delays: Iterable[float] = (), retry_check: Callable[..., Any] | None = None,
          progress: bool = False) -> list:
     """``[f(*xs) for xs in zip(*iterables)]``, computed on the workers of ``pool``
-    (default: ``default_worker_pool()``), in input order.
+    (default: ``default_worker_pool()``), in input order. Julia's ``pmap(f, pool, xs)``
+    works too: a worker pool as the first iterable is taken as ``pool``.
 
     ``batch_size``: elements per remote call (an int, or ``"auto"``). ``on_error(exc)``
     gives a failed element's result; without it the first failure (a ``RemoteException``,
@@ -167,6 +168,8 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
     retry of a failed element; ``retry_check(state, exc) -> (state, bool)`` may veto one.
     ``distributed=False`` runs everything in this process. ``progress=True`` shows a bar.
     """
+    if pool is None and len(iterables) > 1 and isinstance(iterables[0], AbstractWorkerPool):
+        pool, iterables = iterables[0], iterables[1:]   # Julia's pmap(f, pool, xs)
     if not callable(f):
         raise TypeError(f"pmap needs a callable, not {type(f).__name__}")
     if not iterables:
