@@ -30,7 +30,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import encode_message
-from .errors import ProcessExitedException, TransportError, describe_exit
+from . import serialize
+from .errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from .messages import RRID, Message, MsgHeader
 from .tasks import TaskRunner
 from .values import Failure, RemoteValue
@@ -194,6 +195,9 @@ class ProcessGroup:
         tls.pid = pid
         try:
             parts = encode_message(header, msg)
+        except SerializationError as e:
+            tls.pid = outer
+            raise _name_unpicklable(msg, pid, e) from e.__cause__
         finally:
             tls.pid = outer
         t = w.transport
@@ -305,6 +309,26 @@ class ProcessGroup:
 
 
 PGRP = ProcessGroup()
+
+
+def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:
+    """The pickling error of a message, saying which argument (or the result) failed."""
+    parts: list[tuple[str, Any]] = []
+    if hasattr(msg, "args"):
+        parts.append(("the function", msg.f))   # type: ignore[attr-defined]
+        parts += [(f"argument {i + 1}", a) for i, a in enumerate(msg.args)]   # type: ignore[attr-defined]
+        parts += [(f"keyword argument {k!r}", v) for k, v in msg.kwargs.items()]   # type: ignore[attr-defined]
+    elif hasattr(msg, "value"):
+        parts.append(("the result", msg.value))   # type: ignore[attr-defined]
+    for what, obj in parts:
+        try:
+            serialize.dumps(obj)
+        except SerializationError as e:
+            cause = e.__cause__ or e
+            kind = type(obj)
+            return SerializationError(f"{what} ({kind.__module__}.{kind.__qualname__}) cannot be "
+                                      f"pickled for process {pid}: {type(cause).__name__}: {cause}")
+    return error
 
 
 def myid() -> int:

@@ -65,7 +65,7 @@ def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
         from .managers.ssh import SSHManager
         return SSHManager(list(arg))
     raise TypeError(f"addprocs takes a number of workers, a list of machines or a "
-                    f"ClusterManager, not {type(arg).__name__}")
+                    f"ClusterManager, not {arg!r} ({type(arg).__name__})")
 
 
 def _check_keywords(manager: ClusterManager, params: dict[str, Any], kwargs: dict[str, Any]) -> None:
@@ -212,7 +212,7 @@ def _validate_pids(pids: Iterable[Any], what: str) -> list[int]:
     out = []
     for pid in pids:
         if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"{what} takes worker ids (int), not {type(pid).__name__}")
+            raise TypeError(f"{what} takes worker ids (int), not {pid!r} ({type(pid).__name__})")
         if pid == 1:
             raise ValueError(f"{what}: process 1 is the master and cannot be {what}d"
                              if what != "rmprocs" else "rmprocs: process 1 is the master and cannot be removed")

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from .cluster import PGRP
 from .dispatch import capture
@@ -114,7 +115,7 @@ class _RetryPolicy:
     state is used as that index from then on).
     """
 
-    def __init__(self, delays: Sequence[float], check: Callable[..., Any] | None) -> None:
+    def __init__(self, delays: "_Delays", check: Callable[..., Any] | None) -> None:
         self.delays = delays
         self.check = check
         self.next: dict[int, tuple[float, Any] | None] = {}   # element -> (delay, state) / final
@@ -124,7 +125,7 @@ class _RetryPolicy:
         if i in self.next:
             pending = self.next[i]
         else:
-            pending = (self.delays[0], 1) if self.delays else None
+            pending = (self.delays[0], 1) if self.delays.has(0) else None
         if pending is None:
             return None
         delay, state = pending
@@ -136,20 +137,51 @@ class _RetryPolicy:
                 go_on = answer
             if not go_on:
                 return None
-        self.next[i] = (self.delays[state], state + 1) if state < len(self.delays) else None
+        self.next[i] = (self.delays[state], state + 1) if self.delays.has(state) else None
         return delay
 
 
-def _delays(retry_delays: Iterable[float]) -> list[float]:
-    if isinstance(retry_delays, (str, bytes)):
-        raise TypeError("retry_delays must be an iterable of numbers of seconds")
-    try:
-        delays = [float(d) for d in retry_delays]
-    except TypeError:
-        raise TypeError("retry_delays must be an iterable of numbers of seconds") from None
-    if any(d < 0 or math.isnan(d) for d in delays):
-        raise ValueError(f"retry_delays must not be negative: {delays}")
-    return delays
+class _Delays:
+    """``retry_delays`` read as far as the retries need (an endless iterator is fine, as
+    Julia's ``ExponentialBackOff``); every element's retries index the same sequence."""
+
+    def __init__(self, source: Iterable[float]) -> None:
+        if isinstance(source, (str, bytes)):
+            raise TypeError(f"retry_delays must be an iterable of numbers of seconds, not {source!r}")
+        try:
+            self._it: Iterator[Any] | None = iter(source)
+        except TypeError:
+            raise TypeError(f"retry_delays must be an iterable of numbers of seconds, "
+                            f"not {source!r}") from None
+        self._seen: list[float] = []
+        self._lock = threading.Lock()
+        if isinstance(source, (list, tuple, range)):
+            self.has(len(source))   # a finite sequence is checked before anything starts
+
+    def has(self, i: int) -> bool:
+        """Whether there is an ``i``-th delay (reading the source up to it)."""
+        with self._lock:
+            while len(self._seen) <= i and self._it is not None:
+                try:
+                    d = next(self._it)
+                except StopIteration:
+                    self._it = None
+                    break
+                self._seen.append(_check_delay(d))
+            return i < len(self._seen)
+
+    def __getitem__(self, i: int) -> float:
+        if not self.has(i):
+            raise IndexError(i)
+        return self._seen[i]
+
+
+def _check_delay(d: Any) -> float:
+    if isinstance(d, bool) or not isinstance(d, numbers.Real):
+        raise TypeError(f"retry_delays must hold numbers of seconds, not {d!r}")
+    if d < 0 or math.isnan(d):
+        raise ValueError(f"retry_delays must not be negative, got {d!r}")
+    return float(d)
 
 
 # -- the public function -----------------------------------------------------------------------------
@@ -174,6 +206,9 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
         raise TypeError(f"pmap needs a callable, not {type(f).__name__}")
     if not iterables:
         raise TypeError("pmap needs at least one iterable")
+    for i, it in enumerate(iterables):
+        if not isinstance(it, Iterable):
+            raise TypeError(f"pmap(f, xs...): argument {i + 2} must be iterable, not {it!r}")
     if pool is not None and not isinstance(pool, AbstractWorkerPool):
         raise TypeError(f"pmap's pool must be a worker pool, not {type(pool).__name__}")
     for name, fn in (("on_error", on_error), ("retry_check", retry_check)):
@@ -183,7 +218,7 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
         raise TypeError(f"batch_size must be an int or 'auto', not {batch_size!r}")
     if batch_size != "auto" and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    policy = _RetryPolicy(_delays(retry_delays), retry_check)
+    policy = _RetryPolicy(_Delays(retry_delays), retry_check)
     star = len(iterables) > 1
     items = list(zip(*iterables)) if star else list(iterables[0])
     if not items:

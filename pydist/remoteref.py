@@ -28,7 +28,7 @@ from .dispatch import OpContext, internal_op
 from .errors import InvalidStateException, ProcessExitedException
 from .inbox import SIGINT_DEFERRAL
 from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
-from .values import Failure, RemoteValue, unwrap
+from .values import Failure, RemoteValue, check_timeout, unwrap
 
 __all__ = ["Future", "RemoteChannel", "wait_value", "blocking_section", "call_on_owner",
            "remoteref_id", "channel_from_id", "AbstractRemoteRef"]
@@ -260,6 +260,7 @@ class Future(AbstractRemoteRef):
 
     def fetch(self, timeout: float | None = None) -> Any:
         """The value (blocking until set); raises the call's ``RemoteException`` if it failed."""
+        check_timeout(timeout)
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
                 value = wait_value(self._local_cell(), timeout, f"{self!r}")
@@ -291,6 +292,7 @@ class Future(AbstractRemoteRef):
 
     def wait(self, timeout: float | None = None) -> "Future":
         """Block until the value is set; raises the call's ``RemoteException`` if it failed."""
+        check_timeout(timeout)
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
                 unwrap(wait_value(self._local_cell(), timeout, f"{self!r}"))
@@ -498,19 +500,23 @@ class RemoteChannel(AbstractRemoteRef):
 
     def put(self, value: Any, timeout: float | None = None) -> "RemoteChannel":
         """Append ``value`` (blocking while full; for ``Channel(0)``, until taken)."""
+        check_timeout(timeout)
         self._op(_chan_put, value, timeout)
         return self
 
     def take(self, timeout: float | None = None) -> Any:
         """Remove and return the oldest item (blocking while empty)."""
+        check_timeout(timeout)
         return self._op(_chan_take, timeout)
 
     def fetch(self, timeout: float | None = None) -> Any:
         """The oldest item, not removed (blocking while empty)."""
+        check_timeout(timeout)
         return self._op(_chan_fetch, timeout, True)
 
     def wait(self, timeout: float | None = None) -> "RemoteChannel":
         """Block until an item is there."""
+        check_timeout(timeout)
         self._op(_chan_fetch, timeout, False)
         return self
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .errors import InvalidStateException
 
-__all__ = ["RemoteValue", "Failure", "unwrap"]
+__all__ = ["RemoteValue", "Failure", "unwrap", "check_timeout"]
 
 
 class Failure:
@@ -35,6 +35,16 @@ def unwrap(value: Any) -> Any:
     if type(value) is Failure:
         raise value.exc
     return value
+
+
+def check_timeout(timeout: Any) -> None:
+    """``None`` or a number of seconds >= 0; else ``TypeError``/``ValueError`` naming it."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must not be negative (or NaN), not {timeout!r}")
 
 
 _UNSET = object()

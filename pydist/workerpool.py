@@ -59,6 +59,8 @@ class WorkerPool(AbstractWorkerPool):
     any process it is passed to (Julia's ``WorkerPool``)."""
 
     def __init__(self, workers: Iterable[int] = ()) -> None:
+        if isinstance(workers, (str, bytes)) or not isinstance(workers, Iterable):
+            raise TypeError(f"a worker pool takes a list of worker ids, not {workers!r}")
         pids = [_check_pid(p) for p in workers]
         rrid = PGRP.next_rrid()
         st = _PoolState()
