@@ -201,8 +201,10 @@ class ProcessGroup:
         finally:
             tls.pid = outer
         t = w.transport
+        if t is None:   # lost between the lookup and here: say so as any later send would
+            raise ProcessExitedException(pid, w.detail or self.removed.get(pid, ""))
         try:
-            t.send_frame(parts)   # type: ignore[union-attr]
+            t.send_frame(parts)
         except TransportError as e:
             # The peer died: say how, as the reader would (it may not have noticed yet).
             self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({e})")
@@ -264,6 +266,17 @@ class ProcessGroup:
                 if not rv.clients:
                     del self.refs[rrid]
 
+    def drop_client(self, client: int) -> None:
+        """Forget process ``client`` in every client set (it is gone: its del-client notices
+        will never come); values no process holds any more are freed, as Julia does."""
+        with self.lock:
+            for rrid, rv in list(self.refs.items()):
+                clients = getattr(rv, "clients", None)
+                if clients is not None and client in clients:
+                    clients.discard(client)
+                    if not clients:
+                        del self.refs[rrid]
+
     def add_client(self, rrid: RRID, client: int) -> None:
         with self.lock:
             rv = self.refs.get(rrid)
@@ -291,6 +304,7 @@ class ProcessGroup:
         exc = ProcessExitedException(w.id, w.detail)
         for rv in pending:
             rv.try_set(Failure(exc))
+        self.drop_client(w.id)
         if t is not None:
             t.abort()
         if inbox is not None:

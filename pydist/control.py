@@ -307,6 +307,33 @@ def _deregister(pid: int) -> None:
 PGRP.on_worker_lost.append(_deregister)
 
 
+def _tell_others(pid: int) -> None:
+    """On the master: tell every other worker that ``pid`` is gone, so that their owned
+    values forget it as a client even where they never connected to it (Julia does too)."""
+    if PGRP.myid != 1 or PGRP.role == "worker":
+        return
+    for other in PGRP.worker_ids():
+        if other != pid:
+            try:
+                PGRP.send(other, NULL_HEADER, RemoteDoMsg(_process_gone, (pid,), {}))
+            except (ProcessExitedException, ValueError, OSError):
+                pass
+
+
+PGRP.on_worker_lost.append(_tell_others)
+
+
+@internal_op
+def _process_gone(ctx: OpContext, pid: int) -> None:
+    w = PGRP.workers.get(pid)
+    if w is not None:
+        PGRP.worker_lost(w, "has exited (the master says)")
+    else:
+        with PGRP.lock:
+            PGRP.removed.setdefault(pid, "has exited (the master says)")
+        PGRP.drop_client(pid)
+
+
 def request_exit(pid: int) -> None:
     """Ask ``pid`` to exit (ignored if it is already gone)."""
     try:

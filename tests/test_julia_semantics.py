@@ -103,3 +103,34 @@ def test_a_result_the_master_cannot_rebuild_names_its_type(cluster, worker_only_
     with pytest.raises(pd.RemoteException, match=r"pydist_worker_only_mod\.Thing"):
         pd.remotecall(_use_worker_only, w, worker_only_dir, what).fetch(30)
     assert pd.remotecall_fetch(pd.myid, w) == w
+
+
+# -- a client that dies is forgotten by every owner ------------------------------------------
+_kept: list = []
+
+
+def _keep(*refs) -> int:
+    _kept.extend(refs)
+    return os.getpid()
+
+
+def _owned() -> int:
+    import gc
+    gc.collect()
+    return len(pd.cluster.PGRP.refs)
+
+
+def test_a_dead_client_is_forgotten_by_every_owner(fresh):
+    import gc
+    import signal
+    from testkit import wait_until
+    a, b = fresh(2)
+    gc.collect()
+    mine, theirs = _owned(), pd.remotecall_fetch(_owned, b)
+    f, rc = pd.Future(), pd.RemoteChannel(b)
+    ospid = pd.remotecall_fetch(_keep, a, f, rc)   # worker a holds both, then dies
+    del f, rc
+    os.kill(ospid, signal.SIGKILL)
+    assert wait_until(lambda: a not in pd.workers(), 10)
+    assert wait_until(lambda: _owned() == mine, 10), (_owned(), mine)
+    assert wait_until(lambda: pd.remotecall_fetch(_owned, b) == theirs, 10)
