@@ -1,10 +1,9 @@
 """Checking and normalizing the keywords every ``addprocs`` call shares, before anything starts.
 
 * ``exeflags``: a string is split as a POSIX shell would (``shlex``), as Julia users write
-  ``exeflags="-O"``; a list or tuple of strings is taken as is. For a Python interpreter the
-  flags must be interpreter options only: a ``-``, ``-c``, ``-m`` or a script name would make
-  it run something other than the worker (``-`` would even read the cookie on its standard
-  input as a program).
+  ``exeflags="-O"``; a list or tuple of strings is taken as is. For a Python interpreter a
+  ``-`` among its options is refused: it would read its standard input, which carries the
+  cookie, as a program.
 * ``env``: a dict, or Julia's list of ``(name, value)`` pairs.
 * ``worker_timeout``: how long a worker may take to start and join, in seconds (Julia's
   ``JULIA_WORKER_TIMEOUT``: default from ``PYDIST_WORKER_TIMEOUT``, else 60).
@@ -44,22 +43,19 @@ def normalize_exeflags(flags: Any, exename: Any) -> tuple[str, ...]:
 
 
 def _check_python_options(words: tuple[str, ...]) -> None:
-    """Refuse words that end the interpreter's options: it would not run the worker."""
+    """Refuse ``-``: the interpreter would run its standard input, the cookie, as a program
+    (and wait for more). ``-c`` or a script that starts the worker itself is fine."""
     skip = False
     for word in words:
         if skip:
             skip = False
-            continue
-        if word in _WITH_VALUE:
+        elif word in _WITH_VALUE:
             skip = True
-            continue
-        short = word[1:] if word.startswith("-") and not word.startswith("--") else ""
-        stops = word == "-" or not word.startswith("-") or any(
-            c in "cm" for c in short.split("W")[0].split("X")[0])
-        if stops:
-            raise ValueError(f"exeflags may hold only interpreter options; {word!r} would make "
-                             f"the interpreter run something other than the worker "
-                             f"(exeflags={list(words)!r})")
+        elif word == "-":
+            raise ValueError(f"exeflags={list(words)!r}: '-' would make the interpreter read its "
+                             f"standard input (which carries the cluster cookie) as a program")
+        elif word in ("-c", "-m") or not word.startswith("-"):
+            return    # the rest are that program's arguments
 
 
 def normalize_env(env: Any) -> dict[str, str]:
