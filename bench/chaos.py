@@ -126,8 +126,9 @@ class Cluster:
                 self.live.remove(pid)
 
     def replace(self) -> None:
-        fresh = self.pd.addprocs(max(0, self.n - len(self.live)), transport=self.transport) \
-            if len(self.live) < self.n else []
+        """Start workers until there are ``n`` live ones again."""
+        missing = self.n - len(self.live)
+        fresh = self.pd.addprocs(missing, transport=self.transport) if missing > 0 else []
         for p in fresh:
             self.baseline[p] = self.pd.remotecall_fetch(tables, p)
         with self.lock:
@@ -285,24 +286,24 @@ class Run:
             try:
                 outcome = fns[name](self.pd, self.cluster, rng, x, **extra) or "ok"
             except Violation as v:
-                self.stats.violate(f"{name} (x={x}): {v}")
+                self.violation(f"{name} (x={x}): {v}")
                 continue
             except LookupError:
                 time.sleep(0.01)   # every worker is being replaced
                 continue
             except BaseException as e:   # noqa: BLE001 -- judged below
                 try:
-                    outcome = judge(e, self.cluster.hit | self._dropin_hit(),
-                                    x if name == "raise" else None)
+                    outcome = judge(e, set(self.cluster.hit), x if name == "raise" else None)
                 except Violation as v:
-                    self.stats.violate(f"{name} (x={x}): {v}")
+                    self.violation(f"{name} (x={x}): {v}")
                     continue
             finally:
                 self.current.pop(i, None)
             self.stats.count(outcome)
 
-    def _dropin_hit(self) -> set[int]:
-        return self.cluster.hit
+    def violation(self, text: str) -> None:
+        self.stats.violate(text)
+        self.say(f"  VIOLATION (seed {self.seed}): {text}")
 
     def chaos(self) -> None:
         rng = random.Random(self.seed * 1000 + 999)
@@ -366,7 +367,7 @@ class Run:
             t.start()
         deadline = t0 + self.seconds if self.seconds else None
         for t in threads:
-            while t.is_alive():
+            while t.is_alive() and not self.stop.is_set():
                 t.join(0.5)
                 if deadline is not None and time.monotonic() > deadline:
                     self.stop.set()

@@ -301,6 +301,8 @@ class _Mapper:
         self.cache = (_FunctionCache(PGRP.next_rrid()) if self.own_cache
                       else pool._fcache)     # type: ignore[attr-defined]
         self.last_poll = 0.0
+        self.lost: int | None = None     # the last worker that died under this map
+        self.members = pool.workers()
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> list:
@@ -368,8 +370,20 @@ class _Mapper:
             try:
                 pid = self.pool.take(timeout=POLL)
             except (TimeoutError, queue.Empty):
+                self._check_pool_left()
                 return
             self.held.setdefault(pid, 0)
+
+    def _check_pool_left(self) -> None:
+        """Every worker of the pool has died under this map: waiting for one would never end
+        (Julia raises too, "no active worker available in pool")."""
+        if len(self.pool) != 0:
+            return
+        gone = [p for p in self.members if p in PGRP.removed]
+        pid = self.lost if self.lost is not None else (gone[-1] if gone else None)
+        if pid is not None:
+            raise ProcessExitedException(pid, f"{PGRP.removed.get(pid, 'has exited')}; "
+                                              f"no worker of the pool is left")
 
     def _give_back_unneeded(self) -> None:
         if self._unsent() or self.later:
@@ -390,6 +404,7 @@ class _Mapper:
     def _lose(self, pid: int) -> None:
         self.held.pop(pid, None)
         self.yielding.discard(pid)
+        self.lost = pid
 
     # -- sending ---------------------------------------------------------------------------------------
     def _window(self) -> int:
