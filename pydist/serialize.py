@@ -27,7 +27,7 @@ import pickle
 import pickletools
 from typing import Any, Iterable
 
-from .errors import SerializationError, set_exception_pickler
+from .errors import PydistError, SerializationError, set_exception_pickler
 
 __all__ = ["PICKLE_PROTOCOL", "dumps", "loads"]
 
@@ -46,6 +46,8 @@ def dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     buffers: list[pickle.PickleBuffer] = []
     try:
         data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    except PydistError:
+        raise   # pydist's own failure inside a __reduce__ (a reference's owner is gone)
     except Exception:
         # Lambdas, closures and the like: cloudpickle may still manage them.
         pass
@@ -62,6 +64,8 @@ def _cloudpickle_dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     try:
         import cloudpickle   # on first need: workers that run importable code never load it
         cloudpickle.Pickler(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(obj)
+    except PydistError:
+        raise
     except Exception as e:
         raise SerializationError(
             f"cannot pickle an object of type {_type_name(obj)} for another process: "

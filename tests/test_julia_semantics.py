@@ -134,3 +134,19 @@ def test_a_dead_client_is_forgotten_by_every_owner(fresh):
     assert wait_until(lambda: a not in pd.workers(), 10)
     assert wait_until(lambda: _owned() == mine, 10), (_owned(), mine)
     assert wait_until(lambda: pd.remotecall_fetch(_owned, b) == theirs, 10)
+
+
+def _take_from(rc):
+    return rc.take(timeout=30)
+
+
+def test_passing_a_reference_whose_owner_died_raises_process_exited(fresh):
+    import signal
+    from testkit import wait_until
+    a, b = fresh(2)
+    rc = pd.RemoteChannel(a)
+    os.kill(pd.remotecall_fetch(os.getpid, a), signal.SIGKILL)
+    assert wait_until(lambda: a not in pd.workers(), 10)
+    with pytest.raises(pd.ProcessExitedException) as info:
+        pd.remotecall_fetch(_take_from, b, rc)
+    assert info.value.worker_id == a
