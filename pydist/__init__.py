@@ -16,7 +16,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # what each name is; at run time its module loads on first use (below)
-    from .cluster import myid, nprocs, nworkers, procs, workers
+    from .cluster import WorkerState, myid, nprocs, nworkers, procs, worker_state, workers
     from .control import addprocs, cluster_cookie, interrupt, rmprocs
     from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
                          ProcessExitedException, RemoteException)
@@ -30,7 +30,7 @@ if TYPE_CHECKING:   # what each name is; at run time its module loads on first u
     from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
     from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
     from .channel import Channel
-    from .macros import ANY, distributed, everywhere, fetchfrom, spawn, spawnat
+    from .macros import ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn, spawnat
     from .bootstrap import init_worker, process_messages, start_worker
     from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
                              remote)
@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 # ``import pydist`` loads none of its modules: each public name loads its module on first
 # use, so a program, and a worker, pays only for what its first calls need.
 _MODULES: dict[str, tuple[str, ...]] = {
-    ".cluster": ("myid", "nprocs", "nworkers", "procs", "workers"),
+    ".cluster": ("WorkerState", "myid", "nprocs", "nworkers", "procs", "worker_state", "workers"),
     ".control": ("addprocs", "cluster_cookie", "interrupt", "rmprocs"),
     ".errors": ("AuthenticationError", "CapturedException", "InvalidStateException", "LaunchError",
                 "ProcessExitedException", "RemoteException"),
@@ -58,7 +58,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".remotecall": ("remote_do", "remotecall", "remotecall_fetch", "remotecall_wait"),
     ".remoteref": ("AbstractRemoteRef", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"),
     ".channel": ("Channel",),
-    ".macros": ("ANY", "distributed", "everywhere", "fetchfrom", "spawn", "spawnat"),
+    ".macros": ("ANY", "distributed", "everywhere", "fetchfrom", "remotecall_eval", "spawn",
+                "spawnat"),
     ".bootstrap": ("init_worker", "process_messages", "start_worker"),
     ".workerpool": ("AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool",
                     "remote"),
@@ -116,5 +117,6 @@ __all__ = [
     "start_worker", "process_messages", "Executor", "ProcessPoolExecutor", "Pool",
     "AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear", "remote",
     "pmap", "progress", "set_worker_preload", "SharedArray", "sdata", "localindices", "indexpids",
-    "shared_zeros", "shared_ones", "forward_logging",
+    "shared_zeros", "shared_ones", "forward_logging", "remotecall_eval",
+    "WorkerState", "worker_state",
 ]

@@ -19,7 +19,7 @@ from collections import deque
 from typing import Any, Callable
 
 from .errors import InvalidStateException
-from .values import Failure, unwrap
+from .values import Failure, check_timeout, unwrap
 
 __all__ = ["Channel", "TIMERS"]
 
@@ -94,6 +94,7 @@ class Channel:
     # -- callback twins (never block) -------------------------------------------------
     def put_async(self, value: Any, cb: Callback, timeout: float | None = None) -> None:
         """Append ``value``; ``cb(None)`` once accepted, or ``cb(Failure)``."""
+        check_timeout(timeout)
         fire: list[tuple[_Waiter, Any]] = []
         with self._lock:
             if self._closed:
@@ -116,6 +117,7 @@ class Channel:
 
     def take_async(self, cb: Callback, timeout: float | None = None) -> None:
         """``cb(item)`` with the oldest item once there is one, or ``cb(Failure)``."""
+        check_timeout(timeout)
         fire: list[tuple[_Waiter, Any]] = []
         with self._lock:
             if self._items:
@@ -139,6 +141,7 @@ class Channel:
 
     def fetch_async(self, cb: Callback, timeout: float | None = None, *, peek: bool = True) -> None:
         """``cb(item)`` with the oldest item, not removed (``peek=False``: ``cb(None)``)."""
+        check_timeout(timeout)
         fire: list[tuple[_Waiter, Any]] = []
         with self._lock:
             head = self._head()

@@ -22,6 +22,7 @@ modules change them only through its methods, under its lock.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import os
 import socket
@@ -29,7 +30,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import encode_message
-from .errors import ProcessExitedException, TransportError, describe_exit
+from . import serialize
+from .errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from .messages import RRID, Message, MsgHeader
 from .tasks import TaskRunner
 from .values import Failure, RemoteValue
@@ -39,10 +41,18 @@ if TYPE_CHECKING:
     from .transport import Transport
 
 __all__ = ["Worker", "ProcessGroup", "PGRP", "myid", "procs", "workers", "nprocs", "nworkers",
-           "host_key"]
+           "host_key", "WorkerState", "worker_state"]
 
-# Worker states, as in Julia's cluster.jl.
-W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = "created", "connected", "terminating", "terminated"
+class WorkerState(enum.StrEnum):
+    """A worker's state, as in Julia's cluster.jl (equal to its lower-case word)."""
+
+    W_CREATED = "created"
+    W_CONNECTED = "connected"
+    W_TERMINATING = "terminating"
+    W_TERMINATED = "terminated"
+
+
+W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = WorkerState
 
 
 def host_key() -> str:
@@ -137,11 +147,12 @@ class ProcessGroup:
         with self.lock:
             self.workers[w.id] = w
 
-    def check_pid(self, pid: int) -> None:
-        """Raise if ``pid`` cannot be talked to: ``ValueError`` if it never existed,
-        ``ProcessExitedException`` if it is gone."""
+    def check_pid(self, pid: int, param: str = "pid") -> None:
+        """Raise if ``pid`` cannot be talked to: ``TypeError`` (naming ``param``) if it is not
+        an int, ``ValueError`` if it never existed, ``ProcessExitedException`` if it is gone."""
         if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"a process id must be an int, not {type(pid).__name__}")
+            raise TypeError(f"{param} must be a process id (an int), not {pid!r} "
+                            f"({type(pid).__name__})")
         if pid == self.myid:
             return
         with self.lock:
@@ -184,11 +195,16 @@ class ProcessGroup:
         tls.pid = pid
         try:
             parts = encode_message(header, msg)
+        except SerializationError as e:
+            tls.pid = outer
+            raise _name_unpicklable(msg, pid, e) from e.__cause__
         finally:
             tls.pid = outer
         t = w.transport
+        if t is None:   # lost between the lookup and here: say so as any later send would
+            raise ProcessExitedException(pid, w.detail or self.removed.get(pid, ""))
         try:
-            t.send_frame(parts)   # type: ignore[union-attr]
+            t.send_frame(parts)
         except TransportError as e:
             # The peer died: say how, as the reader would (it may not have noticed yet).
             self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({e})")
@@ -250,6 +266,17 @@ class ProcessGroup:
                 if not rv.clients:
                     del self.refs[rrid]
 
+    def drop_client(self, client: int) -> None:
+        """Forget process ``client`` in every client set (it is gone: its del-client notices
+        will never come); values no process holds any more are freed, as Julia does."""
+        with self.lock:
+            for rrid, rv in list(self.refs.items()):
+                clients = getattr(rv, "clients", None)
+                if clients is not None and client in clients:
+                    clients.discard(client)
+                    if not clients:
+                        del self.refs[rrid]
+
     def add_client(self, rrid: RRID, client: int) -> None:
         with self.lock:
             rv = self.refs.get(rrid)
@@ -277,6 +304,7 @@ class ProcessGroup:
         exc = ProcessExitedException(w.id, w.detail)
         for rv in pending:
             rv.try_set(Failure(exc))
+        self.drop_client(w.id)
         if t is not None:
             t.abort()
         if inbox is not None:
@@ -295,6 +323,26 @@ class ProcessGroup:
 
 
 PGRP = ProcessGroup()
+
+
+def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:
+    """The pickling error of a message, saying which argument (or the result) failed."""
+    parts: list[tuple[str, Any]] = []
+    if hasattr(msg, "args"):
+        parts.append(("the function", msg.f))   # type: ignore[attr-defined]
+        parts += [(f"argument {i + 1}", a) for i, a in enumerate(msg.args)]   # type: ignore[attr-defined]
+        parts += [(f"keyword argument {k!r}", v) for k, v in msg.kwargs.items()]   # type: ignore[attr-defined]
+    elif hasattr(msg, "value"):
+        parts.append(("the result", msg.value))   # type: ignore[attr-defined]
+    for what, obj in parts:
+        try:
+            serialize.dumps(obj)
+        except SerializationError as e:
+            cause = e.__cause__ or e
+            kind = type(obj)
+            return SerializationError(f"{what} ({kind.__module__}.{kind.__qualname__}) cannot be "
+                                      f"pickled for process {pid}: {type(cause).__name__}: {cause}")
+    return error
 
 
 def myid() -> int:
@@ -335,3 +383,17 @@ def nworkers() -> int:
     """The number of workers; 1 when only the master exists (as in Julia)."""
     n = len(procs()) - 1
     return n if n > 0 else 1
+
+
+def worker_state(pid: int) -> WorkerState:
+    """The state of process ``pid`` as this process knows it (``W_TERMINATED`` once removed)."""
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise TypeError(f"pid must be a process id (an int), not {pid!r} ({type(pid).__name__})")
+    if pid == PGRP.myid:
+        return W_CONNECTED
+    w = PGRP.workers.get(pid)
+    if w is not None:
+        return WorkerState(w.state)
+    if pid in PGRP.removed:
+        return W_TERMINATED
+    raise ValueError(f"no process with id {pid} exists in this cluster")

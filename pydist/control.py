@@ -20,7 +20,10 @@ from .dispatch import OpContext, internal_op
 from .errors import LaunchError, ProcessExitedException
 from .join import join_worker
 from .managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
+from .managers.local import LocalManager
+from .managers.params import normalize_env, normalize_exeflags, worker_timeout
 from .messages import NULL_HEADER, RemoteDoMsg
+from .remoteref import Future
 
 __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
            "on_workers_added"]
@@ -28,6 +31,7 @@ __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit",
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
 _LOCAL_PARAMS = ("restrict",)
 _SSH_PARAMS = ("tunnel", "multiplex", "sshflags", "shell", "max_parallel")
+_SSH_ONLY = ("tunnel", "multiplex", "sshflags", "shell", "lease", "launch_timeout")
 on_workers_added: list[Callable[[list[int]], None]] = []
 
 
@@ -56,28 +60,62 @@ def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
         n = os.cpu_count() or 1 if arg is None else arg
         if n < 1:
             raise ValueError(f"addprocs needs a positive number of workers, got {n}")
-        from .managers.local import LocalManager
         return LocalManager(n, restrict=kwargs.pop("restrict", True))
     if isinstance(arg, (list, tuple)):
         from .managers.ssh import SSHManager
         return SSHManager(list(arg))
     raise TypeError(f"addprocs takes a number of workers, a list of machines or a "
-                    f"ClusterManager, not {type(arg).__name__}")
+                    f"ClusterManager, not {arg!r} ({type(arg).__name__})")
+
+
+def _check_keywords(manager: ClusterManager, params: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """An unknown keyword, or an SSH-only one for local workers: ``TypeError`` naming it."""
+    local = isinstance(manager, LocalManager)
+    allowed = set(params) | set(_LOCAL_PARAMS) | {"max_parallel"} | set(manager.known_params())
+    if not local:
+        allowed |= set(_SSH_PARAMS)
+    for key in kwargs:
+        if local and key in _SSH_ONLY:
+            raise TypeError(f"addprocs() of local workers got the SSH-only keyword argument "
+                            f"{key!r}; it applies to addprocs(machines) only")
+        if key not in allowed:
+            raise TypeError(f"addprocs() got an unexpected keyword argument {key!r}")
+
+
+def _fixed_by_first(params: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """``topology`` and ``lazy`` are those of the first ``addprocs`` while workers exist
+    (Julia's rule); not given, they follow it; given otherwise, ``ValueError``."""
+    if not isinstance(params["lazy"], bool):
+        raise TypeError(f"lazy must be True or False, not {params['lazy']!r}")
+    existing = PGRP.worker_ids()
+    if not existing:
+        return
+    for key in ("topology", "lazy"):
+        current = getattr(PGRP, key)
+        if key in kwargs and kwargs[key] is not None and kwargs[key] != current:
+            raise ValueError(f"addprocs({key}={kwargs[key]!r}): workers {existing} already run with "
+                             f"{key}={current!r}, which the first addprocs fixed; remove them "
+                             f"(rmprocs) before asking for {key}={kwargs[key]!r}")
+        params[key] = current
 
 
 def _params(manager: ClusterManager, kwargs: dict[str, Any]) -> dict[str, Any]:
     params = default_addprocs_params(manager)
-    allowed = set(params) | set(_SSH_PARAMS) | set(_LOCAL_PARAMS) | set(manager.known_params())
-    for key in kwargs:
-        if key not in allowed:
-            raise TypeError(f"addprocs() got an unexpected keyword argument {key!r}")
+    _check_keywords(manager, params, kwargs)
     params.update({k: v for k, v in kwargs.items() if v is not None or k in ("dir",)})
     if params.get("dir") is None:
         params["dir"] = os.getcwd()
+    params["exeflags"] = normalize_exeflags(params.get("exeflags"), params.get("exename"))
+    params["env"] = normalize_env(params.get("env"))
+    params["worker_timeout"] = worker_timeout(params.get("worker_timeout"))
+    if "launch_timeout" in params and kwargs.get("launch_timeout") is None and \
+            (kwargs.get("worker_timeout") is not None or os.environ.get("PYDIST_WORKER_TIMEOUT")):
+        params["launch_timeout"] = params["worker_timeout"]
     if params["transport"] not in TRANSPORTS:
         raise ValueError(f"unknown transport {params['transport']!r}; choose one of {', '.join(TRANSPORTS)}")
     if params["topology"] not in TOPOLOGIES:
         raise ValueError(f"unknown topology {params['topology']!r}; choose one of {', '.join(TOPOLOGIES)}")
+    _fixed_by_first(params, kwargs)
     manager.check_params(params)
     return params
 
@@ -191,7 +229,7 @@ def _validate_pids(pids: Iterable[Any], what: str) -> list[int]:
     out = []
     for pid in pids:
         if not isinstance(pid, int) or isinstance(pid, bool):
-            raise TypeError(f"{what} takes worker ids (int), not {type(pid).__name__}")
+            raise TypeError(f"{what} takes worker ids (int), not {pid!r} ({type(pid).__name__})")
         if pid == 1:
             raise ValueError(f"{what}: process 1 is the master and cannot be {what}d"
                              if what != "rmprocs" else "rmprocs: process 1 is the master and cannot be removed")
@@ -202,9 +240,23 @@ def _validate_pids(pids: Iterable[Any], what: str) -> list[int]:
     return out
 
 
-def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
-    """Remove workers; wait up to ``waitfor`` seconds (``None``: until they are gone)."""
+def _check_waitfor(waitfor: Any) -> None:
+    if waitfor is None:
+        return
+    if isinstance(waitfor, bool) or not isinstance(waitfor, (int, float)):
+        raise TypeError(f"rmprocs: waitfor must be a number of seconds or None, not {waitfor!r}")
+    if not waitfor >= 0:
+        raise ValueError(f"rmprocs: waitfor must not be negative, not {waitfor!r}")
+
+
+def rmprocs(*pids: Any, waitfor: float | None = None) -> Future | None:
+    """Remove workers; wait up to ``waitfor`` seconds (``None``: until they are gone).
+
+    ``waitfor=0`` returns at once a ``Future`` (owned here) that completes when the removal
+    is done, as Julia returns a task.
+    """
     _only_master("remove workers")
+    _check_waitfor(waitfor)
     if len(pids) == 1 and isinstance(pids[0], (list, tuple)):
         pids = tuple(pids[0])
     targets, killers = [], []
@@ -218,6 +270,8 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
         t = threading.Thread(target=_kill, args=(w,), name=f"pydist-kill-{pid}", daemon=True)
         t.start()
         killers.append(t)
+    if waitfor == 0:
+        return _removal_future(killers)
     deadline = None if waitfor is None else time.monotonic() + waitfor
     for w in targets:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -228,6 +282,19 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> None:
     # the managers to see the processes exit, so that a return means they are gone.
     for t in killers:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _removal_future(killers: list[threading.Thread]) -> Future:
+    """A Future set (to ``None``) once every removal thread has finished."""
+    done = Future()
+    cell = done._local_cell()
+
+    def settle() -> None:
+        for t in killers:
+            t.join()
+        cell.try_set(None)
+    threading.Thread(target=settle, name="pydist-rmprocs", daemon=True).start()
+    return done
 
 
 def _kill(w: Worker) -> None:
@@ -255,6 +322,33 @@ def _deregister(pid: int) -> None:
 
 
 PGRP.on_worker_lost.append(_deregister)
+
+
+def _tell_others(pid: int) -> None:
+    """On the master: tell every other worker that ``pid`` is gone, so that their owned
+    values forget it as a client even where they never connected to it (Julia does too)."""
+    if PGRP.myid != 1 or PGRP.role == "worker":
+        return
+    for other in PGRP.worker_ids():
+        if other != pid:
+            try:
+                PGRP.send(other, NULL_HEADER, RemoteDoMsg(_process_gone, (pid,), {}))
+            except (ProcessExitedException, ValueError, OSError):
+                pass
+
+
+PGRP.on_worker_lost.append(_tell_others)
+
+
+@internal_op
+def _process_gone(ctx: OpContext, pid: int) -> None:
+    w = PGRP.workers.get(pid)
+    if w is not None:
+        PGRP.worker_lost(w, "has exited (the master says)")
+    else:
+        with PGRP.lock:
+            PGRP.removed.setdefault(pid, "has exited (the master says)")
+        PGRP.drop_client(pid)
 
 
 def request_exit(pid: int) -> None:

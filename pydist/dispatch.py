@@ -129,9 +129,23 @@ def _on_call(w: Worker, header: MsgHeader, msg: CallMsg) -> None:
     PGRP.runner.submit(task)
 
 
+def _run_op(w: Worker, rrid: RRID | None, msg: Any) -> None:
+    """Run an internal operation on the reader; a failure (bad input from the caller) is
+    answered, or printed for a ``remote_do``, and never ends the reader."""
+    ctx = OpContext(w.id, rrid)
+    try:
+        msg.f(ctx, *msg.args, **msg.kwargs)
+    except Exception as e:
+        if rrid is not None:
+            ctx.reply(Failure(e))
+        else:
+            print(f"pydist: process {PGRP.myid}: {getattr(msg.f, '__name__', msg.f)} from process "
+                  f"{w.id} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def _on_call_fetch(w: Worker, header: MsgHeader, msg: CallFetchMsg) -> None:
     if _is_op(msg.f):
-        msg.f(OpContext(w.id, header.notify_oid), *msg.args, **msg.kwargs)
+        _run_op(w, header.notify_oid, msg)
         return
     sender, rrid = w.id, header.notify_oid
     PGRP.runner.submit(lambda: reply(sender, rrid, run_call(msg.f, msg.args, msg.kwargs)))
@@ -151,7 +165,7 @@ def _on_call_wait(w: Worker, header: MsgHeader, msg: CallWaitMsg) -> None:
 
 def _on_remote_do(w: Worker, header: MsgHeader, msg: RemoteDoMsg) -> None:
     if _is_op(msg.f):
-        msg.f(OpContext(w.id, None), *msg.args, **msg.kwargs)
+        _run_op(w, None, msg)
         return
 
     def task() -> None:

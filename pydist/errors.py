@@ -5,15 +5,17 @@ Only the standard library is imported here (layer L0).
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 import signal
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Callable
 
 __all__ = [
     "PydistError", "RemoteException", "CapturedException", "ProcessExitedException",
     "InvalidStateException", "TransportError", "TransportClosed", "TransportBroken",
     "DecodeError", "BodyDecodeError", "AuthenticationError", "SerializationError",
-    "LaunchError", "RemoteErrorStandIn",
+    "LaunchError", "RemoteErrorStandIn", "set_exception_pickler", "qualified_name",
 ]
 
 
@@ -98,15 +100,67 @@ class RemoteErrorStandIn(Exception):
         return (type(self), (self.type_name, self.message))
 
 
+def _plain_pickle(ex: BaseException) -> bytes:
+    return pickle.dumps(ex, protocol=5)
+
+
+# How a captured exception becomes bytes of its own; ``serialize`` installs its pickler
+# (which handles classes of ``__main__`` too) through ``set_exception_pickler``.
+_exception_pickler: Callable[[BaseException], bytes] = _plain_pickle
+
+
+def set_exception_pickler(fn: Callable[[BaseException], bytes]) -> None:
+    """Use ``fn`` to pickle the exception inside a ``CapturedException``."""
+    global _exception_pickler
+    _exception_pickler = fn
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class (the bare name for builtins)."""
+    module = getattr(cls, "__module__", None)
+    name = getattr(cls, "__qualname__", cls.__name__)
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
 @dataclass
 class CapturedException:
-    """An exception caught in user code on some process: the exception and its traceback."""
+    """An exception caught in user code on some process: the exception and its traceback.
+
+    The exception travels as a pickle of its own beside its type name and message, so a
+    process that cannot import its type still gets a ``RemoteErrorStandIn`` naming it, the
+    message and the traceback (and the rest of the message it came in).
+    """
 
     ex: BaseException
     traceback: str
 
     def __str__(self) -> str:
         return self.traceback or f"{type(self.ex).__name__}: {self.ex}"
+
+    def __reduce__(self):
+        ex = self.ex
+        try:
+            blob: bytes | None = _exception_pickler(ex)
+        except Exception:   # an unpicklable exception still arrives, as a stand-in
+            blob = None
+        try:
+            message = str(ex)
+        except Exception:
+            message = f"<{type(ex).__name__} whose str() failed>"
+        return (_rebuild_captured, (blob, qualified_name(type(ex)), message, self.traceback))
+
+
+def _rebuild_captured(blob: bytes | None, type_name: str, message: str,
+                      traceback: str) -> CapturedException:
+    ex: BaseException | None = None
+    if blob is not None:
+        try:
+            ex = pickle.loads(blob)
+        except Exception:   # its type cannot be imported here (or rebuilt): a stand-in
+            ex = None
+    if not isinstance(ex, BaseException):
+        ex = RemoteErrorStandIn(type_name, message)
+    return CapturedException(ex, traceback)
 
 
 class RemoteException(PydistError):
@@ -125,7 +179,10 @@ class RemoteException(PydistError):
 
     def __str__(self) -> str:
         ex = self.captured.ex
-        head = f"on worker {self.pid}: {type(ex).__name__}: {ex}"
+        if isinstance(ex, RemoteErrorStandIn):
+            head = f"on worker {self.pid}: {ex}"
+        else:
+            head = f"on worker {self.pid}: {type(ex).__name__}: {ex}"
         if self.captured.traceback:
             return f"{head}\n\nRemote traceback (worker {self.pid}):\n{self.captured.traceback.rstrip()}"
         return head

@@ -101,7 +101,7 @@ def join_worker(w: Worker, params: dict[str, Any]) -> None:
                           enable_threaded_blas=bool(params.get("enable_threaded_blas")),
                           sys_path=tuple(sys.path), master_host_key=PGRP.host_key,
                           connect_to=_peers_to_dial(w, live, params))
-        answer = _exchange(t, msg, JOIN_TIMEOUT)
+        answer = _exchange(t, msg, params.get("worker_timeout") or JOIN_TIMEOUT)
     except (TransportError, DecodeError, AuthenticationError) as e:
         t.abort()
         raise LaunchError(f"worker {w.id} did not join: {e}") from e

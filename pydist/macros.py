@@ -20,7 +20,8 @@ from .errors import RemoteException
 from .remotecall import remotecall, remotecall_fetch, remotecall_wait
 from .remoteref import Future
 
-__all__ = ["ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed", "splitrange"]
+__all__ = ["ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed", "splitrange",
+           "remotecall_eval"]
 
 ANY = "any"
 _next = itertools.count()
@@ -37,8 +38,9 @@ def _nextproc() -> int:
 def _resolve(p: Any) -> int:
     if p == ANY:
         return _nextproc()
-    if isinstance(p, str):
-        raise ValueError(f"a process must be an id or pydist.ANY ('any'), not {p!r}")
+    if not isinstance(p, int) or isinstance(p, bool):
+        raise TypeError(f"p must be a process id (an int) or pydist.ANY ('any'), not {p!r} "
+                        f"({type(p).__name__})")
     return p
 
 
@@ -65,6 +67,33 @@ def _exec_in_main(code: str) -> None:
     name = f"<everywhere {zlib.crc32(code.encode()):08x}>"
     linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)
     exec(compile(code, name, "exec"), main.__dict__)
+
+
+def _eval_in_main(code: str) -> Any:
+    """Run ``code`` in ``__main__``: the value of an expression, ``None`` for statements."""
+    main = sys.modules["__main__"]
+    try:
+        compiled = compile(code, "<remotecall_eval>", "eval")
+    except SyntaxError:
+        exec(compile(code, "<remotecall_eval>", "exec"), main.__dict__)
+        return None
+    return eval(compiled, main.__dict__)
+
+
+def remotecall_eval(procs: Any, code: str) -> Any:
+    """Julia's ``remotecall_eval``: run ``code`` (a str) in ``__main__`` of each process of
+    ``procs`` at once and wait; failures are raised as ``everywhere`` raises them. Given one
+    id (an int), run it there and return its value (``None`` for statements)."""
+    if not isinstance(code, str):
+        raise TypeError(f"remotecall_eval(procs, code): code must be a str, not {code!r}")
+    if isinstance(procs, int) and not isinstance(procs, bool):
+        return remotecall_fetch(_eval_in_main, procs, code)
+    if isinstance(procs, (str, bytes)) or not isinstance(procs, Iterable):
+        raise TypeError(f"remotecall_eval(procs, code): procs must be a process id or a list "
+                        f"of them, not {procs!r}")
+    targets = sorted(set(_check_procs(procs)))
+    _run_everywhere(_eval_in_main, (code,), {}, targets)
+    return None
 
 
 def _define_in_main(name: str, f: Callable[..., Any]) -> None:
@@ -115,7 +144,7 @@ def everywhere(code_or_f: Any = None, *args: Any, procs: Iterable[int] | None = 
     ``args``; over a ``def`` (``@everywhere`` or ``@everywhere(procs=[...])``) the function
     is defined in ``__main__`` on every process and returned.
     """
-    targets = sorted(set(_all_procs() if procs is None else procs))
+    targets = sorted(set(_all_procs() if procs is None else _check_procs(procs)))
     if code_or_f is None:            # @everywhere(procs=...) form
         def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
             _run_everywhere(_define_in_main, (f.__name__, f), {}, targets)
@@ -131,6 +160,16 @@ def everywhere(code_or_f: Any = None, *args: Any, procs: Iterable[int] | None = 
         return code_or_f
     _run_everywhere(code_or_f, args, kwargs, targets)
     return None
+
+
+def _check_procs(procs: Any) -> list[int]:
+    """``procs`` as a list of process ids (``TypeError`` naming a bad one)."""
+    if isinstance(procs, (str, bytes)) or not isinstance(procs, Iterable):
+        raise TypeError(f"procs must be a list of process ids, not {procs!r}")
+    out = list(procs)
+    for p in out:
+        PGRP.check_pid(p, "procs")
+    return out
 
 
 def _all_procs() -> list[int]:
@@ -168,6 +207,12 @@ def distributed(f: Callable[[Any], Any], iterable: Iterable[Any],
     in order; the value is returned. Without one, returns at once a ``Future`` that is ready
     (value ``None``) once every chunk is done.
     """
+    if not callable(f):
+        raise TypeError(f"distributed(f, iterable): f must be callable, not {f!r}")
+    if not isinstance(iterable, Iterable):
+        raise TypeError(f"distributed(f, iterable): iterable must be iterable, not {iterable!r}")
+    if reducer is not None and not callable(reducer):
+        raise TypeError(f"distributed: reducer must be callable or None, not {reducer!r}")
     items = iterable if isinstance(iterable, (range, list, tuple)) else list(iterable)
     ids = workers()
     chunks = [items[r.start:r.stop] for r in splitrange(len(items), len(ids))] if len(items) else []

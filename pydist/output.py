@@ -54,8 +54,11 @@ _relayed = threading.Condition()          # notified whenever a relay has passed
 class Relay:
     """Copies one worker's stdout and stderr pipes to this process, and counts the bytes."""
 
-    def __init__(self, output: Any) -> None:
+    def __init__(self, output: Any, secret: str | None = None) -> None:
         self.output = output
+        # Blanked in what is passed on: an interpreter that misread its input (the cookie)
+        # as a program quotes it in its error.
+        self.secret = secret.encode() if secret else None
         self.pid: int | None = None
         self.counts = [0, 0]           # bytes passed on: stdout, stderr (under _relayed)
 
@@ -86,7 +89,8 @@ class Relay:
                 except (OSError, ValueError):
                     return
                 try:
-                    write(data)       # b"": the end (a last line without its newline)
+                    # b"": the end (a last line without its newline)
+                    write(data.replace(self.secret, b"<cluster cookie>") if self.secret else data)
                 except Exception:     # our stream is closed or gone, the callable failed:
                     pass              # drop it, but keep draining the worker's pipe
                 if not data:

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from .cluster import PGRP
 from .dispatch import capture
@@ -115,7 +116,7 @@ class _RetryPolicy:
     state is used as that index from then on).
     """
 
-    def __init__(self, delays: Sequence[float], check: Callable[..., Any] | None) -> None:
+    def __init__(self, delays: "_Delays", check: Callable[..., Any] | None) -> None:
         self.delays = delays
         self.check = check
         self.next: dict[int, tuple[float, Any] | None] = {}   # element -> (delay, state) / final
@@ -125,7 +126,7 @@ class _RetryPolicy:
         if i in self.next:
             pending = self.next[i]
         else:
-            pending = (self.delays[0], 1) if self.delays else None
+            pending = (self.delays[0], 1) if self.delays.has(0) else None
         if pending is None:
             return None
         delay, state = pending
@@ -137,20 +138,51 @@ class _RetryPolicy:
                 go_on = answer
             if not go_on:
                 return None
-        self.next[i] = (self.delays[state], state + 1) if state < len(self.delays) else None
+        self.next[i] = (self.delays[state], state + 1) if self.delays.has(state) else None
         return delay
 
 
-def _delays(retry_delays: Iterable[float]) -> list[float]:
-    if isinstance(retry_delays, (str, bytes)):
-        raise TypeError("retry_delays must be an iterable of numbers of seconds")
-    try:
-        delays = [float(d) for d in retry_delays]
-    except TypeError:
-        raise TypeError("retry_delays must be an iterable of numbers of seconds") from None
-    if any(d < 0 or math.isnan(d) for d in delays):
-        raise ValueError(f"retry_delays must not be negative: {delays}")
-    return delays
+class _Delays:
+    """``retry_delays`` read as far as the retries need (an endless iterator is fine, as
+    Julia's ``ExponentialBackOff``); every element's retries index the same sequence."""
+
+    def __init__(self, source: Iterable[float]) -> None:
+        if isinstance(source, (str, bytes)):
+            raise TypeError(f"retry_delays must be an iterable of numbers of seconds, not {source!r}")
+        try:
+            self._it: Iterator[Any] | None = iter(source)
+        except TypeError:
+            raise TypeError(f"retry_delays must be an iterable of numbers of seconds, "
+                            f"not {source!r}") from None
+        self._seen: list[float] = []
+        self._lock = threading.Lock()
+        if isinstance(source, (list, tuple, range)):
+            self.has(len(source))   # a finite sequence is checked before anything starts
+
+    def has(self, i: int) -> bool:
+        """Whether there is an ``i``-th delay (reading the source up to it)."""
+        with self._lock:
+            while len(self._seen) <= i and self._it is not None:
+                try:
+                    d = next(self._it)
+                except StopIteration:
+                    self._it = None
+                    break
+                self._seen.append(_check_delay(d))
+            return i < len(self._seen)
+
+    def __getitem__(self, i: int) -> float:
+        if not self.has(i):
+            raise IndexError(i)
+        return self._seen[i]
+
+
+def _check_delay(d: Any) -> float:
+    if isinstance(d, bool) or not isinstance(d, numbers.Real):
+        raise TypeError(f"retry_delays must hold numbers of seconds, not {d!r}")
+    if d < 0 or math.isnan(d):
+        raise ValueError(f"retry_delays must not be negative, got {d!r}")
+    return float(d)
 
 
 # -- the public function -----------------------------------------------------------------------------
@@ -160,7 +192,8 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
          retry_delays: Iterable[float] = (), retry_check: Callable[..., Any] | None = None,
          progress: bool = False) -> list:
     """``[f(*xs) for xs in zip(*iterables)]``, computed on the workers of ``pool``
-    (default: ``default_worker_pool()``), in input order.
+    (default: ``default_worker_pool()``), in input order. Julia's ``pmap(f, pool, xs)``
+    works too: a worker pool as the first iterable is taken as ``pool``.
 
     ``batch_size``: elements per remote call (an int, or ``"auto"``). ``on_error(exc)``
     gives a failed element's result; without it the first failure (a ``RemoteException``,
@@ -169,10 +202,15 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
     ``distributed=False`` runs everything in this process. ``progress=True`` shows a
     ``tqdm.auto`` bar (needs ``pip install 'pydist[progress]'``).
     """
+    if pool is None and len(iterables) > 1 and isinstance(iterables[0], AbstractWorkerPool):
+        pool, iterables = iterables[0], iterables[1:]   # Julia's pmap(f, pool, xs)
     if not callable(f):
         raise TypeError(f"pmap needs a callable, not {type(f).__name__}")
     if not iterables:
         raise TypeError("pmap needs at least one iterable")
+    for i, it in enumerate(iterables):
+        if not isinstance(it, Iterable):
+            raise TypeError(f"pmap(f, xs...): argument {i + 2} must be iterable, not {it!r}")
     if pool is not None and not isinstance(pool, AbstractWorkerPool):
         raise TypeError(f"pmap's pool must be a worker pool, not {type(pool).__name__}")
     for name, fn in (("on_error", on_error), ("retry_check", retry_check)):
@@ -183,7 +221,7 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
     if batch_size != "auto" and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     check_progress(progress, "pmap")
-    policy = _RetryPolicy(_delays(retry_delays), retry_check)
+    policy = _RetryPolicy(_Delays(retry_delays), retry_check)
     star = len(iterables) > 1
     items = list(zip(*iterables)) if star else list(iterables[0])
     if not items:
@@ -261,6 +299,8 @@ class _Mapper:
         self.cache = (_FunctionCache(PGRP.next_rrid()) if self.own_cache
                       else pool._fcache)     # type: ignore[attr-defined]
         self.last_poll = 0.0
+        self.lost: int | None = None     # the last worker that died under this map
+        self.members = pool.workers()
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> list:
@@ -328,8 +368,20 @@ class _Mapper:
             try:
                 pid = self.pool.take(timeout=POLL)
             except (TimeoutError, queue.Empty):
+                self._check_pool_left()
                 return
             self.held.setdefault(pid, 0)
+
+    def _check_pool_left(self) -> None:
+        """Every worker of the pool has died under this map: waiting for one would never end
+        (Julia raises too, "no active worker available in pool")."""
+        if len(self.pool) != 0:
+            return
+        gone = [p for p in self.members if p in PGRP.removed]
+        pid = self.lost if self.lost is not None else (gone[-1] if gone else None)
+        if pid is not None:
+            raise ProcessExitedException(pid, f"{PGRP.removed.get(pid, 'has exited')}; "
+                                              f"no worker of the pool is left")
 
     def _give_back_unneeded(self) -> None:
         if self._unsent() or self.later:
@@ -350,6 +402,7 @@ class _Mapper:
     def _lose(self, pid: int) -> None:
         self.held.pop(pid, None)
         self.yielding.discard(pid)
+        self.lost = pid
 
     # -- sending ---------------------------------------------------------------------------------------
     def _window(self) -> int:

@@ -272,7 +272,7 @@ def _state(rrid: RRID) -> _PoolState:
 
 def _check_pid(pid: Any) -> int:
     if not isinstance(pid, int) or isinstance(pid, bool):
-        raise TypeError(f"a pool holds worker ids (int), not {type(pid).__name__}")
+        raise TypeError(f"a pool holds worker ids (int), not {pid!r} ({type(pid).__name__})")
     PGRP.check_pid(pid)
     return pid
 

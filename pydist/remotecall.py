@@ -24,13 +24,17 @@ def _check_callable(f: Any) -> None:
 
 
 def _pool_call(kind: str, f: Callable[..., Any], pool: Any, args: tuple, kwargs: dict) -> Any:
-    return pool._remotecall_via(kind, f, args, kwargs)
+    via = getattr(pool, "_remotecall_via", None)
+    if via is None or isinstance(pool, bool):
+        raise TypeError(f"{kind}(f, pid, ...): pid must be a process id (an int) or a worker "
+                        f"pool, not {pool!r} ({type(pool).__name__})")
+    return via(kind, f, args, kwargs)
 
 
 def remotecall(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Future:
     """Start ``f(*args, **kwargs)`` on ``pid``; a ``Future`` for its result, held there."""
     _check_callable(f)
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool):
         return _pool_call("remotecall", f, pid, args, kwargs)
     if pid == PGRP.myid:
         fut = Future()
@@ -54,7 +58,7 @@ def remotecall(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Fu
 def remotecall_fetch(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Any:
     """Run ``f(*args, **kwargs)`` on ``pid`` and return its value (one round trip)."""
     _check_callable(f)
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool):
         return _pool_call("remotecall_fetch", f, pid, args, kwargs)
     if pid == PGRP.myid:
         return unwrap(run_call(f, args, kwargs))
@@ -70,7 +74,7 @@ def remotecall_fetch(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any)
 def remotecall_wait(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Future:
     """Like ``remotecall``, but return only once the call has finished there."""
     _check_callable(f)
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool):
         return _pool_call("remotecall_wait", f, pid, args, kwargs)
     if pid == PGRP.myid:
         return remotecall(f, pid, *args, **kwargs).wait()
@@ -96,7 +100,7 @@ def remotecall_wait(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) 
 def remote_do(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> None:
     """Run ``f(*args, **kwargs)`` on ``pid`` for its effect; errors are printed there."""
     _check_callable(f)
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or isinstance(pid, bool):
         _pool_call("remote_do", f, pid, args, kwargs)
         return
     if pid == PGRP.myid:

@@ -30,7 +30,7 @@ from .errors import InvalidStateException, ProcessExitedException
 from .inbox import SIGINT_DEFERRAL
 from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
 from .stdfuture import StdFutureFace
-from .values import STORED, Failure, RemoteValue, unwrap
+from .values import STORED, Failure, RemoteValue, check_timeout, unwrap
 
 __all__ = ["Future", "RemoteChannel", "wait_value", "blocking_section", "call_on_owner",
            "remoteref_id", "channel_from_id", "AbstractRemoteRef"]
@@ -274,6 +274,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
 
     def fetch(self, timeout: float | None = None) -> Any:
         """The value (blocking until set); raises the call's ``RemoteException`` if it failed."""
+        check_timeout(timeout)
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
                 value = wait_value(self._local_cell(), timeout, f"{self!r}")
@@ -319,6 +320,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
 
     def wait(self, timeout: float | None = None) -> "Future":
         """Block until the value is set; raises the call's ``RemoteException`` if it failed."""
+        check_timeout(timeout)
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
                 unwrap(wait_value(self._local_cell(), timeout, f"{self!r}"))
@@ -509,17 +511,37 @@ def _chan_close(ctx: OpContext, rrid: RRID) -> None:
     _channel_op(ctx, rrid, lambda ch, cb: (ch.close(), cb(None)))
 
 
+@internal_op
+def _new_channel(ctx: OpContext, rrid: RRID) -> None:
+    """On the owner: the default ``Channel(1)``, made at once by the reader, as the other
+    owner-side bookkeeping is (it never waits behind a call the owner is running)."""
+    _make_channel(rrid, None)
+    ctx.reply(None)
+
+
 class RemoteChannel(AbstractRemoteRef):
-    """A channel living on process ``where``; usable from every process it reaches."""
+    """A channel living on process ``where``; usable from every process it reaches.
+
+    ``RemoteChannel(pid)`` (an int first) is Julia's shape for ``RemoteChannel(pid=pid)``.
+    The default channel is made at once even on a busy owner; a ``factory`` is user code
+    and runs as a call there (after the calls the owner is running).
+    """
 
     __slots__ = ()
 
     def __init__(self, factory: Any = None, pid: int | None = None) -> None:
+        if pid is None and isinstance(factory, int) and not isinstance(factory, bool):
+            factory, pid = None, factory
+        if factory is not None and not callable(factory):
+            raise TypeError(f"RemoteChannel(factory, pid): factory must be callable (returning a "
+                            f"channel) or None, not {factory!r}; for the owner, pass pid=")
         where = PGRP.myid if pid is None else pid
-        PGRP.check_pid(where)
+        PGRP.check_pid(where, "pid")
         self.where, self.rrid, self._released = where, PGRP.next_rrid(), True
         if where == PGRP.myid:
             _make_channel(self.rrid, factory)
+        elif factory is None:
+            unwrap(call_on_owner(_new_channel, where, self.rrid))
         else:
             from .remotecall import remotecall_wait
             remotecall_wait(_make_channel, where, self.rrid, factory)
@@ -538,19 +560,23 @@ class RemoteChannel(AbstractRemoteRef):
 
     def put(self, value: Any, timeout: float | None = None) -> "RemoteChannel":
         """Append ``value`` (blocking while full; for ``Channel(0)``, until taken)."""
+        check_timeout(timeout)
         self._op(_chan_put, value, timeout)
         return self
 
     def take(self, timeout: float | None = None) -> Any:
         """Remove and return the oldest item (blocking while empty)."""
+        check_timeout(timeout)
         return self._op(_chan_take, timeout)
 
     def fetch(self, timeout: float | None = None) -> Any:
         """The oldest item, not removed (blocking while empty)."""
+        check_timeout(timeout)
         return self._op(_chan_fetch, timeout, True)
 
     def wait(self, timeout: float | None = None) -> "RemoteChannel":
         """Block until an item is there."""
+        check_timeout(timeout)
         self._op(_chan_fetch, timeout, False)
         return self
 

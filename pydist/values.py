@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .errors import InvalidStateException
 
-__all__ = ["RemoteValue", "Failure", "unwrap", "STORED", "pushable", "PUSH_LIMIT"]
+__all__ = ["RemoteValue", "Failure", "unwrap", "STORED", "pushable", "PUSH_LIMIT", "check_timeout"]
 
 PUSH_LIMIT = 64 << 10     # bytes of a result sent to its caller before it asks for it
 
@@ -76,6 +76,16 @@ def pushable(value: Any) -> bool:
         nbytes, dtype = getattr(value, "nbytes", None), getattr(value, "dtype", None)
         return type(nbytes) is int and nbytes <= PUSH_LIMIT and not getattr(dtype, "hasobject", True)
     return False
+
+
+def check_timeout(timeout: Any) -> None:
+    """``None`` or a number of seconds >= 0; else ``TypeError``/``ValueError`` naming it."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must not be negative (or NaN), not {timeout!r}")
 
 
 _UNSET = object()

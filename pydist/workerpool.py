@@ -59,6 +59,8 @@ class WorkerPool(AbstractWorkerPool):
     any process it is passed to (Julia's ``WorkerPool``)."""
 
     def __init__(self, workers: Iterable[int] = ()) -> None:
+        if isinstance(workers, (str, bytes)) or not isinstance(workers, Iterable):
+            raise TypeError(f"a worker pool takes a list of worker ids, not {workers!r}")
         pids = [_check_pid(p) for p in workers]
         rrid = PGRP.next_rrid()
         st = _PoolState()
@@ -293,7 +295,10 @@ class _Remote:
 
 def remote(f: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Callable[..., Any]:
     """A callable whose call runs ``f`` on a worker of ``pool`` (default: the default
-    pool, looked up at each call) and returns its value."""
+    pool, looked up at each call) and returns its value. Julia's ``remote(pool, f)``
+    works too."""
+    if isinstance(f, AbstractWorkerPool) and pool is not None and callable(pool):
+        f, pool = pool, f
     if not callable(f):
         raise TypeError(f"remote() needs a callable, not {type(f).__name__}")
     if pool is not None and not isinstance(pool, AbstractWorkerPool):

@@ -360,3 +360,31 @@ def test_bad_arguments(cluster):
         pmap(square, range(3), retry_delays=[-1])
     with pytest.raises(TypeError):
         pmap(square, range(3), on_error=3)
+
+
+def test_pmap_raises_when_every_worker_of_its_pool_dies(fresh):
+    import itertools
+    pids = fresh(2)
+    ospids = [pd.remotecall_fetch(os.getpid, p) for p in pids]
+    started = pd.RemoteChannel(lambda: pd.Channel(100_000))
+
+    def slow(x, ch=started):
+        ch.put(x)
+        time.sleep(0.05)
+        return x
+    out: list = []
+
+    def run():
+        try:   # retried without end: only the pool running dry can stop it
+            out.append(pmap(slow, range(1000), pool=WorkerPool(pids),
+                            retry_delays=itertools.repeat(0.01)))
+        except BaseException as e:   # noqa: BLE001 -- judged below
+            out.append(e)
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    started.take(timeout=30)
+    for q in ospids:
+        os.kill(q, signal.SIGKILL)
+    th.join(30)
+    assert out and isinstance(out[0], pd.ProcessExitedException), out
+    assert "no worker of the pool is left" in str(out[0])

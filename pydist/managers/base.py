@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LaunchError
+from ..net.address import format_tcp_url
 
 if TYPE_CHECKING:
     from ..transport import Transport
@@ -69,6 +70,7 @@ def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict[str
         "enable_threaded_blas": False,
         "env": {},
         "transport": "auto",
+        "worker_timeout": None,   # seconds to start and join; None: PYDIST_WORKER_TIMEOUT or 60
     }
     if manager is not None:
         params.update(manager.default_params())
@@ -87,6 +89,9 @@ def choose_address(addresses: tuple[str, ...], transport: str, where: str = "") 
     """Pick the address to dial for ``transport`` ("auto" prefers shared memory)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    if not addresses:
+        raise LaunchError(f"worker {where} gave no address to dial: its WorkerConfig needs "
+                          f"addresses (from its contact line) or host and port")
     by_scheme = {a.partition("://")[0]: a for a in addresses}
     order = {"auto": ("shm", "tcp"), "shm": ("shm",), "tcp": ("tcp",)}[transport]
     for scheme in order:
@@ -126,7 +131,10 @@ class ClusterManager(abc.ABC):
     def connect(self, pid: int, config: WorkerConfig) -> "Transport":
         """Open the master's transport to worker ``pid`` (per ``config.transport``)."""
         from .. import transport as _transport
-        address = choose_address(tuple(config.addresses), config.transport, str(pid))
+        addresses = tuple(config.addresses)
+        if not addresses and config.host and config.port:   # a Julia-style manager's config
+            addresses = (format_tcp_url(config.host, int(config.port)),)
+        address = choose_address(addresses, config.transport, str(pid))
         config.transport = address.partition("://")[0]
         return _transport.connect(address, 30.0)
 

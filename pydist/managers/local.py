@@ -22,6 +22,7 @@ from ..errors import LaunchError, describe_exit
 from ..output import Relay, check_output
 from .base import ClusterManager, WorkerConfig, parse_contact_line
 from .forkclient import check_preload, fork_refusal, fork_worker
+from .params import scrub
 
 __all__ = ["LocalManager"]
 
@@ -58,7 +59,8 @@ class LocalManager(ClusterManager):
         errors = []
         for proc in procs:
             try:
-                addresses = _await_contact(proc, LAUNCH_TIMEOUT)
+                addresses = _await_contact(proc, params.get("worker_timeout") or LAUNCH_TIMEOUT,
+                                           cookie)
             except LaunchError as e:
                 errors.append(str(e))
                 continue
@@ -66,7 +68,7 @@ class LocalManager(ClusterManager):
                                   process=proc, ospid=proc.pid, host="127.0.0.1",
                                   addresses=addresses, transport=params["transport"],
                                   enable_threaded_blas=params["enable_threaded_blas"], io=proc.stdout)
-            self._relay_output(config, params.get("output", "prefix"))
+            self._relay_output(config, params.get("output", "prefix"), cookie)
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify_all()
@@ -118,8 +120,8 @@ class LocalManager(ClusterManager):
         proc = fork_worker(params["dir"], env, argv, params.get("preload"))
         return None if isinstance(proc, str) else proc
 
-    def _relay_output(self, config: WorkerConfig, output: Any) -> None:
-        relay = self._relays[id(config)] = Relay(output)
+    def _relay_output(self, config: WorkerConfig, output: Any, cookie: str) -> None:
+        relay = self._relays[id(config)] = Relay(output, cookie)
         relay.start(config.io, config.process.stderr)
 
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
@@ -156,8 +158,10 @@ def _close_lifeline(config: WorkerConfig) -> None:
         threading.Thread(target=proc.wait, name="pydist-reaper", daemon=True).start()
 
 
-def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
-    """Read the worker's output until its contact line; LaunchError if it dies or stalls."""
+def _await_contact(proc: subprocess.Popen, timeout: float, cookie: str) -> tuple[str, ...]:
+    """Read the worker's output until its contact line; LaunchError if it dies or stalls.
+    The output is quoted with the cookie blanked out: an interpreter told to run its
+    standard input as a program would print it."""
     assert proc.stdout is not None
     seen: list[str] = []
     result: list[tuple[str, ...]] = []
@@ -175,13 +179,15 @@ def _await_contact(proc: subprocess.Popen, timeout: float) -> tuple[str, ...]:
     reader.join(timeout)
     if result:
         return result[0]
+    tail = scrub("".join(seen[-20:]).strip(), cookie)
     if reader.is_alive():
         proc.kill()
-        raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s")
+        raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s"
+                          + (f"; its output:\n{tail}" if tail else ""))
     code = proc.wait(5)
     if proc.stderr is not None:   # it is gone: what it said on stderr is all there
         seen.append(proc.stderr.read().decode(errors="replace"))
-    tail = "".join(seen[-20:]).strip()
+    tail = scrub("".join(seen[-20:]).strip(), cookie)
     raise LaunchError(f"local worker (pid {proc.pid}) stopped before it was ready: it {describe_exit(code)}"
                       + (f"; its output:\n{tail}" if tail else ""))
 
