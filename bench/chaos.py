@@ -398,11 +398,16 @@ class Run:
 
 
 def leftovers(before_shm: set[str]) -> list[str]:
-    """Processes and /dev/shm entries of pydist left behind (after a grace period)."""
+    """Processes and /dev/shm entries of pydist left behind (after a grace period); the
+    worker server, which lives as long as this process, is not one of them."""
     import psutil
+
+    from pydist.managers.forkclient import worker_server_pid
     deadline = time.monotonic() + 15
     while True:
-        kids = [c for c in psutil.Process().children(recursive=True) if c.is_running()]
+        server = worker_server_pid()
+        kids = [c for c in psutil.Process().children(recursive=True)
+                if c.pid != server and c.is_running()]
         shm = {n for n in os.listdir("/dev/shm") if "pydist" in n} - before_shm
         if (not kids and not shm) or time.monotonic() > deadline:
             break
