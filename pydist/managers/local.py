@@ -63,6 +63,7 @@ class LocalManager(ClusterManager):
                                            cookie)
             except LaunchError as e:
                 errors.append(str(e))
+                _close_pipes(proc)
                 continue
             config = WorkerConfig(exename=params["exename"], exeflags=tuple(params["exeflags"]),
                                   process=proc, ospid=proc.pid, host="127.0.0.1",
@@ -182,6 +183,7 @@ def _await_contact(proc: subprocess.Popen, timeout: float, cookie: str) -> tuple
     tail = scrub("".join(seen[-20:]).strip(), cookie)
     if reader.is_alive():
         proc.kill()
+        reader.join(2)      # it sees the end of the output now; its pipe is closed after
         raise LaunchError(f"local worker (pid {proc.pid}) printed no contact line within {timeout:.0f} s"
                           + (f"; its output:\n{tail}" if tail else ""))
     code = proc.wait(5)
@@ -191,3 +193,13 @@ def _await_contact(proc: subprocess.Popen, timeout: float, cookie: str) -> tuple
     raise LaunchError(f"local worker (pid {proc.pid}) stopped before it was ready: it {describe_exit(code)}"
                       + (f"; its output:\n{tail}" if tail else ""))
 
+
+def _close_pipes(proc: Any) -> None:
+    """A worker that never joined: its pipes closed now, not once the error that names it
+    (and holds this frame) is dropped."""
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
