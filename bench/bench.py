@@ -12,7 +12,7 @@ What is measured (every backend has 2 workers; see docs/benchmarks.md):
 - ``arrays``:  a numpy array sent to a worker and returned, at 1, 16 and 128 MiB
                (GB/s of payload, both directions counted).
 
-How (BASELINE.md: on a shared 2-vCPU machine only ratios measured together mean much):
+How (on a shared 2-vCPU machine only ratios measured together mean much):
 
 1. ``startup`` runs first, in passes; in each pass every backend starts, answers one call
    and is shut down, in an order that rotates from pass to pass.
