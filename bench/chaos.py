@@ -399,15 +399,18 @@ class Run:
 
 def leftovers(before_shm: set[str]) -> list[str]:
     """Processes and /dev/shm entries of pydist left behind (after a grace period); the
-    worker server, which lives as long as this process, is not one of them."""
+    worker server and multiprocessing's resource tracker, which live as long as this
+    process, are not among them."""
+    from multiprocessing import resource_tracker
+
     import psutil
 
     from pydist.managers.forkclient import worker_server_pid
     deadline = time.monotonic() + 15
     while True:
-        server = worker_server_pid()
+        services = {worker_server_pid(), getattr(resource_tracker._resource_tracker, "_pid", None)}
         kids = [c for c in psutil.Process().children(recursive=True)
-                if c.pid != server and c.is_running()]
+                if c.pid not in services and c.is_running()]
         shm = {n for n in os.listdir("/dev/shm") if "pydist" in n} - before_shm
         if (not kids and not shm) or time.monotonic() > deadline:
             break

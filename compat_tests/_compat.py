@@ -33,12 +33,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
 
 
 def worker_children() -> list[psutil.Process]:
-    """Child processes still running (pydist's worker server, which lives as long as this
-    process, is not one of them)."""
+    """Child processes still running (pydist's worker server and multiprocessing's
+    resource tracker, which live as long as this process, are not among them)."""
+    from multiprocessing import resource_tracker
     out = []
-    server = worker_server_pid()
+    services = {worker_server_pid(), getattr(resource_tracker._resource_tracker, "_pid", None)}
     for child in psutil.Process().children(recursive=True):
-        if child.pid == server:
+        if child.pid in services:
             continue
         try:
             if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:

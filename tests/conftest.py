@@ -36,8 +36,12 @@ SERVICE_THREADS = ("pydist-refs", "pydist-timers", "pydist-runner", "pydist-reap
 
 def _threads() -> set[tuple[int, str]]:
     import threading
+    from multiprocessing import resource_sharer
+    # multiprocessing's resource sharer serves descriptors to local drop-in workers (handed
+    # multiprocessing objects) from one thread that lives as long as this process.
+    sharer = getattr(resource_sharer._resource_sharer, "_thread", None)
     return {(t.ident, t.name) for t in threading.enumerate()
-            if not t.name.startswith(SERVICE_THREADS)}
+            if not t.name.startswith(SERVICE_THREADS) and t is not sharer}
 
 
 def _fds() -> int:

@@ -34,13 +34,22 @@ def shm_entries() -> set[str]:
         return set()
 
 
+def service_pids() -> set[int]:
+    """Helper processes that live as long as this one once started: pydist's worker server,
+    and multiprocessing's resource tracker (which local drop-in workers share once a program
+    uses shared memory)."""
+    from multiprocessing import resource_tracker
+    pids = {worker_server_pid(), getattr(resource_tracker._resource_tracker, "_pid", None)}
+    return {p for p in pids if p is not None}
+
+
 def live_children() -> list[psutil.Process]:
     """Processes started by this test process that are still running (zombies count);
-    the worker server, which lives as long as this process, is not one of them."""
+    the helpers of ``service_pids`` are not among them."""
     out = []
-    server = worker_server_pid()
+    services = service_pids()
     for child in psutil.Process().children(recursive=True):
-        if child.pid == server:
+        if child.pid in services:
             continue
         try:
             out.append(child) if child.is_running() else None
