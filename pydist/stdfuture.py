@@ -125,6 +125,7 @@ class StdFutureFace:
         return self._cached() or bool(self.isready())   # type: ignore[attr-defined]
 
     def running(self) -> bool:
+        """Whether the value is still to come (a pydist Future is never pending unsent)."""
         return not self.done()
 
     def cancelled(self) -> bool:
