@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -234,11 +235,18 @@ def addprocs_dropin(cell: Cell, tmp: Path) -> Seen:
     rig = DropinRig(cell.api, cell.transport, make(2, initializer=init, initargs=args,
                                                    transport=cell.transport))
     try:
-        first = rig.submit(fk.square, 1)
-        # Once broken, submit itself raises (as the standard library's does): a sibling
-        # submitted after the break sees it there.
+        # Once broken, submit itself raises (as the standard library's does): a task
+        # submitted after the break sees it there. An initializer that cannot be pickled
+        # breaks the pool as its first workers start, which may come before the first submit.
+        try:
+            first = rig.submit(fk.square, 1)
+        except BrokenProcessPool as e:
+            first = e
         others = [outcome(lambda i=i: rig.submit(fk.square, i, SIBLING_DELAY)) for i in (2, 3, 4)]
-        value, error, t1 = rig.settle(first, WAIT)
+        if isinstance(first, BaseException):
+            value, error, t1 = None, first, time.monotonic()
+        else:
+            value, error, t1 = rig.settle(first, WAIT)
         struck = marker + ".struck" if cell.fault not in ("sigkill", "unpicklable") else None
         seen = Seen(error, value, t1 - _since(t0, killer, struck))
         seen.siblings = [(i * i, f if isinstance(f, BaseException) else outcome(lambda f=f: rig.get(f, WAIT)))
