@@ -115,8 +115,6 @@ class Executor(cf.Executor):
         self._given_context = mp_context
         self._core = _Core(max_workers, initializer, tuple(initargs), max_tasks_per_child,
                            transport, pool, max_memory=max_memory)
-        if pool is not None:
-            self._core._adopt_pool()
         weakref.finalize(self, _Core.abandon, self._core).atexit = False   # see _at_exit
 
     # -- the standard interface --------------------------------------------------------------

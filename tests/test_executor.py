@@ -52,6 +52,13 @@ def shipped_count():
     return len(_shipped)
 
 
+def stamped(seconds, value):
+    """``value`` squared, with where and when it ran: (OS pid, start, end, result)."""
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    return os.getpid(), t0, time.monotonic(), value * value
+
+
 # -- fixtures -------------------------------------------------------------------------------------------
 @pytest.fixture
 def executor(transport):
@@ -239,6 +246,44 @@ def test_executor_on_given_workers(fresh):
     assert used <= given
     ex.shutdown()
     assert all(p in pd.workers() for p in pids)      # not ours to remove
+
+
+def test_executor_takes_workers_from_its_pool(fresh):
+    from pydist.workerpool import WorkerPool
+    pool = WorkerPool(fresh(2))
+    ex = pd.ProcessPoolExecutor(pool=pool)
+    try:
+        futures = [ex.submit(sleep_then, 1.0, i) for i in range(2)]
+        assert wait_until(lambda: all(f.running() for f in futures), WAIT)
+        with pytest.raises(TimeoutError):
+            pool.take(timeout=0.3)        # both are lent to the executor
+        assert [f.result(timeout=WAIT) for f in futures] == [0, 1]
+        pid = pool.take(timeout=WAIT)     # given back once idle, without a shutdown
+        pool.put_back(pid)
+    finally:
+        ex.shutdown()
+
+
+def test_executor_and_pmap_share_a_pool(fresh):
+    from pydist.workerpool import WorkerPool
+    pool = WorkerPool(fresh(2))
+    ex = pd.ProcessPoolExecutor(pool=pool)
+    try:
+        futures = [ex.submit(stamped, 0.05, i) for i in range(40)]     # about 1 s on 2 workers
+        assert wait_until(lambda: any(f.running() for f in futures), WAIT)
+        mapped = pd.pmap(stamped, [0.01] * 10, range(10), pool=pool)
+        assert [m[3] for m in mapped] == [i * i for i in range(10)]
+        assert not all(f.done() for f in futures)     # the executor let one worker go
+        ran = [f.result(timeout=WAIT) for f in futures]
+        assert [r[3] for r in ran] == [i * i for i in range(40)]
+    finally:
+        ex.shutdown()
+    # Each worker ran one user's work at a time: its timeline switches between the
+    # executor and pmap at most twice (lent to pmap, then taken back).
+    timeline = sorted([(r[1], r[0], "ex") for r in ran] + [(m[1], m[0], "pmap") for m in mapped])
+    for ospid_ in {t[1] for t in timeline}:
+        users = [u for _, p, u in timeline if p == ospid_]
+        assert sum(a != b for a, b in zip(users, users[1:])) <= 2, users
 
 
 # -- shipping functions --------------------------------------------------------------------------------------

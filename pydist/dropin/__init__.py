@@ -10,7 +10,8 @@ Layer 4, as the two fronts: built on the public cluster API only. One idea a mod
 * ``core.py``: ``_Core``, one executor's state, whose behaviour is in four parts:
   ``dispatching.py`` (tasks out, replies in), ``staffing.py`` (workers started, lost,
   retired), ``stealing.py`` (tasks taken back from behind a long one), ``closing.py``
-  (shutdown, breaking, interpreter exit);
+  (shutdown, breaking, interpreter exit); ``borrowing.py``: the workers of a given pool,
+  taken and put back through the pool's protocol;
 * ``mapfeed.py``: ``Executor.map``'s lazily read input;
 * ``results.py``, ``imap.py``: what ``Pool``'s calls return;
 * ``mpshare.py``: multiprocessing's locks, values and queues handed to local workers;

@@ -53,7 +53,7 @@ class _Closing:
             self.broken = why
             doomed = list(self.pending)
             self.pending.clear()
-            owned = []
+            owned, given = [], []
             for w in self.workers:
                 for b in list(w.batches) + list(w.outbox):
                     b.settled = True
@@ -63,12 +63,16 @@ class _Closing:
                 w.gone = True
                 if w.owned and w.pid is not None:
                     owned.append(w.pid)
+                elif w.pid is not None:
+                    given.append(w.pid)
             self.workers.clear()
         exc = BrokenProcessPool(why)
         exc.__cause__ = cause
         self._settle_all(doomed, exc)
         if owned:
             self._helper(rmprocs, *owned, waitfor=30)
+        for pid in given:
+            self.borrower.give_back(pid)      # type: ignore[union-attr]
         with self.lock:
             self.changed.notify_all()
 
@@ -118,11 +122,15 @@ class _Closing:
                     rmprocs(*owned, waitfor=30)
                 except Exception:
                     pass
-            for pid in given:
-                try:
-                    remote_do(_fn_drop, pid, self.key, None)
-                except Exception:
-                    pass
+            if self.borrower is not None:
+                self.borrower.join(35)
+                for pid in sorted(self.borrower.ever):   # what it left on workers it was lent
+                    try:
+                        remote_do(_fn_drop, pid, self.key, None)
+                    except Exception:
+                        pass
+                for pid in given:
+                    self.borrower.give_back(pid)
             for t in helpers:
                 t.join(35)
             _live.discard(self)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from ..cluster import PGRP
 from ..workerpool import AbstractWorkerPool
+from .borrowing import _Borrower
 from .closing import _Closing, _live
 from .dispatching import _Dispatching
 from .shipping import _FnCache
@@ -80,4 +81,6 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         self.steal_timer: threading.Timer | None = None
         self.used_pids: set[int] = set()
         self.exiting = 0                    # retired workers whose processes are not gone yet
+        # Workers of a given pool are borrowed through its take/put_back (borrowing.py).
+        self.borrower = _Borrower(self, pool) if pool is not None else None
         _live.add(self)

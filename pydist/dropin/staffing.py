@@ -3,7 +3,8 @@
 * Growth (``_grow``, under the lock): a task that finds no idle worker starts one, up to
   ``max_workers`` (a ``Pool`` keeps them all alive); a starter thread adds them a group
   at a time and runs the initializer on each (``_init_worker``); a failure breaks the
-  executor. An executor given a pydist pool adopts that pool's workers instead.
+  executor. An executor given a pydist pool borrows that pool's workers instead, through
+  the pool's ``take``/``put_back`` (``borrowing.py``).
 * Death (``_worker_died``): the task that was running fails; the others go back to the
   front of the queue (those that shared its message one by one) and the worker is
   replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
@@ -102,16 +103,9 @@ class _Staffing:
             else:
                 again = [t for b in queued for t in b.tasks]
             self.pending.extendleft(reversed(again))
-            adopt = self.given_pool is not None and not self.workers
         if w.pid is not None:
             self.fcache.forget_worker(w.pid)
         self._settle_all(doomed, exc)
-        if adopt:
-            self._helper(self._adopt_then_dispatch)
-        self.dispatch()
-
-    def _adopt_then_dispatch(self) -> None:
-        self._adopt_pool()
         self.dispatch()
 
     def _retire_due(self, w: _Worker) -> bool:
@@ -128,10 +122,17 @@ class _Staffing:
         return True
 
     def _retire(self, w: _Worker) -> None:
-        if w.owned and w.pid is not None:
-            with self.lock:
-                self.exiting += 1
-            self._helper(self._remove_retired, w.pid)
+        """A worker taken off the books once idle: removed if this executor started it,
+        else given back to its pool."""
+        if w.pid is None:
+            return
+        if not w.owned:
+            if self.borrower is not None:
+                self.borrower.give_back(w.pid)
+            return
+        with self.lock:
+            self.exiting += 1
+        self._helper(self._remove_retired, w.pid)
 
     def _remove_retired(self, pid: int) -> None:
         """Remove a retired worker; its process counts against the bound until it is gone."""
@@ -142,26 +143,37 @@ class _Staffing:
                 self.exiting -= 1
             self.dispatch()
 
-    def _grow(self) -> None:
-        """(Under the lock.) Start workers where tasks wait and no worker is idle."""
-        if self.broken or self.terminating or self.stopped or self.given_pool is not None:
-            return
+    def closed(self) -> bool:
+        """(Under the lock.) Whether the executor takes on no more workers."""
+        return bool(self.broken or self.terminating or self.stopped)
+
+    def workers_wanted(self) -> int:
+        """(Under the lock.) How many more workers the tasks waiting here want."""
         # A retiring worker (max_tasks_per_child) takes no more tasks: once it runs, its
         # successor may start while it finishes its last ones (so at most twice max_workers
         # processes). One still starting holds its place.
         have = sum(1 for w in self.workers if not w.retiring or w.pid is None)
         if have >= self.max_workers:
+            return 0
+        if self.eager and not self.shutdown:
+            return self.max_workers - have
+        # As the standard library does: a task that finds no idle worker starts one.
+        idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
+        queued = len(self.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
+        return min(queued - idle, self.max_workers - have)
+
+    def _grow(self) -> None:
+        """(Under the lock.) Start (or borrow) workers where tasks wait and none is idle."""
+        if self.closed():
+            return
+        need = self.workers_wanted()
+        if need <= 0:
+            return
+        if self.borrower is not None:
+            self.borrower.want()
             return
         # Processes still exiting count too: never more than twice max_workers at once.
-        room = 2 * self.max_workers - len(self.workers) - self.exiting
-        if self.eager and not self.shutdown:
-            need = self.max_workers - have
-        else:
-            # As the standard library does: a task that finds no idle worker starts one.
-            idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
-            queued = len(self.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
-            need = min(queued - idle, self.max_workers - have)
-        need = min(need, room)
+        need = min(need, 2 * self.max_workers - len(self.workers) - self.exiting)
         if need <= 0:
             return
         fresh = [_Worker(None, owned=True) for _ in range(need)]
@@ -256,32 +268,6 @@ class _Staffing:
         except BaseException as e:
             return _unwrap(e, self.tb_class)
         return None
-
-    def _adopt_pool(self) -> None:
-        """Take the given pool's workers (at the start, and when all known ones died)."""
-        pool = self.given_pool
-        assert pool is not None
-        try:
-            pids = [p for p in pool.workers() if p not in self.used_pids]
-        except Exception:   # the pool's owner is gone
-            pids = []
-        pids = pids[: self.max_workers]
-        if not pids:
-            with self.lock:
-                waiting = bool(self.pending) or self.unfinished > 0
-            if waiting:
-                self._break("Every worker of the given pool has exited, the process pool is not "
-                            "usable anymore", None)
-            return
-        failure = self._initialize(pids)
-        if failure is not None:
-            self._break("A worker's initializer failed, the process pool is not usable anymore",
-                        failure)
-            return
-        with self.lock:
-            for pid in pids:
-                self.used_pids.add(pid)
-                self.workers.append(_Worker(pid, owned=False))
 
     def _helper(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``fn`` in a thread of its own, waited for by ``shutdown``."""
