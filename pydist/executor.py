@@ -14,9 +14,11 @@ Migrating is one changed import. The model:
 3. Workers start on demand, as the standard library's do: a task that finds no idle worker
    starts one, up to ``max_workers``. Each runs the initializer first; one that fails
    breaks the executor (``BrokenProcessPool`` for every pending task and later submit).
-4. A function pickled by value (lambda, closure, function of ``__main__``) is shipped to
-   each worker once and referred to by a short id afterwards, as a ``CachingPool`` does;
-   it is let go on the workers when the function is garbage collected here.
+4. The workers an executor starts form a ``CachingPool``: a function pickled by value
+   (lambda, closure, function of ``__main__``) is shipped to each worker once, through the
+   pools' function cache, and referred to by a short id afterwards; it is let go on the
+   workers when the function is garbage collected here. Given a pool, the executor takes
+   its workers and puts them back through that pool (``dropin/borrowing.py``).
 5. A reply completes its tasks' futures on the thread that read it. A task's exception is
    the original one, its remote traceback chained as ``__cause__``.
 6. A worker that dies fails only the task it was running (``ProcessExitedException``, a
@@ -59,13 +61,11 @@ from .dropin.dispatching import AHEAD_TIME, MAX_AHEAD, MAX_BATCH, _settling  # n
 from .dropin.futures import _WAITING, _copy_exc, _report, _unwrap, pump_for  # noqa: F401
 from .dropin.mapfeed import _Slot  # noqa: F401
 from .dropin.records import _Batch, _Worker  # noqa: F401
-from .dropin.shipping import _FnCache, _Shipped  # noqa: F401
 from .dropin.staffing import _addprocs_lock, _on_worker_lost  # noqa: F401
 from .dropin.stealing import STEAL_AFTER  # noqa: F401
-from .dropin.worker_side import (CHUNK, _REVOKED, _claim, _fn_drop, _fn_lookup,  # noqa: F401
-                                 _fn_store, _Gate, _gates, _gates_lock, _init_worker,
-                                 _load_results, _Packed, _Results, _revoke, _run_batch,
-                                 _shipped, _Undecodable)
+from .dropin.worker_side import (CHUNK, _REVOKED, _claim, _Gate, _gates,  # noqa: F401
+                                 _gates_lock, _init_worker, _load_results, _Packed, _Results,
+                                 _revoke, _run_batch, _Undecodable)
 
 __all__ = ["Executor", "ProcessPoolExecutor"]
 

@@ -7,10 +7,16 @@ time as a store into that worker's cache (``_cache_store``), later as a lookup i
 (``_cache_lookup``), so in-order delivery on a connection is all the bookkeeping needs. A lookup
 that finds nothing (the cache was dropped meanwhile) fails with ``_CacheMiss``, and the
 caller ships the function again. ``_drop_caches`` tells workers to forget a key's functions.
+
+The drop-ins ship through the same cache, made *weak*: only functions pickled by value,
+held weakly, each dropped on the workers (``drop_dead``) once garbage collected here.
 """
 from __future__ import annotations
 
 import threading
+import types
+import weakref
+from functools import partial
 from typing import Any, Iterable
 
 from .cluster import PGRP
@@ -18,6 +24,7 @@ from .dispatch import OpContext, internal_op
 from .errors import ProcessExitedException, RemoteException
 from .messages import NULL_HEADER, RRID, RemoteDoMsg
 from .remoteref import call_on_owner
+from .serialize import MainRef
 from .values import Failure
 
 
@@ -49,11 +56,16 @@ def _cache_lookup(key: RRID, fid: RRID) -> Any:
 
 
 @internal_op
-def _cache_drop(ctx: OpContext, key: RRID, whence: int | None, forget_count: bool) -> None:
+def _cache_drop(ctx: OpContext, key: RRID, whence: int | None, forget_count: bool,
+                fids: list[RRID] | None = None) -> None:
+    """Forget the functions cached under ``key`` (those shipped by ``whence``, or only
+    ``fids``, when given)."""
     with _cache_lock:
         fns = _cache.get(key, {})
-        for fid in [fid for fid in fns if whence is None or fid.whence == whence]:
-            del fns[fid]
+        if fids is None:
+            fids = [fid for fid in fns if whence is None or fid.whence == whence]
+        for fid in fids:
+            fns.pop(fid, None)
         if not fns:
             _cache.pop(key, None)
         if forget_count:
@@ -92,24 +104,45 @@ class _Cached:
         return (_cache_lookup, (self.key, self.fid))
 
 
-class _FunctionCache:
-    """This process's record of which function it shipped to which worker, under which id."""
+_SENT = object()      # in ``_FunctionCache.sent``: shipped (a weak cache keeps no stand-in)
 
-    def __init__(self, key: RRID) -> None:
+
+def by_value(f: Any) -> bool:
+    """Whether ``f`` is a function pickled by value (a lambda, a closure, one of
+    ``__main__``): the only kind worth caching when the rest travel by reference anyway."""
+    return isinstance(f, types.FunctionType) and (f.__module__ == "__main__"
+                                                  or "<" in f.__qualname__)
+
+
+class _FunctionCache:
+    """This process's record of which function it shipped to which worker, under which id.
+
+    A ``CachingPool``'s cache holds its functions until ``clear``. The drop-ins' caches
+    are *weak* (``weak=True``): they cache only functions pickled by value, hold them
+    weakly, and collect the ids of those garbage collected here (``take_dead``) for the
+    workers to drop; with ``main_by_reference`` (workers that run the main script) a
+    function of the script travels as a ``MainRef`` instead, never cached.
+    """
+
+    def __init__(self, key: RRID, *, weak: bool = False, main_by_reference: bool = False) -> None:
         self.key = key
-        self.lock = threading.Lock()
-        self.fids: dict[int, tuple[Any, RRID]] = {}        # id(f) -> (f, fid); keeps f alive
-        self.sent: dict[tuple[int, RRID], Any] = {}         # (pid, fid) -> _Cached ref or Event
+        self.weak = weak
+        self.main_by_reference = main_by_reference
+        self.lock = threading.RLock()     # (a weak ref's callback may run inside it)
+        self.fids: dict[int, tuple[Any, RRID]] = {}        # id(f) -> (f or a weak ref, fid)
+        self.sent: dict[tuple[int, RRID], Any] = {}         # (pid, fid) -> stand-in, _SENT or Event
+        self.dead: list[tuple[RRID, list[int]]] = []       # (fid, pids) let go (weak caches)
 
     def prepare(self, f: Any, pid: int) -> tuple[Any, Any]:
         """(what to send to ``pid`` as ``f``, token for ``settle``)."""
         if pid == PGRP.myid:
             return f, None
-        with self.lock:
-            entry = self.fids.get(id(f))
-            if entry is None:
-                entry = self.fids[id(f)] = (f, PGRP.next_rrid())
-        fid = entry[1]
+        if self.weak:
+            if not by_value(f):
+                return f, None
+            if self.main_by_reference and f.__module__ == "__main__" and "<" not in f.__qualname__:
+                return MainRef(f.__qualname__), None
+        fid = self._fid(f)
         while True:
             with self.lock:
                 s = self.sent.get((pid, fid))
@@ -117,9 +150,35 @@ class _FunctionCache:
                     ev = threading.Event()
                     self.sent[(pid, fid)] = ev
                     return _Cached(self.key, fid, f, True), (pid, fid, ev, f)
+                if s is _SENT:
+                    return _Cached(self.key, fid, None, False), None
                 if type(s) is _Cached:
                     return s, None
             s.wait(1.0)   # another thread is shipping it to pid right now
+
+    def _fid(self, f: Any) -> RRID:
+        with self.lock:
+            entry = self.fids.get(id(f))
+            if entry is not None and (not self.weak or entry[0]() is f):
+                return entry[1]
+            fid = PGRP.next_rrid()
+            held = weakref.ref(f, partial(self._died, id(f))) if self.weak else f
+            self.fids[id(f)] = (held, fid)
+            return fid
+
+    def _died(self, ident: int, ref: weakref.ref) -> None:
+        """A weakly held function was garbage collected: its id is to be dropped."""
+        with self.lock:
+            entry = self.fids.get(ident)
+            if entry is None or entry[0] is not ref:
+                return
+            del self.fids[ident]
+            fid = entry[1]
+            pids = [pid for pid, shipped in self.sent if shipped == fid]
+            for pid in pids:
+                del self.sent[(pid, fid)]
+            if pids:
+                self.dead.append((fid, pids))
 
     def settle(self, token: Any, sent: bool) -> None:
         if token is None:
@@ -127,7 +186,7 @@ class _FunctionCache:
         pid, fid, ev, f = token
         with self.lock:
             if sent:
-                self.sent[(pid, fid)] = _Cached(self.key, fid, f, False)
+                self.sent[(pid, fid)] = _SENT if self.weak else _Cached(self.key, fid, f, False)
             else:
                 self.sent.pop((pid, fid), None)
         ev.set()
@@ -136,6 +195,22 @@ class _FunctionCache:
         if type(g) is _Cached:
             with self.lock:
                 self.sent.pop((pid, g.fid), None)
+
+    def forget_worker(self, pid: int) -> None:
+        """``pid`` is gone (or lost its cache): ship to it again should it come back."""
+        with self.lock:
+            for k in [k for k in self.sent if k[0] == pid]:
+                del self.sent[k]
+
+    def take_dead(self) -> dict[int, list[RRID]]:
+        """Functions let go since the last call: pid -> ids to drop there."""
+        with self.lock:
+            dead, self.dead = self.dead, []
+        out: dict[int, list[RRID]] = {}
+        for fid, pids in dead:
+            for pid in pids:
+                out.setdefault(pid, []).append(fid)
+        return out
 
     def shipped_to(self) -> set[int]:
         with self.lock:
@@ -173,3 +248,12 @@ def _drop_later(key: RRID, cache: _FunctionCache, whence: int) -> None:
         threading.Thread(target=_drop_caches, args=(key, pids, whence, False, False),
                          daemon=True).start()
 
+
+
+def drop_dead(cache: _FunctionCache) -> None:
+    """Tell the workers to drop the functions of a weak cache garbage collected here."""
+    for pid, fids in cache.take_dead().items():
+        try:
+            PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_cache_drop, (cache.key, None, False, fids), {}))
+        except (ProcessExitedException, ValueError, OSError):
+            pass   # gone, and its cache with it

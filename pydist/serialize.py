@@ -49,7 +49,8 @@ from typing import Any, Iterable, Mapping
 
 from .errors import PydistError, SerializationError, set_exception_pickler
 
-__all__ = ["PICKLE_PROTOCOL", "dumps", "dumps_with", "loads", "main_namespace"]
+__all__ = ["PICKLE_PROTOCOL", "dumps", "dumps_with", "loads", "main_namespace", "MainRef",
+           "main_attr"]
 
 PICKLE_PROTOCOL = 5
 
@@ -165,6 +166,27 @@ def _code_reduce(code: types.CodeType) -> Any:
     if len(at) == 1:
         args = (*args[:at[0]], code.co_filename, *args[at[0] + 1:])
     return make, args
+
+
+class MainRef:
+    """A function or class of the main script, to a receiver that runs that script too
+    (the drop-ins' workers): unpickles as the attribute ``qualname`` of its ``__main__``."""
+
+    __slots__ = ("qualname",)
+
+    def __init__(self, qualname: str) -> None:
+        self.qualname = qualname
+
+    def __reduce__(self):
+        return (main_attr, (self.qualname,))
+
+
+def main_attr(qualname: str) -> Any:
+    """The object ``qualname`` of this process's ``__main__``."""
+    obj: Any = sys.modules["__main__"]
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class _MainNamespace:

@@ -17,7 +17,8 @@ import pytest
 from concurrent.futures.process import BrokenProcessPool
 
 import pydist as pd
-from pydist.executor import WorkerProcess, _shipped
+from pydist.executor import WorkerProcess
+from pydist.funccache import _cache
 
 from testkit import live_children, subprocess_env, wait_until
 
@@ -49,7 +50,7 @@ def init_fail():
 
 
 def shipped_count():
-    return len(_shipped)
+    return sum(len(fns) for fns in _cache.values())
 
 
 def stamped(seconds, value):

@@ -4,7 +4,6 @@ Layer 4, as the two fronts: built on the public cluster API only. One idea a mod
 
 * ``worker_side.py``: what runs on the workers (batches, the gate that lets a batch be
   taken back, shipped functions, the initializer) and what travels to them and back;
-* ``shipping.py``: which function was shipped to which worker, on the master;
 * ``records.py``: the master's books: tasks, batches, workers; workers as processes;
 * ``futures.py``: how a task's outcome reaches the caller (futures, pumping, errors);
 * ``core.py``: ``_Core``, one executor's state, whose behaviour is in four parts:

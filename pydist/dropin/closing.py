@@ -21,10 +21,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from ..control import rmprocs
+from ..funccache import _drop_caches
 from ..remotecall import remote_do
+from ..workerpool import CachingPool
 from .dispatching import _settling
 from .records import _Task
-from .worker_side import _fn_drop
+from .worker_side import _gate_drop
 
 if TYPE_CHECKING:
     from .core import _Core
@@ -124,17 +126,26 @@ class _Closing:
                     pass
             if self.borrower is not None:
                 self.borrower.join(35)
-                for pid in sorted(self.borrower.ever):   # what it left on workers it was lent
-                    try:
-                        remote_do(_fn_drop, pid, self.key, None)
-                    except Exception:
-                        pass
+                self._forget_on(sorted(self.borrower.ever))
                 for pid in given:
                     self.borrower.give_back(pid)
+            else:
+                self.fcache.reset()      # its workers are gone, and their caches with them
             for t in helpers:
                 t.join(35)
             _live.discard(self)
             self.stop_done.set()
+
+    def _forget_on(self, pids: list[int]) -> None:
+        """What this executor left on workers it was lent: its gate, and the functions of
+        its private cache (a given CachingPool's stay until ``clear``)."""
+        for pid in pids:
+            try:
+                remote_do(_gate_drop, pid, self.key)
+            except Exception:
+                pass
+        if not isinstance(self.pool, CachingPool):
+            _drop_caches(self.fcache.key, self.fcache.reset(), None, True, False)
 
     def _purge_cancelled(self) -> None:
         """(Under the lock.) Drop pending tasks cancelled by their owners."""

@@ -24,17 +24,37 @@ from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Callable
 
 from ..cluster import PGRP
-from ..workerpool import AbstractWorkerPool
+from ..funccache import _FunctionCache
+from ..workerpool import AbstractWorkerPool, CachingPool
 from .borrowing import _Borrower
 from .closing import _Closing, _live
 from .dispatching import _Dispatching
-from .shipping import _FnCache
 from .records import _Task, _Worker
 from .staffing import _Staffing
 from .stealing import _Stealing
 from .mainscript import check_not_importing_main, main_spec
 
 _keys = itertools.count(1)
+
+
+class _OwnWorkers(CachingPool):
+    """The workers an executor starts itself: a CachingPool whose cache is weak (functions
+    pickled by value only, dropped on the workers once collected here), and whose functions
+    of the main script travel by reference (the workers run the script)."""
+
+    def __init__(self, main_by_reference: bool) -> None:
+        self._main_by_reference = main_by_reference
+        super().__init__()
+
+    def _init_handle(self) -> None:
+        self._fcache = _FunctionCache(self._ref.rrid, weak=True,
+                                      main_by_reference=self._main_by_reference)
+
+    def enlist(self, pids: list[int]) -> None:
+        """Workers just started: members of the pool, lent to their executor at once."""
+        for pid in pids:
+            self.push(pid)
+        self._take_some(len(pids))
 
 
 class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
@@ -74,7 +94,12 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         # The main script, which the workers this executor starts run as __mp_main__: its
         # functions and classes then travel by reference (None: by value).
         self.main = main_spec() if pool is None else None
-        self.fcache = _FnCache(self.key, by_reference=self.main is not None)
+        # The worker set: the given pool, or a CachingPool of the workers this executor
+        # starts (pushed as they start, dropped as they go). Functions ship once per worker
+        # through the pool's cache (a private one for a given pool that has none).
+        self.pool: AbstractWorkerPool = pool if pool is not None else _OwnWorkers(self.main is not None)
+        self.fcache: _FunctionCache = (self.pool._fcache if isinstance(self.pool, CachingPool)   # type: ignore[attr-defined]
+                                       else _FunctionCache(PGRP.next_rrid(), weak=True))
         self.feeds: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.stop_lock = threading.Lock()
         self.stop_done = threading.Event()

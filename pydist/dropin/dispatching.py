@@ -23,13 +23,13 @@ from functools import partial
 from typing import Any, Iterable
 
 from ..errors import ProcessExitedException, SerializationError
-from ..remotecall import remote_do
+from ..funccache import _is_cache_miss, drop_dead
 from ..values import Failure
 from ..workerpool import _start
 from .futures import _copy_exc, _report, _unwrap
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .worker_side import (CALL, _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _run_one,
+from .worker_side import (CALL, _REVOKED, _Packed, _Results, _run_batch, _run_one,
                           _Undecodable, inline_ok)
 
 MAX_BATCH = 256          # tasks in one message at most
@@ -228,7 +228,15 @@ class _Dispatching:
             self._unsendable(w, batch, e)
             return
         g, token = self.fcache.prepare(fn, w.pid)   # type: ignore[arg-type]
-        for t in tasks:
+        sent = False
+        try:
+            sent = self._start_batch(w, batch, run, (g, *rest))
+        finally:
+            self.fcache.settle(token, sent)      # (a thread shipping it too waits for this)
+
+    def _start_batch(self, w: _Worker, batch: _Batch, run: Any, args: tuple) -> bool:
+        """Send ``batch`` to ``w`` as the call ``run(*args)``; whether it went out."""
+        for t in batch.tasks:
             t.sink.pid = w.pid
         batch.sent = time.perf_counter()
         try:
@@ -236,19 +244,19 @@ class _Dispatching:
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
                 raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
-            _, done = _start(w.pid, run, (g, *rest), _NO_KWARGS, keep=False)   # type: ignore[arg-type]
+            _, done = _start(w.pid, run, args, _NO_KWARGS, keep=False)   # type: ignore[arg-type]
         except SerializationError as e:   # the function itself cannot be pickled
             self._unsendable(w, batch, e)
-            return
+            return False
         except Exception as e:            # the worker is gone (or unusable): the batch never left
             if not isinstance(e, ProcessExitedException):
                 e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
             if self._answered(w, batch):
                 self._requeue(batch.tasks)
             self._worker_died(w, e)
-            return
-        self.fcache.sent(token)
+            return False
         done.add_callback(partial(self._on_reply_safely, w, batch))
+        return True
 
     def _on_reply_safely(self, w: _Worker, batch: _Batch, value: Any) -> None:
         """``on_reply`` on a reader thread, which must never see an exception."""
@@ -276,6 +284,13 @@ class _Dispatching:
         now = time.perf_counter()
         if type(value) is Failure and isinstance(value.exc, ProcessExitedException):
             self._worker_died(w, value.exc)
+            return
+        if type(value) is Failure and _is_cache_miss(value):
+            # The pool's cache was cleared (``clear``) as the batch went: ship it again.
+            self.fcache.forget_worker(w.pid)   # type: ignore[arg-type]
+            if self._answered(w, batch):
+                self._requeue(batch.tasks)
+                self.dispatch()
             return
         if batch.settled:
             return
@@ -392,8 +407,4 @@ class _Dispatching:
             self.pending.extendleft(reversed(tasks))
 
     def _drop_dead_functions(self) -> None:
-        for pid, fids in self.fcache.take_dead().items():
-            try:
-                remote_do(_fn_drop, pid, self.key, fids)
-            except Exception:
-                pass
+        drop_dead(self.fcache)

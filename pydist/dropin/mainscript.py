@@ -4,7 +4,7 @@ The master finds its main script (``main_spec``: a file, or a module run with ``
 worker an executor starts runs it once, before the initializer, as ``__mp_main__``, with the
 master's ``sys.path`` and ``sys.argv``, and makes it its ``__main__`` (``_load_main``). Its
 ``if __name__ == "__main__":`` part does not run there. Functions and classes of the script
-then travel by reference (``_MainRef``, and ``serialize.dumps(..., main_by_reference=True)``
+then travel by reference (``serialize.MainRef``, and ``serialize.dumps(..., main_by_reference=True)``
 for arguments), so that they share the script's globals on the worker. Without a script to
 run (``-c``, an interactive session, a notebook) they travel by value instead.
 """
@@ -38,25 +38,6 @@ def main_spec() -> tuple[str, str] | None:
     if os.path.splitext(path)[1] not in (".py", ""):    # a zip application, a .pyc: by value
         return None
     return ("path", os.path.abspath(path))
-
-
-class _MainRef:
-    """Unpickles as the attribute ``qualname`` of the receiver's ``__main__``."""
-
-    __slots__ = ("qualname",)
-
-    def __init__(self, qualname: str) -> None:
-        self.qualname = qualname
-
-    def __reduce__(self):
-        return (_main_attr, (self.qualname,))
-
-
-def _main_attr(qualname: str) -> Any:
-    obj: Any = sys.modules["__main__"]
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 _main_loaded: list[tuple[str, str]] = []

@@ -227,6 +227,7 @@ class _Staffing:
         if unwanted:
             self._helper(rmprocs, *pids, waitfor=30)
             return
+        self.pool.enlist(pids)      # type: ignore[attr-defined]
         for w in group:
             self._flush(w)
         self.dispatch()

@@ -13,8 +13,8 @@ The master sends a batch as one call, ``_run_batch(fn, packed, pool_mode, key, s
 * ``key`` names the executor and ``seq`` the batch's place on this worker: a batch not
   started yet may be taken back (``_revoke``), and then answers ``_REVOKED``.
 
-Functions pickled by value are kept here (``_shipped``) once the master has sent them
-whole, and referred to by id afterwards (see ``shipping.py``). A new worker first runs
+Functions pickled by value are shipped once per worker through the function cache of the
+pools (``funccache.py``) and referred to by id afterwards. A new worker first runs
 ``_init_worker``: the multiprocessing authkey, the master's main script (``main_spec``:
 run once per worker as ``__mp_main__`` and made its ``__main__``, as the standard library's
 spawn does, so that functions and classes of the script travel by reference and share its
@@ -236,29 +236,10 @@ def _revoke(ctx: OpContext, key: Any, seqs: list[int]) -> None:
     ctx.reply(taken)
 
 
-# -- functions shipped once ----------------------------------------------------------------------
-_shipped: dict[tuple[Any, int], Callable[..., Any]] = {}
-
-
-def _fn_store(key: Any, fid: int, fn: Callable[..., Any]) -> Callable[..., Any]:
-    _shipped[(key, fid)] = fn
-    return fn
-
-
-def _fn_lookup(key: Any, fid: int) -> Callable[..., Any]:
-    return _shipped[(key, fid)]
-
-
-def _fn_drop(key: Any, fids: list[int] | None) -> None:
-    """Forget shipped functions (``fids=None``: all of executor ``key``, and its gate)."""
-    if fids is None:
-        for k in [k for k in _shipped if k[0] == key]:
-            del _shipped[k]
-        with _gates_lock:
-            _gates.pop(key, None)
-    else:
-        for fid in fids:
-            _shipped.pop((key, fid), None)
+def _gate_drop(key: Any) -> None:
+    """Forget executor ``key``'s gate (it has stopped)."""
+    with _gates_lock:
+        _gates.pop(key, None)
 
 
 def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any = None,
