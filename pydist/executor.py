@@ -57,7 +57,9 @@ from .workerpool import AbstractWorkerPool
 # importable from here, where they used to be defined.
 from .dropin.closing import _at_exit, _live  # noqa: F401
 from .dropin.core import _keys  # noqa: F401
-from .dropin.dispatching import AHEAD_TIME, MAX_AHEAD, MAX_BATCH, _settling  # noqa: F401
+from .dropin.dispatching import MAX_BATCH  # noqa: F401
+from .dropin.state import AHEAD_TIME, MAX_AHEAD  # noqa: F401
+from .dropin.futures import _settling  # noqa: F401
 from .dropin.futures import _WAITING, _copy_exc, _report, _unwrap, pump_for  # noqa: F401
 from .dropin.mapfeed import _Slot  # noqa: F401
 from .dropin.records import _Batch, _Worker  # noqa: F401
@@ -115,7 +117,7 @@ class Executor(cf.Executor):
         self._given_context = mp_context
         self._core = _Core(max_workers, initializer, tuple(initargs), max_tasks_per_child,
                            transport, pool, max_memory=max_memory)
-        weakref.finalize(self, _Core.abandon, self._core).atexit = False   # see _at_exit
+        weakref.finalize(self, self._core.closer.abandon).atexit = False   # see _at_exit
 
     # -- the standard interface --------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
@@ -123,13 +125,9 @@ class Executor(cf.Executor):
         core = self._core
         future = _Future()
         task = _Task(fn, args, kwargs or _NO_KWARGS, CALL, future)
-        if core.submit_direct(task):
-            return future
-        with core.lock:
-            core.check_open()
-            core.pending.append(task)
-            core.unfinished += 1
-        core.dispatch()
+        dispatcher = core.dispatcher
+        if not dispatcher.submit_direct(task):
+            dispatcher.enqueue((task,))
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
@@ -173,7 +171,7 @@ class Executor(cf.Executor):
         """No new tasks; ``cancel_futures`` cancels those not started; ``wait`` waits until
         every other task has finished and the workers are gone (else that happens in the
         background)."""
-        self._core.shutdown_(wait, cancel_futures)
+        self._core.closer.shutdown(wait, cancel_futures)
 
     # -- what the standard library's object also shows -----------------------------------------
     @property
@@ -182,12 +180,12 @@ class Executor(cf.Executor):
 
     @property
     def _broken(self) -> str | bool:
-        return self._core.broken or False
+        return self._core.flags.broken or False
 
     @property
     def _processes(self) -> dict[int, WorkerProcess]:
         """The worker processes by OS pid (as the standard library's ``_processes``)."""
-        return self._core.processes()
+        return self._core.staff.processes()
 
     @property
     def _executor_manager_thread(self) -> "_Stopping | None":
@@ -205,7 +203,7 @@ class Executor(cf.Executor):
 
     def __repr__(self) -> str:
         core = self._core
-        state = "broken" if core.broken else ("shut down" if core.shutdown else "running")
+        state = "broken" if core.flags.broken else ("shut down" if core.flags.shutdown else "running")
         return f"<pydist.Executor max_workers={core.max_workers} {state}>"
 
 
@@ -219,10 +217,10 @@ class _Stopping:
         self._core = core
 
     def join(self, timeout: float | None = None) -> None:
-        self._core.stop_done.wait(timeout)
+        self._core.closer.stop_done.wait(timeout)
 
     def is_alive(self) -> bool:
-        return not self._core.stop_done.is_set()
+        return not self._core.closer.stop_done.is_set()
 
 
 

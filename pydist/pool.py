@@ -52,7 +52,7 @@ def _default_chunksize(n: int, processes: int) -> int:
 
 
 def _terminate_core(core: _Core) -> None:
-    core.terminate("the pool was terminated before this task finished")
+    core.closer.terminate("the pool was terminated before this task finished")
 
 
 # -- the pool --------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class Pool:
         self._terminator.atexit = False     # executor._at_exit terminates it
         self._state = RUN
         with self._core.lock:
-            self._core._grow()
+            self._core.staff.grow()
 
     # -- state -------------------------------------------------------------------------------------
     def _check_running(self) -> None:
@@ -130,7 +130,7 @@ class Pool:
         """No more tasks; the workers leave once the submitted ones are done (``join``)."""
         if self._state == RUN:
             self._state = CLOSE
-            self._core.shutdown_(wait=False, cancel_futures=False)
+            self._core.closer.shutdown(wait=False, cancel_futures=False)
 
     def terminate(self) -> None:
         """Stop the workers now; tasks not finished fail (``BrokenProcessPool``)."""
@@ -143,20 +143,20 @@ class Pool:
             raise ValueError("Pool is still running")
         elif self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
-        self._core.stop()
+        self._core.closer.stop()
 
     # -- what the standard library's object also shows ------------------------------------------
     @property
     def _pool(self) -> list[WorkerProcess]:
         """The worker processes (as the standard library's ``_pool``)."""
-        return list(self._core.processes().values())
+        return list(self._core.staff.processes().values())
 
     def _repopulate_pool(self) -> None:
         """Start workers to replace those that left (the pool does so by itself)."""
         core = self._core
         with core.lock:
-            core._grow()
-        core.processes()
+            core.staff.grow()
+        core.staff.processes()
 
     # -- single calls ------------------------------------------------------------------------------
     def apply(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {}) -> Any:
@@ -170,8 +170,8 @@ class Pool:
         self._check_running()
         result = ApplyResult(callback, error_callback)
         task = _Task(func, tuple(args), dict(kwds) or _NO_KWARGS, CALL, result)
-        if not self._core.submit_direct(task):    # straight to an idle worker, if there is one
-            self._core.enqueue([task])
+        if not self._core.dispatcher.submit_direct(task):    # straight to an idle worker, if there is one
+            self._core.dispatcher.enqueue([task])
         return result
 
     # -- maps ----------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ class Pool:
             for start in range(0, n, chunksize):
                 chunk = iterable[start:start + chunksize]   # type: ignore[index]
                 tasks.append(_Task(func, chunk, _NO_KWARGS, kind, _ChunkSink(result, len(tasks))))
-            self._core.enqueue(tasks)
+            self._core.dispatcher.enqueue(tasks)
             return result
         it = iter(iterable)
         try:
@@ -240,10 +240,10 @@ class Pool:
         except Exception as e:
             # The input failed: that chunk fails with the input's error (no remote traceback).
             result._expect(len(tasks) + 1)
-            self._core.enqueue(tasks)
+            self._core.dispatcher.enqueue(tasks)
             result._chunk(len(tasks), False, e)
             return result
-        self._core.enqueue(tasks)
+        self._core.dispatcher.enqueue(tasks)
         return result
 
     def imap(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int = 1,

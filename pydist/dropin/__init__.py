@@ -3,14 +3,17 @@
 Layer 4, as the two fronts: built on the public cluster API only. One idea a module:
 
 * ``worker_side.py``: what runs on the workers (batches, the gate that lets a batch be
-  taken back, shipped functions, the initializer) and what travels to them and back;
+  taken back, the initializer) and what travels to them and back;
 * ``records.py``: the master's books: tasks, batches, workers; workers as processes;
 * ``futures.py``: how a task's outcome reaches the caller (futures, pumping, errors);
-* ``core.py``: ``_Core``, one executor's state, whose behaviour is in four parts:
-  ``dispatching.py`` (tasks out, replies in), ``staffing.py`` (workers started, lost,
-  retired), ``stealing.py`` (tasks taken back from behind a long one), ``closing.py``
-  (shutdown, breaking, interpreter exit); ``borrowing.py``: the workers of a given pool,
-  taken and put back through the pool's protocol;
+* ``core.py``: ``_Core``, one executor: its settings, the shared state objects of
+  ``state.py`` (lifecycle flags, task queue, learnt timings) and its parts, each the owner
+  of its own state: ``dispatching.py`` (tasks out, replies in), ``staffing.py`` (the
+  worker records; workers started, lost, retired), ``stealing.py`` (tasks taken back
+  from behind a long one), ``closing.py`` (shutdown, breaking, interpreter exit),
+  ``borrowing.py`` (the workers of a given pool, taken and put back through the pool's
+  protocol). The worker set is a pool; functions ship through the pools' function cache
+  (``funccache.py``);
 * ``mapfeed.py``: ``Executor.map``'s lazily read input;
 * ``results.py``, ``imap.py``: what ``Pool``'s calls return;
 * ``mpshare.py``: multiprocessing's locks, values and queues handed to local workers;

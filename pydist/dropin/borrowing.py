@@ -11,7 +11,7 @@ round (every ``POLL`` seconds, or at once when asked to):
    never waits), and when the executor holds none at all, waits for one (``take``, so
    that whoever holds the pool's workers sees a taker waiting);
 2. runs the initializer on a worker the first time the executor gets it, then hands it
-   to the executor (a record in ``core.workers``) and dispatches;
+   to the executor (a record in ``core.staff.workers``) and dispatches;
 3. gives workers back: one that has been idle for ``LINGER`` seconds with nothing
    pending, any idle one while another process waits for a worker of the pool, and,
    while someone waits and the executor holds several, one busy worker once its tasks
@@ -25,7 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..cluster import PGRP
 from ..workerpool import AbstractWorkerPool
@@ -80,13 +80,13 @@ class _Borrower:
             with self.core.lock:
                 self.thread = None
                 self.core.changed.notify_all()
-                if not self.core.closed() and self.core.workers_wanted() > 0:
+                if not self.core.flags.closed() and self.core.staff.workers_wanted() > 0:
                     self.want()        # asked for again while it was ending
 
     def _needed(self) -> int:
         core = self.core
         with core.lock:
-            return 0 if core.closed() else core.workers_wanted()
+            return 0 if core.flags.closed() else core.staff.workers_wanted()
 
     def _round(self) -> bool:
         """One round; False once the executor holds no worker and wants none."""
@@ -97,7 +97,7 @@ class _Borrower:
         except Exception:      # the pool's owner is gone
             got, waiting = [], 0
         with core.lock:
-            held = sum(1 for w in core.workers if not w.gone)
+            held = sum(1 for w in core.staff.workers if not w.gone)
         if need > 0 and not got and not held:
             got = self._wait_for_one()
             if got is None:
@@ -106,23 +106,23 @@ class _Borrower:
             self._adopt(got)
         self._give_back_unneeded(waiting)
         with core.lock:
-            if core.closed():
+            if core.flags.closed():
                 return False
-            return any(not w.gone for w in core.workers) or core.workers_wanted() > 0
+            return any(not w.gone for w in core.staff.workers) or core.staff.workers_wanted() > 0
 
     def _wait_for_one(self) -> list[int] | None:
         """The executor holds no worker and tasks wait: take one, waiting a round at most
         (as a taker, so the pool's other users hand one over); None if the pool is empty."""
         try:
             if len(self.pool) == 0:
-                self.core._break("Every worker of the given pool has exited, the process pool "
+                self.core.closer.break_("Every worker of the given pool has exited, the process pool "
                                  "is not usable anymore", None)
                 return None
             pid = self.pool.take(timeout=POLL)
         except (TimeoutError, queue.Empty):
             return []
         except Exception as e:          # the pool's owner is gone
-            self.core._break(f"The given pool cannot lend workers anymore ({e}); the process "
+            self.core.closer.break_(f"The given pool cannot lend workers anymore ({e}); the process "
                              f"pool is not usable anymore", e)
             return None
         if pid == PGRP.myid and pid not in self.pool.workers():
@@ -134,25 +134,25 @@ class _Borrower:
         core = self.core
         fresh = [p for p in pids if p not in self.ever]
         if fresh:
-            failure = core._initialize(fresh)
+            failure = core.staff.initialize(fresh)
             if failure is not None:
                 for pid in pids:
                     self.give_back(pid)
-                core._break("A worker's initializer failed, the process pool is not usable "
+                core.closer.break_("A worker's initializer failed, the process pool is not usable "
                             "anymore", failure)
                 return
         with core.lock:
-            if core.closed():
+            if core.flags.closed():
                 back = pids
             else:
                 back = []
                 self.ever.update(pids)
-                core.used_pids.update(pids)
-                core.workers.extend(_Worker(pid, owned=False) for pid in pids)
+                core.staff.used_pids.update(pids)
+                core.staff.workers.extend(_Worker(pid, owned=False) for pid in pids)
         for pid in back:
             self.give_back(pid)
         if not back:
-            core.dispatch(grow=False)
+            core.dispatcher.dispatch(grow=False)
 
     def _give_back_unneeded(self, waiting: int) -> None:
         """Idle workers the executor can spare go back; with takers waiting, one busy
@@ -161,20 +161,20 @@ class _Borrower:
         now = time.monotonic()
         out: list[_Worker] = []
         with core.lock:
-            live = [w for w in core.workers if not w.gone and not w.retiring]
+            live = [w for w in core.staff.workers if not w.gone and not w.retiring]
             for w in live:
                 if w.ntasks or w.outbox:
                     continue
-                if core.pending and not waiting:
+                if core.tasks.pending and not waiting:
                     continue
                 if waiting or now - w.idle_since >= LINGER:
-                    if waiting and len(live) - len(out) <= 1 and core.pending:
+                    if waiting and len(live) - len(out) <= 1 and core.tasks.pending:
                         break      # keep one for the tasks waiting here
                     out.append(w)
             for w in out:
                 w.gone = True
-                core.workers.remove(w)
-            busy = [w for w in core.workers if not w.gone and not w.retiring]
+                core.staff.workers.remove(w)
+            busy = [w for w in core.staff.workers if not w.gone and not w.retiring]
             if waiting and not out and len(busy) > 1:
                 min(busy, key=lambda w: w.ntasks).retiring = True
         for w in out:

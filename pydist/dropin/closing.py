@@ -1,10 +1,11 @@
-"""The end of an executor: the part of ``_Core`` (core.py) that stops it.
+"""The end of an executor: the part (``_Closer``) that stops it, and the only writer of
+its lifecycle flags (``state._Flags``).
 
-* ``shutdown_`` takes no new tasks (``check_open``) and, unless told to cancel them,
+* ``shutdown`` takes no new tasks (``check_open``) and, unless told to cancel them,
   lets every submitted one finish; ``stop`` then removes the workers (and forgets what
   this executor left on workers it was only lent). ``abandon`` does the same for an
   executor garbage collected without ``shutdown``.
-* ``_break``: the executor cannot go on (a worker could not start, an initializer
+* ``break_``: the executor cannot go on (a worker could not start, an initializer
   failed): every unfinished task fails with ``BrokenProcessPool``. ``terminate`` (a
   ``Pool``'s) breaks it on purpose.
 * At interpreter exit (``_at_exit``, before ``atexit`` functions, as the standard
@@ -14,7 +15,6 @@
 from __future__ import annotations
 
 import atexit
-import collections
 import threading
 import weakref
 from concurrent.futures.process import BrokenProcessPool
@@ -24,8 +24,7 @@ from ..control import rmprocs
 from ..funccache import _drop_caches
 from ..remotecall import remote_do
 from ..workerpool import CachingPool
-from .dispatching import _settling
-from .records import _Task
+from .futures import _settling
 from .worker_side import _gate_drop
 
 if TYPE_CHECKING:
@@ -35,28 +34,35 @@ _global_shutdown = False
 _live: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
-class _Closing:
-    """Part of ``_Core``: shutting down, stopping, breaking, terminating."""
+class _Closer:
+    """Shutting down, stopping, breaking, terminating one executor."""
+
+    def __init__(self, core: "_Core") -> None:
+        self.core = core
+        self.stop_lock = threading.Lock()
+        self.stop_done = threading.Event()
 
     def check_open(self) -> None:
-        if self.broken:
-            raise BrokenProcessPool(self.broken)
-        if self.shutdown:
+        flags = self.core.flags
+        if flags.broken:
+            raise BrokenProcessPool(flags.broken)
+        if flags.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     # -- breaking and stopping -------------------------------------------------------------------
-    def _break(self, why: str, cause: BaseException | None) -> None:
+    def break_(self, why: str, cause: BaseException | None) -> None:
         """The executor cannot go on: every unfinished task fails, every worker goes."""
-        with self.lock:
-            if self.broken:
+        core = self.core
+        staff = core.staff
+        with core.lock:
+            if core.flags.broken:
                 return
-            self.broken = why
-            doomed = list(self.pending)
-            self.pending.clear()
+            core.flags.broken = why
+            doomed = core.tasks.drain()
             owned, given = [], []
-            for w in self.workers:
+            for w in staff.workers:
                 for b in list(w.batches) + list(w.outbox):
                     b.settled = True
                     doomed.extend(b.tasks)
@@ -67,33 +73,26 @@ class _Closing:
                     owned.append(w.pid)
                 elif w.pid is not None:
                     given.append(w.pid)
-            self.workers.clear()
+            staff.workers.clear()
         exc = BrokenProcessPool(why)
         exc.__cause__ = cause
-        self._settle_all(doomed, exc)
+        core.fail_all(doomed, exc)
         if owned:
-            self._helper(rmprocs, *owned, waitfor=30)
+            staff.helper(rmprocs, *owned, waitfor=30)
         for pid in given:
-            self.borrower.give_back(pid)      # type: ignore[union-attr]
-        with self.lock:
-            self.changed.notify_all()
+            core.borrower.give_back(pid)      # type: ignore[union-attr]
+        with core.lock:
+            core.changed.notify_all()
 
-    def shutdown_(self, wait: bool, cancel_futures: bool) -> None:
-        with self.lock:
-            self.shutdown = True
-            cancelled: list[_Task] = []
-            if cancel_futures:
-                keep = collections.deque()
-                for t in self.pending:
-                    if t.started:
-                        keep.append(t)
-                    else:
-                        cancelled.append(t)
-                self.pending = keep
-            feeds = list(self.feeds)
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        core = self.core
+        with core.lock:
+            core.flags.shutdown = True
+            cancelled = core.tasks.cancel_unstarted() if cancel_futures else []
+            feeds = list(core.feeds)
         for t in cancelled:
             t.sink.cancel()
-        self._finished(len(cancelled))
+        core.finished(len(cancelled))
         for feed in feeds:
             feed.at_shutdown(cancel_futures)
         if wait and not getattr(_settling, "active", False):
@@ -103,74 +102,66 @@ class _Closing:
 
     def stop(self) -> None:
         """Wait for every task, then remove the workers (idempotent)."""
+        core = self.core
+        staff = core.staff
         with self.stop_lock:
-            with self.lock:
-                while self.unfinished > 0 and not self.broken:
-                    self.changed.wait(0.1)
-                    self._purge_cancelled()
-                self.stopped = True
-                while self.starter is not None:
-                    self.changed.wait(0.1)
-                owned = [w.pid for w in self.workers if w.owned and w.pid is not None]
-                given = [w.pid for w in self.workers if not w.owned and w.pid is not None]
-                for w in self.workers:
+            with core.lock:
+                while core.tasks.unfinished > 0 and not core.flags.broken:
+                    core.changed.wait(0.1)
+                    core.tasks.purge_cancelled()
+                core.flags.stopped = True
+                while staff.starter is not None:
+                    core.changed.wait(0.1)
+                owned = [w.pid for w in staff.workers if w.owned and w.pid is not None]
+                given = [w.pid for w in staff.workers if not w.owned and w.pid is not None]
+                for w in staff.workers:
                     w.gone = True
-                self.workers.clear()
-                helpers = list(self.helpers)
-                if self.steal_timer is not None:
-                    self.steal_timer.cancel()
+                staff.workers.clear()
+                helpers = list(staff.helpers)
+                core.stealer.cancel()
             if owned:
                 try:
                     rmprocs(*owned, waitfor=30)
                 except Exception:
                     pass
-            if self.borrower is not None:
-                self.borrower.join(35)
-                self._forget_on(sorted(self.borrower.ever))
+            if core.borrower is not None:
+                core.borrower.join(35)
+                self._forget_on(sorted(core.borrower.ever))
                 for pid in given:
-                    self.borrower.give_back(pid)
+                    core.borrower.give_back(pid)
             else:
-                self.fcache.reset()      # its workers are gone, and their caches with them
+                core.fcache.reset()      # its workers are gone, and their caches with them
             for t in helpers:
                 t.join(35)
-            _live.discard(self)
+            _live.discard(core)
             self.stop_done.set()
 
     def _forget_on(self, pids: list[int]) -> None:
         """What this executor left on workers it was lent: its gate, and the functions of
         its private cache (a given CachingPool's stay until ``clear``)."""
+        core = self.core
         for pid in pids:
             try:
-                remote_do(_gate_drop, pid, self.key)
+                remote_do(_gate_drop, pid, core.key)
             except Exception:
                 pass
-        if not isinstance(self.pool, CachingPool):
-            _drop_caches(self.fcache.key, self.fcache.reset(), None, True, False)
-
-    def _purge_cancelled(self) -> None:
-        """(Under the lock.) Drop pending tasks cancelled by their owners."""
-        keep = collections.deque(t for t in self.pending if t.started or not t.sink.cancelled())
-        gone = len(self.pending) - len(keep)
-        if gone:
-            for t in self.pending:
-                if not t.started and t.sink.cancelled():
-                    t.sink.set_running_or_notify_cancel()
-            self.pending = keep
-            self.unfinished -= gone
+        if not isinstance(core.pool, CachingPool):
+            _drop_caches(core.fcache.key, core.fcache.reset(), None, True, False)
 
     def terminate(self, why: str) -> None:
         """Stop now (``Pool.terminate``): unfinished tasks fail, workers are removed."""
-        with self.lock:
-            self.shutdown = True
-            self.terminating = True
-        self._break(why, None)
-        with self.lock:
-            self.stopped = True
+        core = self.core
+        with core.lock:
+            core.flags.shutdown = True
+            core.flags.terminating = True
+        self.break_(why, None)
+        with core.lock:
+            core.flags.stopped = True
 
     def abandon(self) -> None:
         """The executor was garbage collected without ``shutdown``: finish, then stop."""
-        if not self.stopped:
-            self.shutdown_(wait=False, cancel_futures=False)
+        if not self.core.flags.stopped:
+            self.shutdown(wait=False, cancel_futures=False)
 
 
 def _at_exit() -> None:
@@ -180,13 +171,13 @@ def _at_exit() -> None:
     global _global_shutdown
     _global_shutdown = True
     for core in list(_live):
-        if core.stopped or core.terminating:
+        if core.flags.stopped or core.flags.terminating:
             continue
         try:
             if core.pool_mode:    # a Pool is terminated at exit, as multiprocessing does
-                core.terminate("the pool was terminated at interpreter exit")
+                core.closer.terminate("the pool was terminated at interpreter exit")
             else:
-                core.shutdown_(wait=True, cancel_futures=False)
+                core.closer.shutdown(wait=True, cancel_futures=False)
         except Exception:
             pass
 

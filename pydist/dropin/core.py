@@ -1,13 +1,20 @@
-"""``_Core``: everything one executor (or ``Pool``) owns, under one lock.
+"""``_Core``: one executor (or ``Pool``), made of parts, under one lock.
 
 The ``Executor`` and ``Pool`` objects are thin fronts over a core, so that dropping the
-front can shut the core down (``weakref.finalize``). The core's state is the fields set
-here; its behaviour comes in four parts, one module each:
+front can shut the core down (``weakref.finalize``). The core holds the settings, the
+shared state objects (``state.py``: the lifecycle ``flags``, the task queue ``tasks``)
+and its parts, each the one owner of its own state (composition, one module each):
 
-* ``dispatching.py``: pending tasks out to the workers in batches, replies back in;
-* ``staffing.py``: workers started on demand, adopted, lost and replaced, retired;
-* ``stealing.py``: batches taken back from behind a long task for an idle worker;
-* ``closing.py``: shutdown, stop, breaking, termination, interpreter exit.
+* ``dispatcher`` (``dispatching.py``): pending tasks out to the workers in batches,
+  replies back in; owns the learnt timings;
+* ``staff`` (``staffing.py``): the worker records; workers started on demand, lost and
+  replaced, retired;
+* ``stealer`` (``stealing.py``): batches taken back from behind a long task;
+* ``closer`` (``closing.py``): shutdown, stop, breaking, termination; the only writer of
+  the flags;
+* ``borrower`` (``borrowing.py``, given a pool): workers taken from it and put back;
+* ``pool``: the worker set: the given pool, or a ``CachingPool`` of the workers the staff
+  starts; ``fcache``, the function cache functions ship through (``funccache.py``).
 
 ``lock`` guards the queue, the worker records and the counts; ``changed`` (on that lock)
 is notified when no task is left unfinished, when the starter thread ends, and when the
@@ -15,7 +22,6 @@ executor breaks.
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import threading
@@ -27,12 +33,14 @@ from ..cluster import PGRP
 from ..funccache import _FunctionCache
 from ..workerpool import AbstractWorkerPool, CachingPool
 from .borrowing import _Borrower
-from .closing import _Closing, _live
-from .dispatching import _Dispatching
-from .records import _Task, _Worker
-from .staffing import _Staffing
-from .stealing import _Stealing
+from .closing import _Closer, _live
+from .dispatching import _Dispatcher
+from .futures import fail_all
 from .mainscript import check_not_importing_main, main_spec
+from .records import _Task
+from .staffing import _Staff
+from .state import _Flags, _TaskQueue
+from .stealing import _Stealer
 
 _keys = itertools.count(1)
 
@@ -57,7 +65,7 @@ class _OwnWorkers(CachingPool):
         self._take_some(len(pids))
 
 
-class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
+class _Core:
     """Everything an executor owns; the ``Executor`` object is a thin front, so that
     dropping it can shut this down (``weakref.finalize``)."""
 
@@ -66,46 +74,50 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
                  eager: bool = False, pool_mode: bool = False,
                  tb_class: type = _RemoteTraceback, max_memory: int | None = None) -> None:
         check_not_importing_main()
+        # -- settings (never changed) --
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
-        self.init_packed: tuple[bytes, list] | None = None
         self.max_tasks = max_tasks
         self.max_memory = max_memory        # bytes of resident memory per worker, or None
         self.transport = transport
-        self.given_pool = pool
         self.eager = eager                  # keep max_workers alive (Pool), not on demand
         self.pool_mode = pool_mode
         self.tb_class = tb_class
         self.key = (PGRP.myid, os.getpid(), next(_keys))
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
-        self.pending: collections.deque[_Task] = collections.deque()
-        self.workers: list[_Worker] = []
-        self.to_start: list[_Worker] = []
-        self.starter: threading.Thread | None = None
-        self.helpers: set[threading.Thread] = set()
-        self.unfinished = 0
-        self.shutdown = False
-        self.stopped = False
-        self.terminating = False
-        self.broken: str | None = None
-        self.est: float | None = None       # seconds per task, measured on the workers
-        self.rtt = 0.0005                   # seconds of round trip beyond the work
         # The main script, which the workers this executor starts run as __mp_main__: its
         # functions and classes then travel by reference (None: by value).
         self.main = main_spec() if pool is None else None
+        # -- shared state --
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.flags = _Flags()
+        self.tasks = _TaskQueue(self.changed)
+        self.feeds: "weakref.WeakSet[Any]" = weakref.WeakSet()    # Executor.map inputs
         # The worker set: the given pool, or a CachingPool of the workers this executor
         # starts (pushed as they start, dropped as they go). Functions ship once per worker
         # through the pool's cache (a private one for a given pool that has none).
         self.pool: AbstractWorkerPool = pool if pool is not None else _OwnWorkers(self.main is not None)
         self.fcache: _FunctionCache = (self.pool._fcache if isinstance(self.pool, CachingPool)   # type: ignore[attr-defined]
                                        else _FunctionCache(PGRP.next_rrid(), weak=True))
-        self.feeds: "weakref.WeakSet[Any]" = weakref.WeakSet()
-        self.stop_lock = threading.Lock()
-        self.stop_done = threading.Event()
-        self.steal_timer: threading.Timer | None = None
-        self.used_pids: set[int] = set()
-        self.exiting = 0                    # retired workers whose processes are not gone yet
-        # Workers of a given pool are borrowed through its take/put_back (borrowing.py).
+        # -- the parts --
+        self.dispatcher = _Dispatcher(self)
+        self.staff = _Staff(self)
+        self.stealer = _Stealer(self)
+        self.closer = _Closer(self)
         self.borrower = _Borrower(self, pool) if pool is not None else None
         _live.add(self)
+
+    # -- what every part uses --------------------------------------------------------------------
+    def finished(self, n: int) -> None:
+        """``n`` tasks have their outcome."""
+        with self.lock:
+            self.tasks.finished(n)
+
+    def fail_all(self, tasks: list[_Task], exc: BaseException) -> None:
+        """Fail ``tasks`` with (a copy per task of) ``exc``; they are finished."""
+        fail_all(tasks, exc)
+        self.finished(len(tasks))
+
+    def cap(self) -> int:
+        """Tasks a worker may hold now (``state._Timings.cap``)."""
+        return self.dispatcher.timings.cap()

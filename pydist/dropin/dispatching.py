@@ -1,10 +1,10 @@
-"""Dispatching and replies: the part of ``_Core`` (core.py) that moves tasks.
+"""Dispatching and replies: the part of an executor (``_Dispatcher``) that moves tasks.
 
 ``dispatch`` runs on whichever thread made work possible (a ``submit``, a reply, a worker
 started): under the lock it picks the worker with the most room and moves a batch of
 pending tasks to its outbox (``_pick``), then sends outside the lock (``_flush``), each
-worker's outbox in order. How much a worker may hold (``cap``) follows the time a
-task takes there and the round trip, both learnt from replies (``_learn``).
+worker's outbox in order. How much a worker may hold (``_Timings.cap``) follows the time
+a task takes there and the round trip, both learnt from replies.
 
 A reply completes its tasks' sinks on the thread that read it (``on_reply``). A batch
 that failed as a whole (it could not be pickled here, or unpickled there, or its results
@@ -15,55 +15,57 @@ tasks.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import ProcessExitedException, SerializationError
 from ..funccache import _is_cache_miss, drop_dead
 from ..values import Failure
 from ..workerpool import _start
-from .futures import _copy_exc, _report, _unwrap
+from .futures import _report, _unwrap, deliver
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
+from .state import _Timings
 from .worker_side import (CALL, _REVOKED, _Packed, _Results, _run_batch, _run_one,
                           _Undecodable, inline_ok)
 
+if TYPE_CHECKING:
+    from .core import _Core
+
 MAX_BATCH = 256          # tasks in one message at most
-MAX_AHEAD = 2048         # tasks in flight per worker at most
-AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
-IDLE_CHECK = 0.002        # seconds idle after which a worker's process is checked before a send
-_settling = threading.local()         # set while this thread completes futures
+IDLE_CHECK = 0.002       # seconds idle after which a worker's process is checked before a send
 
 
-class _Dispatching:
-    """Part of ``_Core``: pending tasks out to the workers, their replies back in."""
+class _Dispatcher:
+    """Pending tasks out to the workers, their replies back in; owns the timings."""
+
+    def __init__(self, core: "_Core") -> None:
+        self.core = core
+        self.timings = _Timings()
 
     # -- submitting ------------------------------------------------------------------------------
-
     def enqueue(self, tasks: Iterable[_Task], check: bool = True) -> None:
-        with self.lock:
+        core = self.core
+        with core.lock:
             if check:
-                self.check_open()
-            n = len(self.pending)
-            self.pending.extend(tasks)
-            self.unfinished += len(self.pending) - n
-            broken = self.broken
+                core.closer.check_open()
+            core.tasks.add(tasks)
+            broken = core.flags.broken
         if broken:
-            self._fail_pending()
+            self.fail_pending()
         self.dispatch()
 
     def submit_direct(self, task: _Task) -> bool:
         """Send one task straight to an idle worker when nothing is pending (the common
         ``submit().result()`` case: no queue, no outbox); False to take the usual way."""
-        with self.lock:
-            self.check_open()
-            if self.pending:
+        core = self.core
+        with core.lock:
+            core.closer.check_open()
+            if core.tasks.pending:
                 return False
-            for w in self.workers:
+            for w in core.staff.workers:
                 if not w.ntasks and w.pid is not None and not w.retiring and not w.gone:
                     break
             else:
@@ -74,10 +76,10 @@ class _Dispatching:
             task.started = True
             batch = _Batch([task])
             batch.direct = True
-            self.unfinished += 1
+            core.tasks.add_running()
             w.ntasks = 1
             w.assigned += 1
-            if self.max_tasks is not None and w.assigned >= self.max_tasks:
+            if core.max_tasks is not None and w.assigned >= core.max_tasks:
                 w.retiring = True
             w.seq += 1
             batch.seq = w.seq
@@ -88,100 +90,75 @@ class _Dispatching:
         finally:
             w.send_lock.release()
         if w.outbox:        # queued meanwhile by a thread that found the send lock taken
-            self._flush(w)
-        if self.fcache.dead:
-            self._drop_dead_functions()
+            self.flush(w)
+        if core.fcache.dead:
+            drop_dead(core.fcache)
         return True
 
-    def _fail_pending(self) -> None:
-        with self.lock:
-            doomed = list(self.pending)
-            self.pending.clear()
-        self._settle_all(doomed, BrokenProcessPool(self.broken or "the process pool is broken"))
+    def fail_pending(self) -> None:
+        core = self.core
+        with core.lock:
+            doomed = core.tasks.drain()
+        core.fail_all(doomed, BrokenProcessPool(core.flags.broken or "the process pool is broken"))
 
     # -- dispatching -----------------------------------------------------------------------------
-    def cap(self) -> int:
-        """Tasks a worker may hold: 1 until tasks are measured, then enough to cover the
-        round trip (many tiny tasks, one long one)."""
-        if self.est is None:
-            return 1
-        ahead = max(2 * self.rtt, AHEAD_TIME)
-        return 1 + min(MAX_AHEAD, int(ahead / max(self.est, 1e-7)))
-
     def dispatch(self, grow: bool = True) -> None:
         """Send pending tasks out; ``grow``: start workers where tasks still wait (after a
         reply that retired no worker, only pending tasks can want one)."""
+        core = self.core
         while True:
-            with self.lock:
+            with core.lock:
                 w = self._pick()
                 if w is None:
-                    if grow or self.pending:
-                        self._grow()
+                    if grow or core.tasks.pending:
+                        core.staff.grow()
                     break
-            self._flush(w)
-        if self.fcache.dead:
-            self._drop_dead_functions()
+            self.flush(w)
+        if core.fcache.dead:
+            drop_dead(core.fcache)
 
     def _pick(self) -> _Worker | None:
         """Move a batch of pending tasks to the outbox of the worker with most room (under
         the lock); that worker, or ``None``."""
-        while self.pending and not self.broken:
-            cap = self.cap()
+        core = self.core
+        queue, max_tasks = core.tasks, core.max_tasks
+        while queue.pending and not core.flags.broken:
+            cap = self.timings.cap()
             best, room, avail = None, 0, 0
-            for w in self.workers:
+            for w in core.staff.workers:
                 if w.retiring or w.gone:
                     continue
                 r = cap - w.ntasks
-                if self.max_tasks is not None:
-                    r = min(r, self.max_tasks - w.assigned)
+                if max_tasks is not None:
+                    r = min(r, max_tasks - w.assigned)
                 if r > 0:
                     avail += 1
                     if r > room:
                         best, room = w, r
             if best is None:
                 return None
-            size = min(room, MAX_BATCH, max(1, -(-len(self.pending) // avail)))
-            tasks = self._take(size)
+            size = min(room, MAX_BATCH, max(1, -(-len(queue.pending) // avail)))
+            tasks = queue.take(size)
             if not tasks:
                 continue
             batch = _Batch(tasks)
             best.outbox.append(batch)
             best.ntasks += len(tasks)
             best.assigned += len(tasks)
-            if self.max_tasks is not None and best.assigned >= self.max_tasks:
+            if max_tasks is not None and best.assigned >= max_tasks:
                 best.retiring = True
             return best
         return None
 
-    def _take(self, size: int) -> list[_Task]:
-        """Up to ``size`` consecutive pending tasks of one function (cancelled ones dropped)."""
-        tasks: list[_Task] = []
-        pending = self.pending
-        while pending and len(tasks) < size:
-            t = pending[0]
-            if tasks and (t.fn is not tasks[0].fn or t.solo):
-                break
-            pending.popleft()
-            if not t.started:
-                if not t.sink.set_running_or_notify_cancel():
-                    self.unfinished -= 1
-                    continue
-                t.started = True
-            tasks.append(t)
-            if t.solo:
-                break
-        if self.unfinished == 0:
-            self.changed.notify_all()
-        return tasks
-
-    def _flush(self, w: _Worker) -> None:
+    def flush(self, w: _Worker) -> None:
         """Send ``w``'s outbox in order (whoever holds its send lock sends everything)."""
+        lock = self.core.lock
         while True:
             if not w.send_lock.acquire(blocking=False):
                 return
             try:
                 while True:
-                    with self.lock:
+                    with lock:
                         if w.pid is None or w.gone or not w.outbox:
                             break
                         batch = w.outbox.popleft()
@@ -192,7 +169,7 @@ class _Dispatching:
                     self._send(w, batch)
             finally:
                 w.send_lock.release()
-            with self.lock:
+            with lock:
                 if w.pid is None or w.gone or not w.outbox:
                     return
 
@@ -202,37 +179,38 @@ class _Dispatching:
         except BaseException as e:     # a bug here must not leave the batch unanswered
             _report(e)
             if self._answered(w, batch):
-                self._settle_all(batch.tasks, e)
+                self.core.fail_all(batch.tasks, e)
 
-    def _payload(self, batch: _Batch) -> tuple[Callable[..., Any], tuple]:
+    def _payload(self, batch: _Batch) -> tuple[Any, tuple]:
         """What runs ``batch`` on the worker, and its arguments after the function. A task
         sent alone to an idle worker skips the revoke gate, and its atom arguments travel
         inline; other arguments are pickled ahead, so a failure to unpickle them there is
         their task's error (``worker_side.py``)."""
+        core = self.core
         tasks = batch.tasks
+        by_ref = core.main is not None
         if batch.direct:
             t = tasks[0]
             if inline_ok(t.args, t.kwargs):
-                return _run_one, (t.args, t.kwargs, None, self.pool_mode)
-            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)], self.main is not None)
-            return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), self.pool_mode)
-        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks], self.main is not None)
-        return _run_batch, (_Packed(data, *bufs), self.pool_mode, self.key, batch.seq)
+                return _run_one, (t.args, t.kwargs, None, core.pool_mode)
+            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)], by_ref)
+            return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), core.pool_mode)
+        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks], by_ref)
+        return _run_batch, (_Packed(data, *bufs), core.pool_mode, core.key, batch.seq)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:
-        tasks = batch.tasks
-        fn = tasks[0].fn
         try:
             run, rest = self._payload(batch)
         except BaseException as e:
             self._unsendable(w, batch, e)
             return
-        g, token = self.fcache.prepare(fn, w.pid)   # type: ignore[arg-type]
+        fcache = self.core.fcache
+        g, token = fcache.prepare(batch.tasks[0].fn, w.pid)   # type: ignore[arg-type]
         sent = False
         try:
             sent = self._start_batch(w, batch, run, (g, *rest))
         finally:
-            self.fcache.settle(token, sent)      # (a thread shipping it too waits for this)
+            fcache.settle(token, sent)      # (a thread shipping it too waits for this)
 
     def _start_batch(self, w: _Worker, batch: _Batch, run: Any, args: tuple) -> bool:
         """Send ``batch`` to ``w`` as the call ``run(*args)``; whether it went out."""
@@ -252,8 +230,8 @@ class _Dispatching:
             if not isinstance(e, ProcessExitedException):
                 e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
             if self._answered(w, batch):
-                self._requeue(batch.tasks)
-            self._worker_died(w, e)
+                self.requeue(batch.tasks)
+            self.core.staff.worker_died(w, e)
             return False
         done.add_callback(partial(self._on_reply_safely, w, batch))
         return True
@@ -265,7 +243,7 @@ class _Dispatching:
         except BaseException as e:
             _report(e)
             if self._answered(w, batch):
-                self._settle_all(batch.tasks, e)
+                self.core.fail_all(batch.tasks, e)
 
     def _unsendable(self, w: _Worker, batch: _Batch, e: BaseException) -> None:
         """A batch could not be pickled: resend its tasks one by one, so only the culprit
@@ -274,24 +252,26 @@ class _Dispatching:
         if not self._answered(w, batch):
             return       # its worker died meanwhile, and took care of it
         if len(batch.tasks) > 1:
-            self._requeue(batch.tasks, solo=True)
+            self.requeue(batch.tasks, solo=True)
             self.dispatch()
         else:
-            self._settle_all(batch.tasks, err)
+            self.core.fail_all(batch.tasks, err)
 
     # -- replies ---------------------------------------------------------------------------------
     def on_reply(self, w: _Worker, batch: _Batch, value: Any) -> None:
         now = time.perf_counter()
-        if type(value) is Failure and isinstance(value.exc, ProcessExitedException):
-            self._worker_died(w, value.exc)
-            return
-        if type(value) is Failure and _is_cache_miss(value):
-            # The pool's cache was cleared (``clear``) as the batch went: ship it again.
-            self.fcache.forget_worker(w.pid)   # type: ignore[arg-type]
-            if self._answered(w, batch):
-                self._requeue(batch.tasks)
-                self.dispatch()
-            return
+        core = self.core
+        if type(value) is Failure:
+            if isinstance(value.exc, ProcessExitedException):
+                core.staff.worker_died(w, value.exc)
+                return
+            if _is_cache_miss(value):
+                # The pool's cache was cleared (``clear``) as the batch went: ship it again.
+                core.fcache.forget_worker(w.pid)   # type: ignore[arg-type]
+                if self._answered(w, batch):
+                    self.requeue(batch.tasks)
+                    self.dispatch()
+                return
         if batch.settled:
             return
         if type(value) is _Results:          # run in this very process
@@ -307,25 +287,28 @@ class _Dispatching:
                 cause = exc
                 exc = BrokenProcessPool(f"the result of a task could not be received: {exc!r}")
                 exc.__cause__ = cause
-            self._whole_batch_failed(w, batch, _unwrap(exc, self.tb_class))
+            self._whole_batch_failed(w, batch, _unwrap(exc, core.tb_class))
             return
         values, elapsed = value
-        with self.lock:
+        with core.lock:
             if not self._answered(w, batch):
                 return
-            self._learn(batch, elapsed, now)
-            retire = self._retire_due(w)
-        self._deliver(batch.tasks, values)
+            if elapsed is not None:     # an atom result travels without its timing
+                trip = now - batch.sent - elapsed if batch.alone else None
+                self.timings.learn(len(batch.tasks), elapsed, trip)
+            retire = core.staff.retire_due(w)
+        deliver(batch.tasks, values, core.tb_class)
+        core.finished(len(batch.tasks))
         if retire:
-            self._retire(w)
-        if retire or self.pending:    # (a hint: whoever adds to pending dispatches too)
+            core.staff.retire(w)
+        if retire or core.tasks.pending:    # (a hint: whoever adds to pending dispatches too)
             self.dispatch(grow=retire)
-        if not w.ntasks and any(len(o.batches) > 1 for o in self.workers):   # (a hint)
-            self._maybe_steal()
+        if not w.ntasks and any(len(o.batches) > 1 for o in core.staff.workers):   # (a hint)
+            core.stealer.maybe_steal()
 
     def _answered(self, w: _Worker, batch: _Batch) -> bool:
         """Take ``batch`` off ``w``'s books (once); False if it already was."""
-        with self.lock:
+        with self.core.lock:
             if batch.settled:
                 return False
             batch.settled = True
@@ -341,70 +324,18 @@ class _Dispatching:
                 w.idle_since = time.monotonic()
             return True
 
-    def _learn(self, batch: _Batch, elapsed: float | None, now: float) -> None:
-        if elapsed is None:     # an atom result travels without its timing
-            return
-        per = elapsed / len(batch.tasks)
-        self.est = per if self.est is None else 0.7 * self.est + 0.3 * per
-        if batch.alone:
-            sample = max(0.0, now - batch.sent - elapsed)
-            self.rtt = 0.8 * self.rtt + 0.2 * min(sample, 0.05)
-
     def _whole_batch_failed(self, w: _Worker, batch: _Batch, exc: BaseException) -> None:
         """The call failed as a whole (its message could not be unpickled there, or its
         results here): alone, the task fails; together, each is tried alone."""
         if not self._answered(w, batch):
             return
         if len(batch.tasks) > 1:
-            self._requeue(batch.tasks, solo=True)
+            self.requeue(batch.tasks, solo=True)
         else:
-            self._settle_all(batch.tasks, exc)
+            self.core.fail_all(batch.tasks, exc)
         self.dispatch()
 
-    def _deliver(self, tasks: list[_Task], values: list) -> None:
-        tb_class = self.tb_class
-        _settling.active = True
-        try:
-            for t, v in zip(tasks, values):
-                try:
-                    if type(v) is Failure:
-                        t.sink.set_exception(_unwrap(v.exc, tb_class))
-                    else:
-                        t.sink.set_result(v)
-                except cf.InvalidStateError:
-                    pass
-        finally:
-            _settling.active = False
-        self._finished(len(tasks))
-
-    def _settle_all(self, tasks: list[_Task], exc: BaseException) -> None:
-        """Fail ``tasks`` with (a copy per task of) ``exc``."""
-        _settling.active = True
-        try:
-            for t in tasks:
-                if not t.started and not t.sink.set_running_or_notify_cancel():
-                    continue
-                e = exc if len(tasks) == 1 else _copy_exc(exc)
-                try:
-                    t.sink.set_exception(e)
-                except cf.InvalidStateError:
-                    pass
-        finally:
-            _settling.active = False
-        self._finished(len(tasks))
-
-    def _finished(self, n: int) -> None:
-        with self.lock:
-            self.unfinished -= n
-            if self.unfinished <= 0 and self.changed._waiters:   # (skip the call when none wait)
-                self.changed.notify_all()
-
-    def _requeue(self, tasks: list[_Task], solo: bool = False) -> None:
+    def requeue(self, tasks: list[_Task], solo: bool = False) -> None:
         """Put tasks back at the front of the queue, in order."""
-        with self.lock:
-            for t in tasks:
-                t.solo = t.solo or solo
-            self.pending.extendleft(reversed(tasks))
-
-    def _drop_dead_functions(self) -> None:
-        drop_dead(self.fcache)
+        with self.core.lock:
+            self.core.tasks.push_front(tasks, solo)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+import threading
 from typing import Any, Callable
 
 from ..cluster import PGRP
 from ..errors import RemoteException
 from ..remoteref import _may_pump
+from ..values import Failure
 
 
 _WAITING = ("PENDING", "RUNNING")
+_settling = threading.local()         # set while this thread completes futures
 
 
 def pump_for(sink: Any, done: Callable[[], bool]) -> None:
@@ -87,3 +90,35 @@ def _copy_exc(exc: BaseException) -> BaseException:
         return exc
     new.__cause__ = exc.__cause__
     return new
+
+
+def deliver(tasks: list[Any], values: list, tb_class: type) -> None:
+    """Complete each task's sink with its value (or its ``Failure``'s exception)."""
+    _settling.active = True
+    try:
+        for t, v in zip(tasks, values):
+            try:
+                if type(v) is Failure:
+                    t.sink.set_exception(_unwrap(v.exc, tb_class))
+                else:
+                    t.sink.set_result(v)
+            except cf.InvalidStateError:
+                pass
+    finally:
+        _settling.active = False
+
+
+def fail_all(tasks: list[Any], exc: BaseException) -> None:
+    """Fail every task's sink with (a copy per task of) ``exc``."""
+    _settling.active = True
+    try:
+        for t in tasks:
+            if not t.started and not t.sink.set_running_or_notify_cancel():
+                continue
+            e = exc if len(tasks) == 1 else _copy_exc(exc)
+            try:
+                t.sink.set_exception(e)
+            except cf.InvalidStateError:
+                pass
+    finally:
+        _settling.active = False

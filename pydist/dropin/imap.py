@@ -148,7 +148,7 @@ class IMapUnorderedIterator:
                 self._error = e
             if tasks:
                 self._out += len(tasks)
-                self._core.enqueue(tasks, check=first)
+                self._core.dispatcher.enqueue(tasks, check=first)
             if self._source is None:
                 self._keep.discard(self)
 

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import sys
 import types
-from typing import Any
 
 __all__ = ["main_spec", "check_not_importing_main"]
 

@@ -124,7 +124,7 @@ class _Feed:
             if self.source is None and self.keep is not None:
                 self.keep.discard(self)
             if tasks:
-                self.core.enqueue(tasks, check=first)
+                self.core.dispatcher.enqueue(tasks, check=first)
 
     def at_shutdown(self, cancel_futures: bool) -> None:
         """The executor shuts down: the rest of the input is submitted now (as the

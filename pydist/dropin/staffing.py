@@ -1,11 +1,15 @@
-"""Workers coming and going: the part of ``_Core`` (core.py) that keeps the staff.
+"""Workers coming and going: the part of an executor (``_Staff``) that keeps the staff.
 
-* Growth (``_grow``, under the lock): a task that finds no idle worker starts one, up to
+The ``_Staff`` owns the executor's worker records (``workers``, in ``records.py``), the
+workers being started and the starter thread, the helper threads, and the count of
+retired workers whose processes are not gone yet.
+
+* Growth (``grow``, under the lock): a task that finds no idle worker starts one, up to
   ``max_workers`` (a ``Pool`` keeps them all alive); a starter thread adds them a group
   at a time and runs the initializer on each (``_init_worker``); a failure breaks the
   executor. An executor given a pydist pool borrows that pool's workers instead, through
   the pool's ``take``/``put_back`` (``borrowing.py``).
-* Death (``_worker_died``): the task that was running fails; the others go back to the
+* Death (``worker_died``): the task that was running fails; the others go back to the
   front of the queue (those that shared its message one by one) and the worker is
   replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
 * Retirement (``max_tasks_per_child``): a worker that has done its share takes no more
@@ -20,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..cluster import PGRP
 from ..control import addprocs, rmprocs
@@ -33,6 +37,9 @@ from .futures import _unwrap
 from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
+
+if TYPE_CHECKING:
+    from .core import _Core
 
 _addprocs_lock = threading.Lock()     # one addprocs at a time from the drop-ins
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -68,12 +75,23 @@ def _resident_bytes(w: _Worker) -> int | None:
 _PER_WORKER: Any = (b"", [])          # init_packed: pickle the initializer for each worker
 
 
-class _Staffing:
-    """Part of ``_Core``: starting, adopting, losing and retiring workers."""
+class _Staff:
+    """The executor's workers: started, borrowed, lost, retired."""
+
+    def __init__(self, core: "_Core") -> None:
+        self.core = core
+        self.workers: list[_Worker] = []
+        self.to_start: list[_Worker] = []
+        self.starter: threading.Thread | None = None
+        self.helpers: set[threading.Thread] = set()
+        self.exiting = 0                 # retired workers whose processes are not gone yet
+        self.used_pids: set[int] = set()
+        self.init_packed: tuple[bytes, list] | None = None
 
     # -- death, retirement, growth ---------------------------------------------------------------
-    def _worker_died(self, w: _Worker, exc: ProcessExitedException) -> None:
-        with self.lock:
+    def worker_died(self, w: _Worker, exc: ProcessExitedException) -> None:
+        core = self.core
+        with core.lock:
             if w.gone:
                 return
             w.gone = True
@@ -87,7 +105,7 @@ class _Staffing:
             w.ntasks = 0
             doomed: list[_Task] = []
             again: list[_Task] = []
-            if self.terminating:
+            if core.flags.terminating:
                 doomed = [t for b in sent + queued for t in b.tasks]
             elif sent:
                 # The oldest batch sent was running: alone, its task is the culprit; in
@@ -102,18 +120,19 @@ class _Staffing:
                 again += [t for b in sent[1:] + queued for t in b.tasks]
             else:
                 again = [t for b in queued for t in b.tasks]
-            self.pending.extendleft(reversed(again))
+            core.tasks.push_front(again)
         if w.pid is not None:
-            self.fcache.forget_worker(w.pid)
-        self._settle_all(doomed, exc)
-        self.dispatch()
+            core.fcache.forget_worker(w.pid)
+        core.fail_all(doomed, exc)
+        core.dispatcher.dispatch()
 
-    def _retire_due(self, w: _Worker) -> bool:
+    def retire_due(self, w: _Worker) -> bool:
         """(Under the lock, after an answer from ``w``.) ``w`` has done its share (or
         outgrown ``max_memory_per_child``) and is idle: take it out."""
-        if self.max_memory is not None and not w.retiring and not w.gone:
+        max_memory = self.core.max_memory
+        if max_memory is not None and not w.retiring and not w.gone:
             rss = _resident_bytes(w)
-            w.retiring = rss is not None and rss > self.max_memory
+            w.retiring = rss is not None and rss > max_memory
         if not w.retiring or w.ntasks or w.outbox or w.gone:
             return False
         w.gone = True
@@ -121,59 +140,57 @@ class _Staffing:
             self.workers.remove(w)
         return True
 
-    def _retire(self, w: _Worker) -> None:
+    def retire(self, w: _Worker) -> None:
         """A worker taken off the books once idle: removed if this executor started it,
         else given back to its pool."""
         if w.pid is None:
             return
         if not w.owned:
-            if self.borrower is not None:
-                self.borrower.give_back(w.pid)
+            if self.core.borrower is not None:
+                self.core.borrower.give_back(w.pid)
             return
-        with self.lock:
+        with self.core.lock:
             self.exiting += 1
-        self._helper(self._remove_retired, w.pid)
+        self.helper(self._remove_retired, w.pid)
 
     def _remove_retired(self, pid: int) -> None:
         """Remove a retired worker; its process counts against the bound until it is gone."""
         try:
             rmprocs(pid, waitfor=30)
         finally:
-            with self.lock:
+            with self.core.lock:
                 self.exiting -= 1
-            self.dispatch()
-
-    def closed(self) -> bool:
-        """(Under the lock.) Whether the executor takes on no more workers."""
-        return bool(self.broken or self.terminating or self.stopped)
+            self.core.dispatcher.dispatch()
 
     def workers_wanted(self) -> int:
         """(Under the lock.) How many more workers the tasks waiting here want."""
+        core = self.core
         # A retiring worker (max_tasks_per_child) takes no more tasks: once it runs, its
         # successor may start while it finishes its last ones (so at most twice max_workers
         # processes). One still starting holds its place.
         have = sum(1 for w in self.workers if not w.retiring or w.pid is None)
-        if have >= self.max_workers:
+        if have >= core.max_workers:
             return 0
-        if self.eager and not self.shutdown:
-            return self.max_workers - have
+        if core.eager and not core.flags.shutdown:
+            return core.max_workers - have
         # As the standard library does: a task that finds no idle worker starts one.
         idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
-        queued = len(self.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
-        return min(queued - idle, self.max_workers - have)
+        queued = len(core.tasks.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
+        return min(queued - idle, core.max_workers - have)
 
-    def _grow(self) -> None:
+    def grow(self) -> None:
         """(Under the lock.) Start (or borrow) workers where tasks wait and none is idle."""
-        if self.closed():
+        core = self.core
+        if core.flags.closed():
             return
         need = self.workers_wanted()
         if need <= 0:
             return
-        if self.borrower is not None:
-            self.borrower.want()
+        if core.borrower is not None:
+            core.borrower.want()
             return
         # Processes still exiting count too: never more than twice max_workers at once.
-        need = min(need, 2 * self.max_workers - len(self.workers) - self.exiting)
+        need = min(need, 2 * core.max_workers - len(self.workers) - self.exiting)
         if need <= 0:
             return
         fresh = [_Worker(None, owned=True) for _ in range(need)]
@@ -187,79 +204,83 @@ class _Staffing:
     def _starter(self) -> None:
         """Start the workers asked for, a group at a time, until none is wanted."""
         while True:
-            with self.lock:
+            with self.core.lock:
                 group, self.to_start = self.to_start, []
                 if not group:
                     self.starter = None
-                    self.changed.notify_all()
+                    self.core.changed.notify_all()
                     return
             self._start_group(group)
 
     def _start_group(self, group: list[_Worker]) -> None:
+        core = self.core
         try:
             self._init_payload()    # an initializer that cannot be pickled needs no worker
         except SerializationError as e:
-            self._break("A worker's initializer failed, the process pool is not usable anymore",
-                        e.__cause__ or e)
+            core.closer.break_("A worker's initializer failed, the process pool is not usable "
+                               "anymore", e.__cause__ or e)
             return
         try:
             with _addprocs_lock:
-                pids = addprocs(len(group), transport=self.transport, output="raw")
+                pids = addprocs(len(group), transport=core.transport, output="raw")
         except BaseException as e:
             for pid in getattr(e, "pids", None) or ():
-                self._helper(rmprocs, pid, waitfor=30)
-            self._break(f"A worker process could not be started ({e}); the process pool is "
-                        f"not usable anymore", e)
+                self.helper(rmprocs, pid, waitfor=30)
+            core.closer.break_(f"A worker process could not be started ({e}); the process pool "
+                               f"is not usable anymore", e)
             return
-        failure = self._initialize(pids)
+        failure = self.initialize(pids)
         if failure is not None:
-            self._helper(rmprocs, *pids, waitfor=30)
-            self._break("A worker's initializer failed, the process pool is not usable anymore",
-                        failure)
+            self.helper(rmprocs, *pids, waitfor=30)
+            core.closer.break_("A worker's initializer failed, the process pool is not usable "
+                               "anymore", failure)
             return
-        with self.lock:
-            unwanted = self.broken is not None or self.stopped
+        with core.lock:
+            unwanted = core.flags.broken is not None or core.flags.stopped
             for w, pid in zip(group, pids):
                 w.pid = pid
                 self.used_pids.add(pid)
                 if unwanted:
                     w.gone = True
         if unwanted:
-            self._helper(rmprocs, *pids, waitfor=30)
+            self.helper(rmprocs, *pids, waitfor=30)
             return
-        self.pool.enlist(pids)      # type: ignore[attr-defined]
+        core.pool.enlist(pids)      # type: ignore[attr-defined]
         for w in group:
-            self._flush(w)
-        self.dispatch()
-        self._maybe_steal()
+            core.dispatcher.flush(w)
+        core.dispatcher.dispatch()
+        core.stealer.maybe_steal()
 
     def _init_payload(self) -> tuple[bytes, list] | None:
         """The initializer and its arguments, pickled once (SerializationError if they
         cannot be); ``None`` if they hold multiprocessing objects, which are pickled for
         each worker (``mpshare.py``: each gets descriptors of its own)."""
+        core = self.core
         if self.init_packed is None:
             try:
-                self.init_packed = dumps((self.initializer, self.initargs),
-                                         main_by_reference=self.main is not None)
+                self.init_packed = dumps((core.initializer, core.initargs),
+                                         main_by_reference=core.main is not None)
             except SerializationError:
-                check_shared((self.initializer, self.initargs), self.main is not None)
+                check_shared((core.initializer, core.initargs), core.main is not None)
                 self.init_packed = _PER_WORKER
         return None if self.init_packed is _PER_WORKER else self.init_packed
 
-    def _initialize(self, pids: list[int]) -> BaseException | None:
+    def initialize(self, pids: list[int]) -> BaseException | None:
         """Run ``_init_worker`` on each new worker; the first failure, unwrapped. Only the
         local workers this executor starts itself are given multiprocessing's authkey."""
-        authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
+        core = self.core
+        own = core.borrower is None
+        authkey = bytes(multiprocessing.current_process().authkey) if own else None
         calls = []
-        main = None if self.main is None else (self.main, sys.path, sys.argv)
+        main = None if core.main is None else (core.main, sys.path, sys.argv)
         try:
             payload = self._init_payload()
             for pid in pids:
-                data, bufs = payload or dumps_shared((self.initializer, self.initargs),
-                                                     self.main is not None)
+                data, bufs = payload or dumps_shared((core.initializer, core.initargs),
+                                                     core.main is not None)
                 tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
-                                        not self.pool_mode, tracker, main))
+                                        not core.pool_mode, tracker, main))
             for pid, f in zip(pids, calls):
                 mark = f.fetch()
                 if mark is not None:   # the script or the initializer printed: that goes first
@@ -267,31 +288,34 @@ class _Staffing:
         except SerializationError as e:
             return e.__cause__ or e
         except BaseException as e:
-            return _unwrap(e, self.tb_class)
+            return _unwrap(e, core.tb_class)
         return None
 
-    def _helper(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def helper(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run ``fn`` in a thread of its own, waited for by ``shutdown``."""
+        lock = self.core.lock
+
         def run() -> None:
             try:
                 fn(*args, **kwargs)
             except Exception:
                 pass
             finally:
-                with self.lock:
+                with lock:
                     self.helpers.discard(t)
         t = threading.Thread(target=run, name="pydist-executor-helper", daemon=True)
-        with self.lock:
+        with lock:
             t.start()
             self.helpers.add(t)
 
     # -- introspection ---------------------------------------------------------------------------
     def processes(self, wait: float = 60.0) -> dict[int, WorkerProcess]:
         """The live workers as processes, by OS pid (waiting for those being started)."""
+        core = self.core
         deadline = time.monotonic() + wait
-        with self.lock:
+        with core.lock:
             while self.starter is not None and time.monotonic() < deadline:
-                self.changed.wait(0.05)
+                core.changed.wait(0.05)
             pids = [w.pid for w in self.workers if w.pid is not None and not w.gone]
         out = {}
         for pid in pids:
@@ -305,10 +329,11 @@ def _on_worker_lost(pid: int) -> None:
     (a pool keeps its size; ``_processes`` stays true)."""
     for core in list(_live):
         with core.lock:
-            hit = [w for w in core.workers if w.pid == pid and not w.gone]
+            hit = [w for w in core.staff.workers if w.pid == pid and not w.gone]
         for w in hit:
             detail = PGRP.removed.get(pid, "")
-            threading.Thread(target=core._worker_died, args=(w, ProcessExitedException(pid, detail)),
+            threading.Thread(target=core.staff.worker_died,
+                             args=(w, ProcessExitedException(pid, detail)),
                              name="pydist-executor-lost", daemon=True).start()
 
 

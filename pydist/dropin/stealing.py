@@ -1,17 +1,17 @@
-"""Work stealing: the part of ``_Core`` (core.py) that takes back queued tasks.
+"""Work stealing: the part of an executor (``_Stealer``) that takes back queued tasks.
 
 A worker may hold several batches; the oldest runs, the others wait behind it. When a
 worker falls idle with nothing pending, batches waiting behind one that has run well past
 its estimate are asked back (``_revoke`` on that worker); those that had not started are
 taken off its books and dispatched again, so the idle worker runs them. When no batch is
-due yet, a timer looks again when the first will be.
+due yet, a timer (owned here) looks again when the first will be.
 """
 from __future__ import annotations
 
 import threading
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..values import Failure
 from ..workerpool import _start
@@ -19,25 +19,34 @@ from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke
 
+if TYPE_CHECKING:
+    from .core import _Core
+
 STEAL_AFTER = 0.005      # a batch running this long (and well past its estimate) may be stolen from
 
 
-class _Stealing:
-    """Part of ``_Core``: taking back batches not started behind a long one."""
+class _Stealer:
+    """Taking back batches not started behind a long one."""
 
-    def _maybe_steal(self) -> None:
+    def __init__(self, core: "_Core") -> None:
+        self.core = core
+        self.timer: threading.Timer | None = None     # (under the lock)
+
+    def maybe_steal(self) -> None:
         """A worker fell idle with nothing pending: take back batches queued behind a long
         task on another worker (those not started yet), so the idle one runs them."""
+        core = self.core
         now = time.perf_counter()
-        est = self.est or 0.0
+        est = core.dispatcher.timings.est or 0.0
         later: float | None = None
-        with self.lock:
-            if self.pending or self.broken or self.terminating:
+        with core.lock:
+            if core.tasks.pending or core.flags.broken or core.flags.terminating:
                 return
-            if not any(not w.ntasks and w.pid is not None and not w.retiring for w in self.workers):
+            workers = core.staff.workers
+            if not any(not w.ntasks and w.pid is not None and not w.retiring for w in workers):
                 return
             victims = []
-            for w in self.workers:
+            for w in workers:
                 if w.pid is None or len(w.batches) < 2:
                     continue
                 running = w.batches[0]
@@ -50,21 +59,26 @@ class _Stealing:
                     for b in list(w.batches)[1:]:
                         b.revoking = True
                     victims.append((w, seqs))
-            if not victims and later is not None and self.steal_timer is None:
-                self.steal_timer = threading.Timer(later - now + 0.0005, self._steal_timer)
-                self.steal_timer.daemon = True
-                self.steal_timer.start()
+            if not victims and later is not None and self.timer is None:
+                self.timer = threading.Timer(later - now + 0.0005, self._on_timer)
+                self.timer.daemon = True
+                self.timer.start()
         for w, seqs in victims:
             try:
-                _, done = _start(w.pid, _revoke, (self.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
+                _, done = _start(w.pid, _revoke, (core.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
             except Exception:
                 continue
             done.add_callback(partial(self._revoked_safely, w))
 
-    def _steal_timer(self) -> None:
-        with self.lock:
-            self.steal_timer = None
-        self._maybe_steal()
+    def cancel(self) -> None:
+        """(Under the lock.) No more looks: the executor stops."""
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _on_timer(self) -> None:
+        with self.core.lock:
+            self.timer = None
+        self.maybe_steal()
 
     def _revoked_safely(self, w: _Worker, taken: Any) -> None:
         try:
@@ -73,14 +87,15 @@ class _Stealing:
             _report(e)
 
     def _revoked(self, w: _Worker, taken: Any) -> None:
+        core = self.core
         if type(taken) is Failure or not taken:
-            with self.lock:
+            with core.lock:
                 for b in w.batches:
                     b.revoking = False
             return
         taken = set(taken)
         moved: list[_Task] = []
-        with self.lock:
+        with core.lock:
             if w.gone:
                 return
             for b in list(w.batches):
@@ -91,7 +106,7 @@ class _Stealing:
                     w.assigned -= len(b.tasks)
                     moved.extend(b.tasks)
                 b.revoking = False
-            if self.max_tasks is not None and w.assigned < self.max_tasks:
+            if core.max_tasks is not None and w.assigned < core.max_tasks:
                 w.retiring = False
-            self.pending.extendleft(reversed(moved))
-        self.dispatch()
+            core.tasks.push_front(moved)
+        core.dispatcher.dispatch()
