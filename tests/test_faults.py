@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -37,6 +38,41 @@ def test_sigkill_mid_call_reaches_every_waiter_within_a_second(fresh):
     assert isinstance(info2.value.captured.ex, pd.ProcessExitedException)
     assert a not in pd.workers() and b in pd.workers()
     assert pd.remotecall_fetch(pd.myid, b) == b
+
+
+def _exited(ospid: int) -> bool:
+    try:
+        return psutil.Process(ospid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_answers_sent_just_before_a_death_reach_their_waiters(fresh):
+    """A worker answers, then exits before the master has read the answers (its reader is
+    held in a callback meanwhile), and a send is the first to fail: the answers still reach
+    their waiters, and the send raises ProcessExitedException."""
+    (a,) = fresh(1)
+    ospid = pd.remotecall_fetch(os.getpid, a)
+    on_reader = []
+
+    def hold(_f) -> None:    # runs on the thread that reads a's connection
+        on_reader.append(threading.current_thread().name)
+        wait_until(lambda: _exited(ospid), 10)
+        time.sleep(0.25)      # the send below fails meanwhile
+    pd.remotecall(int, a, 0).add_done_callback(hold)   # its answer comes first
+    answered = [pd.remotecall(lambda i: time.sleep(0.15) or i, a, i) for i in range(3)]
+    for f in answered:
+        f.add_done_callback(lambda f: None)   # fetched as soon as ready
+    pd.remote_do(lambda: time.sleep(0.4) or os._exit(0), a)
+    assert wait_until(lambda: _exited(ospid), 10)
+    time.sleep(0.05)
+    with pytest.raises(pd.ProcessExitedException):
+        for _ in range(100):                  # over TCP the first send may still be taken
+            pd.remotecall(int, a, 1)
+            time.sleep(0.02)
+    assert [f.result(timeout=10) for f in answered] == [0, 1, 2]
+    assert on_reader and on_reader[0] != "MainThread"
+    assert a not in pd.workers()
 
 
 def test_process_exited_is_a_broken_process_pool():
