@@ -47,32 +47,50 @@ def _exited(ospid: int) -> bool:
         return True
 
 
-def test_answers_sent_just_before_a_death_reach_their_waiters(fresh):
+def _send_until_it_fails(pid: int) -> BaseException | None:
+    """Send calls to ``pid`` (dead) until a send fails: that error (over TCP the first send
+    may still be taken)."""
+    for _ in range(100):
+        try:
+            pd.remotecall(int, pid, 1)
+        except Exception as e:
+            return e
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.parametrize("sender", ["main", "reader"])
+def test_answers_sent_just_before_a_death_reach_their_waiters(fresh, sender):
     """A worker answers, then exits before the master has read the answers (its reader is
-    held in a callback meanwhile), and a send is the first to fail: the answers still reach
-    their waiters, and the send raises ProcessExitedException."""
+    held in a callback meanwhile), and a send is the first to fail, from another thread or
+    from the reader itself: the answers still reach their waiters, and the send raises
+    ProcessExitedException."""
     (a,) = fresh(1)
     ospid = pd.remotecall_fetch(os.getpid, a)
-    on_reader = []
+    on_reader, failed = [], []
 
     def hold(_f) -> None:    # runs on the thread that reads a's connection
         on_reader.append(threading.current_thread().name)
         wait_until(lambda: _exited(ospid), 10)
-        time.sleep(0.25)      # the send below fails meanwhile
+        if sender == "reader":
+            time.sleep(0.05)
+            failed.append(_send_until_it_fails(a))
+        else:
+            time.sleep(0.25)      # the main thread's send fails meanwhile
     pd.remotecall(int, a, 0).add_done_callback(hold)   # its answer comes first
     answered = [pd.remotecall(lambda i: time.sleep(0.15) or i, a, i) for i in range(3)]
     for f in answered:
         f.add_done_callback(lambda f: None)   # fetched as soon as ready
     pd.remote_do(lambda: time.sleep(0.4) or os._exit(0), a)
     assert wait_until(lambda: _exited(ospid), 10)
-    time.sleep(0.05)
-    with pytest.raises(pd.ProcessExitedException):
-        for _ in range(100):                  # over TCP the first send may still be taken
-            pd.remotecall(int, a, 1)
-            time.sleep(0.02)
+    if sender == "main":
+        time.sleep(0.05)
+        failed.append(_send_until_it_fails(a))
+    assert wait_until(lambda: failed, 10)
+    assert isinstance(failed[0], pd.ProcessExitedException), failed
     assert [f.result(timeout=10) for f in answered] == [0, 1, 2]
     assert on_reader and on_reader[0] != "MainThread"
-    assert a not in pd.workers()
+    assert wait_until(lambda: a not in pd.workers(), 10)
 
 
 def test_process_exited_is_a_broken_process_pool():
