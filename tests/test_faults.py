@@ -93,6 +93,32 @@ def test_answers_sent_just_before_a_death_reach_their_waiters(fresh, sender):
     assert wait_until(lambda: a not in pd.workers(), 10)
 
 
+def _cut_and_stop() -> None:
+    """On a worker, in a call: end its connection to the master, then stop (not exit) this
+    process."""
+    from pydist.cluster import PGRP
+    time.sleep(0.3)         # the master waits for the call by then
+    PGRP.workers[1].transport.abort()
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def test_a_waiter_with_a_timeout_gets_the_death_not_a_timeout(fresh):
+    """A worker's connection ends while its process has not exited (stopped): the master
+    takes a while to say how it ended. A fetch with a timeout that sees the end meanwhile
+    waits for that verdict, ProcessExitedException, instead of raising TimeoutError."""
+    (a,) = fresh(1)
+    ospid = pd.remotecall_fetch(os.getpid, a)
+    try:
+        held = pd.remotecall(_cut_and_stop, a)
+        with pytest.raises(pd.ProcessExitedException):
+            held.fetch(timeout=10)
+    finally:
+        try:
+            os.kill(ospid, signal.SIGKILL)
+        except ProcessLookupError:    # it saw its master's end first, and exited
+            pass
+
+
 def test_process_exited_is_a_broken_process_pool():
     from concurrent.futures.process import BrokenProcessPool
     assert issubclass(pd.ProcessExitedException, BrokenProcessPool)
