@@ -66,7 +66,8 @@ class _Dispatcher:
             if core.tasks.pending:
                 return False
             for w in core.staff.workers:
-                if not w.ntasks and w.pid is not None and not w.retiring and not w.gone:
+                if (not w.ntasks and w.pid is not None and not w.retiring and not w.gone
+                        and not w.unreachable):
                     break
             else:
                 return False
@@ -84,6 +85,7 @@ class _Dispatcher:
             w.seq += 1
             batch.seq = w.seq
             batch.alone = not w.batches
+            batch.sending = True
             w.batches.append(batch)
         try:
             self._send(w, batch)
@@ -126,7 +128,7 @@ class _Dispatcher:
             cap = self.timings.cap()
             best, room, avail = None, 0, 0
             for w in core.staff.workers:
-                if w.retiring or w.gone:
+                if w.retiring or w.gone or w.unreachable:
                     continue
                 r = cap - w.ntasks
                 if max_tasks is not None:
@@ -159,18 +161,19 @@ class _Dispatcher:
             try:
                 while True:
                     with lock:
-                        if w.pid is None or w.gone or not w.outbox:
+                        if w.pid is None or w.gone or w.unreachable or not w.outbox:
                             break
                         batch = w.outbox.popleft()
                         w.seq += 1
                         batch.seq = w.seq
                         batch.alone = not w.batches
+                        batch.sending = True
                         w.batches.append(batch)
                     self._send(w, batch)
             finally:
                 w.send_lock.release()
             with lock:
-                if w.pid is None or w.gone or not w.outbox:
+                if w.pid is None or w.gone or w.unreachable or not w.outbox:
                     return
 
     def _send(self, w: _Worker, batch: _Batch) -> None:
@@ -231,8 +234,9 @@ class _Dispatcher:
                 e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
             if self._answered(w, batch):
                 self.requeue(batch.tasks)
-            self.core.staff.worker_died(w, e)
+            self.core.staff.lost_in_send(w, e)
             return False
+        batch.sending = False    # in flight: from now on its worker's death settles it
         done.add_callback(partial(self._on_reply_safely, w, batch))
         return True
 
@@ -264,6 +268,9 @@ class _Dispatcher:
         if type(value) is Failure:
             if isinstance(value.exc, ProcessExitedException):
                 core.staff.worker_died(w, value.exc)
+                if self._answered(w, batch):   # still being sent when the death was decided
+                    self.requeue(batch.tasks, solo=True)
+                    self.dispatch()
                 return
             if _is_cache_miss(value):
                 # The pool's cache was cleared (``clear``) as the batch went: ship it again.

@@ -11,7 +11,10 @@ retired workers whose processes are not gone yet.
   the pool's ``take``/``put_back`` (``borrowing.py``).
 * Death (``worker_died``): the task that was running fails; the others go back to the
   front of the queue (those that shared its message one by one) and the worker is
-  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
+  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once. The
+  death is decided after the connection's reader has handed over every answer the worker
+  sent before it went, never by a send that failed first (``lost_in_send``): otherwise
+  an answered batch not yet read would be taken for the one running, and its task blamed.
 * Retirement (``max_tasks_per_child``): a worker that has done its share takes no more
   tasks and is removed once idle; its process counts against the bound of twice
   ``max_workers`` until it is gone. ``max_memory_per_child`` retires a worker the same
@@ -26,7 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..cluster import PGRP
+from ..cluster import PGRP, W_TERMINATED
 from ..control import addprocs, rmprocs
 from ..errors import ProcessExitedException, SerializationError
 from ..output import wait_relayed
@@ -97,7 +100,8 @@ class _Staff:
             w.gone = True
             if w in self.workers:
                 self.workers.remove(w)
-            sent, queued = list(w.batches), list(w.outbox)
+            # A batch still being sent is its sender's to settle (it may never have left).
+            sent, queued = [b for b in w.batches if not b.sending], list(w.outbox)
             w.batches.clear()
             w.outbox.clear()
             for b in sent + queued:
@@ -125,6 +129,21 @@ class _Staff:
             core.fcache.forget_worker(w.pid)
         core.fail_all(doomed, exc)
         core.dispatcher.dispatch()
+
+    def lost_in_send(self, w: _Worker, exc: ProcessExitedException) -> None:
+        """A send to ``w`` failed (its batch is back in the queue). Which of its batches was
+        running when it died can only be told once its connection's reader has handed over
+        every answer ``w`` sent before it went: ``ProcessGroup.send`` waits for that before
+        it raises, so the death is decided here; unless this thread is that very reader (the
+        cluster marks the worker ``draining``), which reads on once this returns and reports
+        the death then (``_on_worker_lost``). Until then nothing more is sent to ``w``."""
+        record = PGRP.workers.get(w.pid) if w.pid is not None else None
+        if record is not None and record.draining and record.state != W_TERMINATED:
+            with self.core.lock:
+                w.unreachable = True
+        else:
+            self.worker_died(w, exc)
+        self.core.dispatcher.dispatch()
 
     def retire_due(self, w: _Worker) -> bool:
         """(Under the lock, after an answer from ``w``.) ``w`` has done its share (or

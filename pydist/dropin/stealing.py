@@ -43,7 +43,8 @@ class _Stealer:
             if core.tasks.pending or core.flags.broken or core.flags.terminating:
                 return
             workers = core.staff.workers
-            if not any(not w.ntasks and w.pid is not None and not w.retiring for w in workers):
+            if not any(not w.ntasks and w.pid is not None and not w.retiring and not w.unreachable
+                       for w in workers):
                 return
             victims = []
             for w in workers:
