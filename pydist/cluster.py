@@ -266,6 +266,18 @@ class ProcessGroup:
                 if not rv.clients:
                     del self.refs[rrid]
 
+    def del_clients(self, ids: list[tuple[int, int]], client: int) -> None:
+        """``del_client`` for each reference id given as ``(whence, id)``, under one lock."""
+        refs = self.refs
+        with self.lock:
+            for whence, n in ids:
+                rrid = RRID(whence, n)
+                rv = refs.get(rrid)
+                if rv is not None:
+                    rv.clients.discard(client)
+                    if not rv.clients:
+                        del refs[rrid]
+
     def drop_client(self, client: int) -> None:
         """Forget process ``client`` in every client set (it is gone: its del-client notices
         will never come); values no process holds any more are freed, as Julia does."""

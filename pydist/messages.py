@@ -9,7 +9,7 @@ Only the standard library is imported here (layer L0).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 __all__ = [
     "RRID", "NULL_RRID", "MsgHeader", "NULL_HEADER", "Message", "CallMsg", "CallFetchMsg",
@@ -18,9 +18,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class RRID:
-    """A remote reference id: the process that created the reference and a serial number."""
+class RRID(NamedTuple):
+    """A remote reference id: the process that created the reference and a serial number.
+
+    A named tuple: every reply, reference and cached function is looked up by one, and a
+    tuple's hash and comparison run in C (a dataclass's in Python)."""
 
     whence: int
     id: int
