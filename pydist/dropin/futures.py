@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+import threading
 from typing import Any, Callable
 
 from ..cluster import PGRP
@@ -19,16 +20,20 @@ from ..remoteref import _may_pump
 
 
 _WAITING = ("PENDING", "RUNNING")
+_SENT_POLL = 0.02     # seconds between checks of a task not sent yet (it may fail unsent)
 
 
 def pump_for(sink: Any, done: Callable[[], bool]) -> None:
     """Wait for ``done()`` by reading, in this thread, the connection of the worker that
     runs ``sink``'s task (no hand-off from the reader thread: the reply is handled here).
-    Returns early, leaving the rest to an ordinary wait, where this thread may not read."""
+    A task not sent yet (its worker still starting) is waited for first. Returns early,
+    leaving the rest to an ordinary wait, where this thread may not read."""
     while not done():
         pid = sink.pid
         if pid is None:
-            return
+            if not _await_sent(sink, done):
+                return
+            continue
         w = PGRP.workers.get(pid)
         inbox = getattr(w, "inbox", None)
         if inbox is None or inbox.ended or not _may_pump():
@@ -36,6 +41,31 @@ def pump_for(sink: Any, done: Callable[[], bool]) -> None:
         inbox.pump(lambda: done() or sink.pid != pid)
         if sink.pid == pid:
             return       # done, or the connection ended
+
+
+def _await_sent(sink: Any, done: Callable[[], bool]) -> bool:
+    """Wait until ``sink``'s task is sent to a worker (``mark_sent``) or ``done()``; False
+    where the sink cannot be told (then the caller waits as usual). Without this, the reply
+    to a task sent while its caller waited would wait for the background reader."""
+    sent = threading.Event()
+    try:
+        sink._sent = sent
+    except AttributeError:      # a sink with slots: no one waits on it this way
+        return False
+    try:
+        while sink.pid is None and not done():
+            sent.wait(_SENT_POLL)    # (done() is polled: a task may fail before it is sent)
+    finally:
+        sink._sent = None
+    return True
+
+
+def mark_sent(sink: Any, pid: int) -> None:
+    """``sink``'s task goes to worker ``pid``: a caller waiting for that starts reading."""
+    sink.pid = pid
+    sent = getattr(sink, "_sent", None)
+    if sent is not None:
+        sent.set()
 
 
 class _Future(cf.Future):
