@@ -390,8 +390,8 @@ class Future(StdFutureFace, AbstractRemoteRef):
                 rv.try_set(Failure(e))
 
     def __reduce__(self):
+        _handles.setdefault(self.rrid, self)   # (a call's handle enters the table only now)
         if self._cache is _UNSET:
-            _handles.setdefault(self.rrid, self)   # (a call's handle enters it only now)
             self._note_sent()
             return (_rebuild_future, (self.where, self.rrid, _UNSET_MARK))
         return (_rebuild_future, (self.where, self.rrid, self._cache))
