@@ -42,6 +42,7 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any
 
 from .. import worker
@@ -207,14 +208,17 @@ def _drain(fd: int) -> None:
 
 
 def _import_quietly(names: list[str]) -> None:
-    """Import the standard modules the master has (see forkclient.py); one that fails to
-    import is skipped: it only saves a worker the import."""
-    for name in names:
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except Exception:
-                pass
+    """Import the standard modules the master has (see forkclient.py), without a word: one
+    that fails to import is skipped (it only saves a worker the import), and deprecation
+    warnings were the master's to show."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            if name not in sys.modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:
+                    pass
 
 
 def serve(fd: int, preload: tuple[str, ...] = ()) -> None:
