@@ -84,7 +84,7 @@ def main_code(spec: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
             return cached[1]
         with open(where, "rb") as f:
             code = compile(f.read(), where, "exec")
-    except (OSError, SyntaxError, ValueError):
+    except Exception:       # (a SyntaxError, an unreadable file ...: the worker says which)
         return None
     packed = (importlib.util.MAGIC_NUMBER, marshal.dumps(code))
     _compiled[where] = (stamp, packed)

@@ -15,8 +15,9 @@ worker for each request. The story of one server:
    descriptors: the worker's standard input (the master holds the other end: cookie, then
    lifeline), standard output and standard error (the master reads them). The server
    imports any module of ``preload`` it has not imported yet (and of ``stdlib``, the
-   standard modules the master has, skipping any that fails), forks, closes its copies of the descriptors and answers
-   ``("forked", pid)`` (or ``("error", why)``: the master then starts a fresh interpreter).
+   standard modules the master has, skipping any that fails), forks, closes its copies of
+   the descriptors and answers ``("forked", pid)`` (or ``("error", why)``: the master then
+   starts a fresh interpreter).
 4. The child becomes what ``python -m pydist.worker ARGV`` run in ``cwd`` with
    ``environ`` would be: a session of its own, the descriptors as 0, 1 and 2, that
    directory, that environment, ``sys.path[0]`` the directory, random generators seeded
