@@ -97,7 +97,7 @@ class _Dispatching:
         with self.lock:
             doomed = list(self.pending)
             self.pending.clear()
-        self._settle_all(doomed, BrokenProcessPool(self.broken or "the process pool is broken"))
+        self._settle_all(doomed, self.broken_error())
 
     # -- dispatching -----------------------------------------------------------------------------
     def cap(self) -> int:
