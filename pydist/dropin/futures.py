@@ -45,13 +45,14 @@ def pump_for(sink: Any, done: Callable[[], bool]) -> None:
 
 def _await_sent(sink: Any, done: Callable[[], bool]) -> bool:
     """Wait until ``sink``'s task is sent to a worker (``mark_sent``) or ``done()``; False
-    where the sink cannot be told (then the caller waits as usual). Without this, the reply
-    to a task sent while its caller waited would wait for the background reader."""
+    for a sink that is not one task's (one is made with ``_sent = None``): the caller then
+    waits as usual. Without this, the reply to a task sent while its caller waited would
+    wait for the background reader. (Two threads waiting on one task: the later one's
+    event wins, and the other sees the send within ``_SENT_POLL``.)"""
+    if getattr(sink, "_sent", False) is not None:
+        return False            # not a task's own sink (a map's whole result, a slot)
     sent = threading.Event()
-    try:
-        sink._sent = sent
-    except AttributeError:      # a sink with slots: no one waits on it this way
-        return False
+    sink._sent = sent
     try:
         while sink.pid is None and not done():
             sent.wait(_SENT_POLL)    # (done() is polled: a task may fail before it is sent)
@@ -64,7 +65,7 @@ def mark_sent(sink: Any, pid: int) -> None:
     """``sink``'s task goes to worker ``pid``: a caller waiting for that starts reading."""
     sink.pid = pid
     sent = getattr(sink, "_sent", None)
-    if sent is not None:
+    if sent:
         sent.set()
 
 
@@ -73,6 +74,7 @@ class _Future(cf.Future):
     worker's reply in the waiting thread."""
 
     pid: int | None = None
+    _sent: Any = None       # set while a caller waits for the task to be sent (_await_sent)
 
     def _settled(self) -> bool:
         return self._state not in _WAITING
