@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .codec import encode_message
 from . import serialize
 from .errors import ProcessExitedException, SerializationError, TransportError, describe_exit
-from .messages import RRID, Message, MsgHeader
+from .messages import RRID, Message, MsgHeader, make_rrid
 from .tasks import TaskRunner
 from .values import Failure, RemoteValue
 
@@ -128,7 +128,7 @@ class ProcessGroup:
     # -- identities -----------------------------------------------------------------
     def next_rrid(self) -> RRID:
         """A fresh reference id owned by this process."""
-        return RRID(self.myid, next(self._ids))
+        return make_rrid((self.myid, next(self._ids)))
 
     @property
     def runner(self) -> TaskRunner:
@@ -271,7 +271,7 @@ class ProcessGroup:
         refs = self.refs
         with self.lock:
             for whence, n in ids:
-                rrid = RRID(whence, n)
+                rrid = make_rrid((whence, n))
                 rv = refs.get(rrid)
                 if rv is not None:
                     rv.clients.discard(client)

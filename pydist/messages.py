@@ -8,11 +8,12 @@ Only the standard library is imported here (layer L0).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 __all__ = [
-    "RRID", "NULL_RRID", "MsgHeader", "NULL_HEADER", "Message", "CallMsg", "CallFetchMsg",
+    "RRID", "NULL_RRID", "make_rrid", "MsgHeader", "NULL_HEADER", "Message", "CallMsg", "CallFetchMsg",
     "CallWaitMsg", "RemoteDoMsg", "ResultMsg", "IdentifySocketMsg", "IdentifySocketAckMsg",
     "JoinPGRPMsg", "JoinCompleteMsg", "TAGS", "KINDS",
 ]
@@ -29,6 +30,9 @@ class RRID(NamedTuple):
 
 
 NULL_RRID = RRID(0, 0)
+# ``make_rrid((whence, id))``: an RRID without the Python-level ``__new__`` of a named
+# tuple (half the cost), for the paths every call takes.
+make_rrid = functools.partial(tuple.__new__, RRID)
 
 
 @dataclass(frozen=True, slots=True)
