@@ -45,11 +45,18 @@ class _Closer:
     def check_open(self) -> None:
         flags = self.core.flags
         if flags.broken:
-            raise BrokenProcessPool(flags.broken)
+            raise self.broken_error()
         if flags.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def broken_error(self) -> BrokenProcessPool:
+        """The error of a broken executor, caused by what broke it (as its tasks saw it)."""
+        flags = self.core.flags
+        exc = BrokenProcessPool(flags.broken or "the process pool is broken")
+        exc.__cause__ = flags.broken_cause
+        return exc
 
     # -- breaking and stopping -------------------------------------------------------------------
     def break_(self, why: str, cause: BaseException | None) -> None:
@@ -59,7 +66,7 @@ class _Closer:
         with core.lock:
             if core.flags.broken:
                 return
-            core.flags.broken = why
+            core.flags.broken, core.flags.broken_cause = why, cause
             doomed = core.tasks.drain()
             owned, given = [], []
             for w in staff.workers:

@@ -24,7 +24,7 @@ from ..errors import ProcessExitedException, SerializationError
 from ..funccache import _is_cache_miss, drop_dead
 from ..values import Failure
 from ..workerpool import _start
-from .futures import _report, _unwrap, deliver
+from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
 from .state import _Timings
@@ -101,7 +101,7 @@ class _Dispatcher:
         core = self.core
         with core.lock:
             doomed = core.tasks.drain()
-        core.fail_all(doomed, BrokenProcessPool(core.flags.broken or "the process pool is broken"))
+        core.fail_all(doomed, core.closer.broken_error())
 
     # -- dispatching -----------------------------------------------------------------------------
     def dispatch(self, grow: bool = True) -> None:
@@ -218,7 +218,7 @@ class _Dispatcher:
     def _start_batch(self, w: _Worker, batch: _Batch, run: Any, args: tuple) -> bool:
         """Send ``batch`` to ``w`` as the call ``run(*args)``; whether it went out."""
         for t in batch.tasks:
-            t.sink.pid = w.pid
+            mark_sent(t.sink, w.pid)   # type: ignore[arg-type]
         batch.sent = time.perf_counter()
         try:
             if batch.alone and time.monotonic() - w.idle_since > IDLE_CHECK and w.exited():

@@ -37,6 +37,7 @@ from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
 from .futures import _unwrap
+from .mainscript import main_code
 from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
@@ -291,7 +292,7 @@ class _Staff:
         own = core.borrower is None
         authkey = bytes(multiprocessing.current_process().authkey) if own else None
         calls = []
-        main = None if core.main is None else (core.main, sys.path, sys.argv)
+        main = None if core.main is None else (core.main, sys.path, sys.argv, main_code(core.main))
         try:
             payload = self._init_payload()
             for pid in pids:

@@ -27,13 +27,14 @@ AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
 class _Flags:
     """Where an executor is in its life (written by ``_Closer`` only)."""
 
-    __slots__ = ("shutdown", "stopped", "terminating", "broken")
+    __slots__ = ("shutdown", "stopped", "terminating", "broken", "broken_cause")
 
     def __init__(self) -> None:
         self.shutdown = False            # no new tasks
         self.stopped = False             # every task done, the workers going
         self.terminating = False         # Pool.terminate: unfinished tasks fail
         self.broken: str | None = None   # why the executor cannot go on
+        self.broken_cause: BaseException | None = None   # what broke it, for later raises
 
     def closed(self) -> bool:
         """Whether the executor takes on no more workers."""
