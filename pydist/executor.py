@@ -57,8 +57,7 @@ from .workerpool import AbstractWorkerPool
 # importable from here, where they used to be defined.
 from .dropin.closing import _at_exit, _live  # noqa: F401
 from .dropin.core import _keys  # noqa: F401
-from .dropin.dispatching import MAX_BATCH  # noqa: F401
-from .dropin.state import AHEAD_TIME, MAX_AHEAD  # noqa: F401
+from .dropin.dispatching import AHEAD_TIME, MAX_AHEAD, MAX_BATCH  # noqa: F401
 from .dropin.futures import _settling  # noqa: F401
 from .dropin.futures import _WAITING, _copy_exc, _report, _unwrap, pump_for  # noqa: F401
 from .dropin.mapfeed import _Slot  # noqa: F401

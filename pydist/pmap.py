@@ -40,6 +40,7 @@ from .errors import ProcessExitedException, SerializationError
 from .values import Failure
 from .abstractpool import _start
 from .funccache import _drop_caches, _FunctionCache, _is_cache_miss
+from .pace import Pace
 from .progress import check_progress, progress_bar
 from .workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
 from . import serialize
@@ -292,7 +293,7 @@ class _Mapper:
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.fixed = _auto_batch(n, len(pool)) if batch_size == "auto" else batch_size
         self.adaptive = batch_size == 1
-        self.per_elem: float | None = None   # seconds per element there (moving average)
+        self.pace = Pace()                   # seconds per element there (pace.py)
         self.in_bytes = 0.0                  # pickled bytes of an element, and of an answer
         self.out_bytes = 0.0
         self.own_cache = not isinstance(pool, CachingPool)
@@ -406,9 +407,7 @@ class _Mapper:
 
     # -- sending ---------------------------------------------------------------------------------------
     def _window(self) -> int:
-        if self.per_elem is None:
-            return 1             # until one answer says how long an element takes
-        return 1 if self.per_elem >= SLOW_ELEMENT else WINDOW
+        return self.pace.window(SLOW_ELEMENT, WINDOW)   # 1 until an answer says how long
 
     def _fill(self) -> None:
         window = self._window()
@@ -423,9 +422,10 @@ class _Mapper:
     def _chunk_len(self) -> int:
         if not self.adaptive:
             return self.fixed    # type: ignore[return-value]
-        if self.per_elem is None:
+        per = self.pace.per_task
+        if per is None:
             return 1
-        n = min(MAX_CHUNK, CHUNK_SECONDS / max(self.per_elem, 1e-8))
+        n = min(MAX_CHUNK, CHUNK_SECONDS / max(per, 1e-8))
         size = max(self.in_bytes, self.out_bytes)
         if size:
             n = min(n, CHUNK_BYTES / size)
@@ -499,8 +499,7 @@ class _Mapper:
 
     def _learn(self, chunk: range | list[int], value: Any) -> None:
         n = len(chunk)
-        per = value.elapsed / n
-        self.per_elem = per if self.per_elem is None else 0.7 * self.per_elem + 0.3 * per
+        self.pace.learn(n, value.elapsed)
         if value.nbytes:
             self.out_bytes = value.nbytes / n if not self.out_bytes else \
                 0.7 * self.out_bytes + 0.3 * value.nbytes / n

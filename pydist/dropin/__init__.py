@@ -7,7 +7,7 @@ Layer 4, as the two fronts: built on the public cluster API only. One idea a mod
 * ``records.py``: the master's books: tasks, batches, workers; workers as processes;
 * ``futures.py``: how a task's outcome reaches the caller (futures, pumping, errors);
 * ``core.py``: ``_Core``, one executor: its settings, the shared state objects of
-  ``state.py`` (lifecycle flags, task queue, learnt timings) and its parts, each the owner
+  ``state.py`` (lifecycle flags, task queue) and its parts, each the owner
   of its own state: ``dispatching.py`` (tasks out, replies in), ``staffing.py`` (the
   worker records; workers started, lost, retired), ``stealing.py`` (tasks taken back
   from behind a long one), ``closing.py`` (shutdown, breaking, interpreter exit),

@@ -6,7 +6,7 @@ shared state objects (``state.py``: the lifecycle ``flags``, the task queue ``ta
 and its parts, each the one owner of its own state (composition, one module each):
 
 * ``dispatcher`` (``dispatching.py``): pending tasks out to the workers in batches,
-  replies back in; owns the learnt timings;
+  replies back in; owns the learnt pace (``pydist/pace.py``, shared with ``pmap``);
 * ``staff`` (``staffing.py``): the worker records; workers started on demand, lost and
   replaced, retired;
 * ``stealer`` (``stealing.py``): batches taken back from behind a long task;
@@ -119,5 +119,5 @@ class _Core:
         self.finished(len(tasks))
 
     def cap(self) -> int:
-        """Tasks a worker may hold now (``state._Timings.cap``)."""
-        return self.dispatcher.timings.cap()
+        """Tasks a worker may hold now (``_Dispatcher.cap``)."""
+        return self.dispatcher.cap()

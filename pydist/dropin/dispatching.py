@@ -3,8 +3,9 @@
 ``dispatch`` runs on whichever thread made work possible (a ``submit``, a reply, a worker
 started): under the lock it picks the worker with the most room and moves a batch of
 pending tasks to its outbox (``_pick``), then sends outside the lock (``_flush``), each
-worker's outbox in order. How much a worker may hold (``_Timings.cap``) follows the time
-a task takes there and the round trip, both learnt from replies.
+worker's outbox in order. How much a worker may hold (``cap``) follows the time a task
+takes there and the round trip, both learnt from replies (``pydist/pace.py``, the pacing
+``pmap`` uses too).
 
 A reply completes its tasks' sinks on the thread that read it (``on_reply``). A batch
 that failed as a whole (it could not be pickled here, or unpickled there, or its results
@@ -22,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import ProcessExitedException, SerializationError
 from ..funccache import _is_cache_miss, drop_dead
+from ..pace import Pace
 from ..values import Failure
 from ..workerpool import _start
 from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .state import _Timings
 from .worker_side import (CALL, _REVOKED, _Packed, _Results, _run_batch, _run_one,
                           _Undecodable, inline_ok)
 
@@ -35,15 +36,22 @@ if TYPE_CHECKING:
     from .core import _Core
 
 MAX_BATCH = 256          # tasks in one message at most
+MAX_AHEAD = 2048         # tasks in flight per worker at most
+AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
 IDLE_CHECK = 0.002       # seconds idle after which a worker's process is checked before a send
 
 
 class _Dispatcher:
-    """Pending tasks out to the workers, their replies back in; owns the timings."""
+    """Pending tasks out to the workers, their replies back in; owns the pace."""
 
     def __init__(self, core: "_Core") -> None:
         self.core = core
-        self.timings = _Timings()
+        self.pace = Pace()
+
+    def cap(self) -> int:
+        """Tasks a worker may hold: 1 until tasks are measured, then enough to cover the
+        round trip (many tiny tasks, one long one)."""
+        return self.pace.hold(AHEAD_TIME, MAX_AHEAD)
 
     # -- submitting ------------------------------------------------------------------------------
     def enqueue(self, tasks: Iterable[_Task], check: bool = True) -> None:
@@ -125,7 +133,7 @@ class _Dispatcher:
         core = self.core
         queue, max_tasks = core.tasks, core.max_tasks
         while queue.pending and not core.flags.broken:
-            cap = self.timings.cap()
+            cap = self.cap()
             best, room, avail = None, 0, 0
             for w in core.staff.workers:
                 if w.retiring or w.gone or w.unreachable:
@@ -302,7 +310,7 @@ class _Dispatcher:
                 return
             if elapsed is not None:     # an atom result travels without its timing
                 trip = now - batch.sent - elapsed if batch.alone else None
-                self.timings.learn(len(batch.tasks), elapsed, trip)
+                self.pace.learn(len(batch.tasks), elapsed, trip)
             retire = core.staff.retire_due(w)
         deliver(batch.tasks, values, core.tb_class)
         core.finished(len(batch.tasks))

@@ -5,9 +5,8 @@
 * ``_TaskQueue``: the tasks waiting for a worker and the count of those not finished
   (waiting, on a worker, or being answered); every change goes through its methods, under
   the executor's lock, and ``changed`` is notified when nothing is left unfinished.
-* ``_Timings``: what the replies taught about how long a task takes there and the round
-  trip beyond the work (written by ``dispatching.py`` only); how many tasks a worker may
-  hold follows from them (``cap``).
+
+The learnt timings are the dispatcher's ``Pace`` (``pydist/pace.py``, shared with ``pmap``).
 
 The worker records are the ``_Staff``'s (``staffing.py``), the borrowed workers the
 ``_Borrower``'s (``borrowing.py``).
@@ -20,8 +19,6 @@ from typing import Iterable
 
 from .records import _Task
 
-MAX_AHEAD = 2048         # tasks in flight per worker at most
-AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
 
 
 class _Flags:
@@ -122,30 +119,3 @@ class _TaskQueue:
                     t.sink.set_running_or_notify_cancel()
             self.pending = keep
             self.unfinished -= gone
-
-
-class _Timings:
-    """Seconds a task takes on the workers and the round trip beyond it, from replies."""
-
-    __slots__ = ("est", "rtt")
-
-    def __init__(self) -> None:
-        self.est: float | None = None    # seconds per task, measured on the workers
-        self.rtt = 0.0005                # seconds of round trip beyond the work
-
-    def cap(self) -> int:
-        """Tasks a worker may hold: 1 until tasks are measured, then enough to cover the
-        round trip (many tiny tasks, one long one)."""
-        est = self.est
-        if est is None:
-            return 1
-        ahead = max(2 * self.rtt, AHEAD_TIME)
-        return 1 + min(MAX_AHEAD, int(ahead / max(est, 1e-7)))
-
-    def learn(self, ntasks: int, elapsed: float, round_trip: float | None) -> None:
-        """A batch of ``ntasks`` ran ``elapsed`` seconds there; ``round_trip``: the time
-        beyond that from send to reply, when the batch was alone on its worker."""
-        per = elapsed / ntasks
-        self.est = per if self.est is None else 0.7 * self.est + 0.3 * per
-        if round_trip is not None:
-            self.rtt = 0.8 * self.rtt + 0.2 * min(max(0.0, round_trip), 0.05)

@@ -37,7 +37,7 @@ class _Stealer:
         task on another worker (those not started yet), so the idle one runs them."""
         core = self.core
         now = time.perf_counter()
-        est = core.dispatcher.timings.est or 0.0
+        est = core.dispatcher.pace.per_task or 0.0
         later: float | None = None
         with core.lock:
             if core.tasks.pending or core.flags.broken or core.flags.terminating:
