@@ -25,14 +25,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..cluster import PGRP
 from ..workerpool import AbstractWorkerPool
 from .records import _Worker
 
-if TYPE_CHECKING:
-    from .core import _Core
 
 POLL = 0.05      # seconds between rounds of the keeper
 LINGER = 0.1     # seconds an idle borrowed worker is kept, in case more tasks come
@@ -41,7 +39,7 @@ LINGER = 0.1     # seconds an idle borrowed worker is kept, in case more tasks c
 class _Borrower:
     """The workers one executor borrows from ``pool``, and the thread that keeps them."""
 
-    def __init__(self, core: "_Core", pool: AbstractWorkerPool) -> None:
+    def __init__(self, core: Any, pool: AbstractWorkerPool) -> None:
         self.core = core
         self.pool = pool
         self.thread: threading.Thread | None = None     # the keeper (under core.lock)

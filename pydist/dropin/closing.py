@@ -18,7 +18,7 @@ import atexit
 import threading
 import weakref
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..control import rmprocs
 from ..funccache import _drop_caches
@@ -27,17 +27,15 @@ from ..workerpool import CachingPool
 from .futures import _settling
 from .worker_side import _gate_drop
 
-if TYPE_CHECKING:
-    from .core import _Core
 
 _global_shutdown = False
-_live: "weakref.WeakSet[_Core]" = weakref.WeakSet()
+_live: "weakref.WeakSet[Any]" = weakref.WeakSet()    # every _Core not yet stopped
 
 
 class _Closer:
     """Shutting down, stopping, breaking, terminating one executor."""
 
-    def __init__(self, core: "_Core") -> None:
+    def __init__(self, core: Any) -> None:
         self.core = core
         self.stop_lock = threading.Lock()
         self.stop_done = threading.Event()

@@ -16,7 +16,9 @@ and its parts, each the one owner of its own state (composition, one module each
 * ``pool``: the worker set: the given pool, or a ``CachingPool`` of the workers the staff
   starts; ``fcache``, the function cache functions ship through (``funccache.py``).
 
-``lock`` guards the queue, the worker records and the counts; ``changed`` (on that lock)
+Each part holds the core it belongs to as ``core`` (typed ``Any``: the core composes the
+parts, so naming its type in them would make an import cycle) and reaches the others
+through it. ``lock`` guards the queue, the worker records and the counts; ``changed`` (on that lock)
 is notified when no task is left unfinished, when the starter thread ends, and when the
 executor breaks.
 """

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from ..errors import ProcessExitedException, SerializationError
 from ..funccache import _is_cache_miss, drop_dead
@@ -32,8 +32,6 @@ from .records import _NO_KWARGS, _Batch, _Task, _Worker
 from .worker_side import (CALL, _REVOKED, _Packed, _Results, _run_batch, _run_one,
                           _Undecodable, inline_ok)
 
-if TYPE_CHECKING:
-    from .core import _Core
 
 MAX_BATCH = 256          # tasks in one message at most
 MAX_AHEAD = 2048         # tasks in flight per worker at most
@@ -44,7 +42,7 @@ IDLE_CHECK = 0.002       # seconds idle after which a worker's process is checke
 class _Dispatcher:
     """Pending tasks out to the workers, their replies back in; owns the pace."""
 
-    def __init__(self, core: "_Core") -> None:
+    def __init__(self, core: Any) -> None:
         self.core = core
         self.pace = Pace()
 

@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..cluster import PGRP, W_TERMINATED
 from ..control import addprocs, rmprocs
@@ -42,8 +42,6 @@ from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
 
-if TYPE_CHECKING:
-    from .core import _Core
 
 _addprocs_lock = threading.Lock()     # one addprocs at a time from the drop-ins
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -82,7 +80,7 @@ _PER_WORKER: Any = (b"", [])          # init_packed: pickle the initializer for 
 class _Staff:
     """The executor's workers: started, borrowed, lost, retired."""
 
-    def __init__(self, core: "_Core") -> None:
+    def __init__(self, core: Any) -> None:
         self.core = core
         self.workers: list[_Worker] = []
         self.to_start: list[_Worker] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..values import Failure
 from ..workerpool import _start
@@ -19,8 +19,6 @@ from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke
 
-if TYPE_CHECKING:
-    from .core import _Core
 
 STEAL_AFTER = 0.005      # a batch running this long (and well past its estimate) may be stolen from
 
@@ -28,7 +26,7 @@ STEAL_AFTER = 0.005      # a batch running this long (and well past its estimate
 class _Stealer:
     """Taking back batches not started behind a long one."""
 
-    def __init__(self, core: "_Core") -> None:
+    def __init__(self, core: Any) -> None:
         self.core = core
         self.timer: threading.Timer | None = None     # (under the lock)
 
