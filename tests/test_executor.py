@@ -298,8 +298,7 @@ def test_executor_on_given_workers(fresh):
 
 
 def test_executor_takes_workers_from_its_pool(fresh):
-    from pydist.workerpool import WorkerPool
-    pool = WorkerPool(fresh(2))
+    pool = pd.WorkerPool(fresh(2))
     ex = pd.ProcessPoolExecutor(pool=pool)
     try:
         futures = [ex.submit(sleep_then, 1.0, i) for i in range(2)]
@@ -314,8 +313,7 @@ def test_executor_takes_workers_from_its_pool(fresh):
 
 
 def test_executor_and_pmap_share_a_pool(fresh):
-    from pydist.workerpool import WorkerPool
-    pool = WorkerPool(fresh(2))
+    pool = pd.WorkerPool(fresh(2))
     ex = pd.ProcessPoolExecutor(pool=pool)
     try:
         futures = [ex.submit(stamped, 0.05, i) for i in range(40)]     # about 1 s on 2 workers
