@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from ..control import rmprocs
 from ..remotecall import remote_do
 from .dispatching import _settling
+from .futures import _copy_exc
 from .records import _Task
 from .worker_side import _fn_drop
 
@@ -38,7 +39,7 @@ class _Closing:
 
     def check_open(self) -> None:
         if self.broken:
-            raise BrokenProcessPool(self.broken)
+            raise BrokenProcessPool(self.broken) from self.broken_by
         if self.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:
@@ -50,7 +51,8 @@ class _Closing:
         with self.lock:
             if self.broken:
                 return
-            self.broken = why
+            # A copy without the traceback, whose frames would hold this object (a cycle).
+            self.broken, self.broken_by = why, None if cause is None else _copy_exc(cause)
             doomed = list(self.pending)
             self.pending.clear()
             owned = []

@@ -24,6 +24,7 @@ from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Callable
 
 from ..cluster import PGRP
+from ..destinations import Limits
 from ..workerpool import AbstractWorkerPool
 from .closing import _Closing, _live
 from .dispatching import _Dispatching
@@ -48,6 +49,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
         self.init_packed: tuple[bytes, list] | None = None
+        self.init_limits = Limits()          # where the pickled initializer may go
         self.max_tasks = max_tasks
         self.max_memory = max_memory        # bytes of resident memory per worker, or None
         self.transport = transport
@@ -68,6 +70,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         self.stopped = False
         self.terminating = False
         self.broken: str | None = None
+        self.broken_by: BaseException | None = None   # what broke it, if known
         self.est: float | None = None       # seconds per task, measured on the workers
         self.rtt = 0.0005                   # seconds of round trip beyond the work
         # The main script, which the workers this executor starts run as __mp_main__: its
