@@ -43,8 +43,9 @@ three things besides, each through the ring as a *notice* (a descriptor of lengt
    for its own pool in a thread of its own (``prepare``), while the sender makes its own;
 2. once made (and its pages mapped in one call), a segment is *announced* (its name): the
    receiver opens it at once, and maps its pages while the sender copies the frame in;
-3. a sender whose only fitting segment is still lent waits a moment for it (the receiver
-   of a reply is often about to give the request's segment back) before making another.
+3. a sender whose only fitting segment is still lent waits a moment for it (up to a tenth
+   of what making one costs: the receiver of an answer is often about to give the
+   request's segment back) before making another.
 
 Notices are only hints: one that finds the ring full is not sent, and a hint that would
 take the receiver's pool past ``POOL_BYTES`` is ignored.
@@ -77,8 +78,9 @@ POOL_BYTES = 256 << 20
 IDLE_SECONDS = 5.0
 _ROUND = 1 << 20
 _TICK = 1.0             # how often idle segments are looked for
-_LENT_WAIT = 0.002      # seconds at most for a lent segment to come back (less if small)
-_LENT_RATE = 50e9       # ... and no longer than copying its bytes at this rate would take
+# A sender waits for a lent segment to come back up to a tenth of what making one costs
+# (about 0.5 ms per MiB here): seconds per byte.
+_LENT_WAIT = 0.05e-3 / (1 << 20)
 _PREPARE_WAIT = 5.0     # seconds at most for a segment being made in the background
 MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23   # Linux 5.14; elsewhere pages fault in
 
@@ -186,7 +188,6 @@ class BigOut:
         self._making: list[int] = []   # capacities being made by prepare()
         self._closed = False
         self._no_room_until = 0.0   # /dev/shm was full: the ring until then
-        self._no_wait_until = 0.0   # a lent segment did not come back in time: make one
         self._notify = notify
 
     def stage(self, parts: Sequence[memoryview | bytes], total: int) -> bytes | None:
@@ -217,7 +218,7 @@ class BigOut:
             self._notify(announcement(out.segment.name, out.cap), locked)
 
     def _take(self, n: int) -> _Out | None:
-        deadline = time.monotonic() + min(_LENT_WAIT, n / _LENT_RATE)
+        deadline = time.monotonic() + n * _LENT_WAIT
         with self._lock:
             while True:
                 if self._closed:
@@ -254,11 +255,7 @@ class BigOut:
         now = time.monotonic()
         if any(n <= c <= 2 * n + _ROUND for c in self._making):
             return self._changed.wait(_PREPARE_WAIT) or True
-        if now >= deadline or now < self._no_wait_until:
-            if now >= deadline and any(o.fits(n) for o in self._pool):
-                self._no_wait_until = now + IDLE_SECONDS   # it is kept: stop waiting
-            return False
-        if not any(o.fits(n) for o in self._pool):
+        if now >= deadline or not any(o.fits(n) for o in self._pool):
             return False
         self._changed.wait(min(1e-4, deadline - now))   # the receiver stores, not notifies
         return True
