@@ -181,3 +181,20 @@ def test_an_announcement_of_a_segment_gone_meanwhile_is_passed_over(pair):
     forge(a, seg.new_name(), 1 << 20, 0)
     a.send_frame([b"after"])
     assert bytes(b.recv_frame()) == b"after" and not b.closed
+
+
+def test_an_interrupt_after_the_notices_cancels_the_frame_and_keeps_the_stream(pair, monkeypatch):
+    a, b = pair
+    announce = bigbuf.BigOut._announce
+
+    def interrupted(self, out, locked):
+        announce(self, out, locked)            # the hint and the announcement are out
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bigbuf.BigOut, "_announce", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        a.send_frame([payload(BIG, 1)])
+    monkeypatch.setattr(bigbuf.BigOut, "_announce", announce)
+    a.send_frame([b"next"])
+    assert bytes(b.recv_frame()) == b"next"
+    a.send_frame([payload(BIG, 2)])           # the segment, given back, serves again
+    assert bytes(b.recv_frame()) == payload(BIG, 2) and a._big_out.stats() == (1, BIG)

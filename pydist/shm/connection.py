@@ -122,8 +122,10 @@ class ShmTransport:
                 big = None
                 try:
                     if total >= self._big_min:
-                        big = self._stage_big(views, total)
-                        start = tx.position  # notices sent meanwhile are whole frames
+                        try:
+                            big = self._stage_big(views, total)
+                        finally:  # notices sent meanwhile are whole frames, not this one's
+                            start = tx.position
                     if big is not None:
                         tx.write(big)
                         tx.flush()
