@@ -51,13 +51,21 @@ class _SharedRef:
             except Exception:  # interpreter shutdown: nobody left to tell
                 pass
 
-    def check_destination(self) -> bool:
-        """Before pickling: refuse a destination that has no mapping (``destinations.py``:
-        now, or before bytes pickled ahead are sent); count it as a holder. Whether it was
+    def check_destination(self, arr: np.ndarray) -> bool:
+        """Before pickling ``arr``: refuse a destination that has no mapping
+        (``destinations.py``: now, or before bytes pickled ahead are sent); count it as a
+        holder, once per message even if the message is pickled twice. Whether it was
         counted."""
         m = self.mapping
         dest = restrict(frozenset((m.owner, *m.pids)), partial(_refusal, m))
-        return sharedmap.note_sent(m.owner, m.rrid, dest)
+        counted = getattr(PGRP.sending, "counted", None) if dest is not None else None
+        key = (id(arr), arr.__array_interface__["data"][0], arr.shape, arr.strides)
+        if counted is not None and key in counted:
+            return counted[key]
+        done = sharedmap.note_sent(m.owner, m.rrid, dest)
+        if counted is not None:
+            counted[key] = done
+        return done
 
     def contains(self, arr: np.ndarray) -> bool:
         """Whether every byte ``arr`` can reach lies inside the mapping."""
@@ -155,7 +163,7 @@ class SharedArray(np.ndarray):
         ref = self._ref
         if ref is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
-        counted = ref.check_destination()
+        counted = ref.check_destination(self)
         m = ref.mapping
         offset = self.__array_interface__["data"][0] - ref.base_address
         return (_rebuild, (m.name, m.owner, m.rrid, m.pids, offset, self.shape, self.strides,

@@ -146,6 +146,21 @@ def test_drop_in_tasks_and_initializers_are_refused_at_the_sender(cluster):
     assert wait_until(lambda: forgotten(before, cluster), 10), table_sizes(cluster)
 
 
+def first_plus(S, g):
+    return float(S[0]) + g()
+
+
+def test_a_message_pickled_twice_counts_each_array_once(cluster):
+    # pickle fails at the lambda after counting S, cloudpickle pickles S again: the worker
+    # gets one handle, so one count, and the array is freed once dropped.
+    before = table_sizes(cluster)
+    S = pd.SharedArray(10, pids=[cluster[0]])
+    assert pd.remotecall_fetch(first_plus, cluster[0], S, lambda: 1.0) == 1.0
+    del S
+    gc.collect()
+    assert wait_until(lambda: forgotten(before, cluster), 10), table_sizes(cluster)
+
+
 def test_copy_of_and_the_helpers(cluster):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     S = pd.SharedArray.copy_of(a)
