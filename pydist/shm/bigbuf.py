@@ -212,10 +212,13 @@ class BigOut:
     def _announce(self, out: _Out, locked: bool) -> None:
         """Tell the receiver to open ``out`` now, once (a second notice would be harmless:
         the receiver keeps what it opened)."""
+        if self._notify is None:
+            return
         with self._lock:
-            fresh, out.fresh = out.fresh, False
-        if fresh and self._notify is not None:
-            self._notify(announcement(out.segment.name, out.cap), locked)
+            fresh, out.fresh = out.fresh and not out.words[OPENED], False
+        if fresh:
+            if not self._notify(announcement(out.segment.name, out.cap), locked):
+                out.fresh = True   # not sent: the first descriptor naming it opens it
 
     def _take(self, n: int) -> _Out | None:
         deadline = time.monotonic() + n * _LENT_WAIT
