@@ -27,12 +27,13 @@ import itertools
 import os
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import encode_message
 from . import serialize
 from .errors import ProcessExitedException, SerializationError, TransportError, describe_exit
-from .messages import RRID, Message, MsgHeader
+from .messages import RRID, Message, MsgHeader, make_rrid
 from .tasks import TaskRunner
 from .values import Failure, RemoteValue
 
@@ -53,6 +54,10 @@ class WorkerState(enum.StrEnum):
 
 
 W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = WorkerState
+
+# Seconds a failed send waits for the connection's reader to hand over what the dead peer
+# sent and report the death (the reader needs milliseconds unless a handler holds it).
+DRAIN_TIMEOUT = 0.5
 
 
 def host_key() -> str:
@@ -96,6 +101,7 @@ class Worker:
         self.detail = ""                     # how it ended, for ProcessExitedException
         self.connect_lock = threading.Lock()
         self.inbox: Any = None               # the read side of the connection (inbox.Inbox)
+        self.draining = False                # a send failed; its reader reads what is left
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state}>"
@@ -128,7 +134,7 @@ class ProcessGroup:
     # -- identities -----------------------------------------------------------------
     def next_rrid(self) -> RRID:
         """A fresh reference id owned by this process."""
-        return RRID(self.myid, next(self._ids))
+        return make_rrid((self.myid, next(self._ids)))
 
     @property
     def runner(self) -> TaskRunner:
@@ -208,9 +214,24 @@ class ProcessGroup:
         try:
             t.send_frame(parts)
         except TransportError as e:
-            # The peer died: say how, as the reader would (it may not have noticed yet).
-            self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({e})")
-            raise ProcessExitedException(pid, w.detail) from None
+            raise self._send_failed(w, e) from None
+
+    def _send_failed(self, w: Worker, error: TransportError) -> ProcessExitedException:
+        """A send to ``w`` failed: it died, or its connection did. What it sent before may
+        still wait in the connection, unread: so its reader decides the death, once it has
+        handed all that over and met the end. This waits for that (``DRAIN_TIMEOUT`` at
+        most: a reader stuck in a handler, then this decides); on the reader's own thread it
+        cannot wait, and leaves the decision to the reader, which reads on after this
+        handler (``w.draining`` says so meanwhile)."""
+        inbox = w.inbox
+        if inbox is not None and inbox.w is w and w.state != W_TERMINATED:
+            w.draining = True
+            if inbox.reader == threading.get_ident():
+                return ProcessExitedException(w.id, w.detail or self.exit_detail(w)
+                                              or f"lost its connection ({error})")
+            _await_reader(w, inbox, DRAIN_TIMEOUT)
+        self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({error})")
+        return ProcessExitedException(w.id, w.detail)
 
     @staticmethod
     def exit_detail(w: Worker) -> str:
@@ -267,6 +288,18 @@ class ProcessGroup:
                 rv.clients.discard(client)
                 if not rv.clients:
                     del self.refs[rrid]
+
+    def del_clients(self, ids: list[tuple[int, int]], client: int) -> None:
+        """``del_client`` for each reference id given as ``(whence, id)``, under one lock."""
+        refs = self.refs
+        with self.lock:
+            for whence, n in ids:
+                rrid = make_rrid((whence, n))
+                rv = refs.get(rrid)
+                if rv is not None:
+                    rv.clients.discard(client)
+                    if not rv.clients:
+                        del refs[rrid]
 
     def drop_client(self, client: int) -> None:
         """Forget process ``client`` in every client set (it is gone: its del-client notices
@@ -325,6 +358,20 @@ class ProcessGroup:
 
 
 PGRP = ProcessGroup()
+
+
+def _await_reader(w: Worker, inbox: Any, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``w``'s reader to meet the end of its connection
+    and mark ``w`` terminated (everything read before is handled by then)."""
+    deadline = time.monotonic() + timeout
+
+    def done() -> bool:
+        return w.state == W_TERMINATED
+    while not done() and (left := deadline - time.monotonic()) > 0:
+        if inbox.ended:           # the reader met the end and is saying how it ended
+            w.gone.wait(min(left, 0.01))
+        else:
+            inbox.wait(done, left)
 
 
 def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:

@@ -39,11 +39,17 @@ class _Closing:
 
     def check_open(self) -> None:
         if self.broken:
-            raise BrokenProcessPool(self.broken) from self.broken_by
+            raise self.broken_error()
         if self.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def broken_error(self) -> BrokenProcessPool:
+        """The error of a broken executor, caused by what broke it (as its tasks saw it)."""
+        exc = BrokenProcessPool(self.broken or "the process pool is broken")
+        exc.__cause__ = self.broken_cause
+        return exc
 
     # -- breaking and stopping -------------------------------------------------------------------
     def _break(self, why: str, cause: BaseException | None) -> None:
@@ -51,8 +57,9 @@ class _Closing:
         with self.lock:
             if self.broken:
                 return
-            # A copy without the traceback, whose frames would hold this object (a cycle).
-            self.broken, self.broken_by = why, None if cause is None else _copy_exc(cause)
+            # A copy without the traceback: its frames would hold this object (and the
+            # executor, whose finalizer holds this object: a leak, not a cycle).
+            self.broken, self.broken_cause = why, None if cause is None else _copy_exc(cause)
             doomed = list(self.pending)
             self.pending.clear()
             owned = []

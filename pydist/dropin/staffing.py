@@ -6,7 +6,10 @@
   executor. An executor given a pydist pool adopts that pool's workers instead.
 * Death (``_worker_died``): the task that was running fails; the others go back to the
   front of the queue (those that shared its message one by one) and the worker is
-  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
+  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once. The
+  death is decided after the connection's reader has handed over every answer the worker
+  sent before it went, never by a send that failed first (``_lost_in_send``): otherwise
+  an answered batch not yet read would be taken for the one running, and its task blamed.
 * Retirement (``max_tasks_per_child``): a worker that has done its share takes no more
   tasks and is removed once idle; its process counts against the bound of twice
   ``max_workers`` until it is gone. ``max_memory_per_child`` retires a worker the same
@@ -21,7 +24,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..cluster import PGRP
+from ..cluster import PGRP, W_TERMINATED
 from ..control import addprocs, rmprocs
 from ..destinations import pickling_ahead
 from ..errors import ProcessExitedException, SerializationError
@@ -30,6 +33,7 @@ from ..remotecall import remotecall
 from ..serialize import dumps
 from .closing import _live
 from .futures import _unwrap
+from .mainscript import main_code
 from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
@@ -79,7 +83,8 @@ class _Staffing:
             w.gone = True
             if w in self.workers:
                 self.workers.remove(w)
-            sent, queued = list(w.batches), list(w.outbox)
+            # A batch still being sent is its sender's to settle (it may never have left).
+            sent, queued = [b for b in w.batches if not b.sending], list(w.outbox)
             w.batches.clear()
             w.outbox.clear()
             for b in sent + queued:
@@ -109,6 +114,21 @@ class _Staffing:
         self._settle_all(doomed, exc)
         if adopt:
             self._helper(self._adopt_then_dispatch)
+        self.dispatch()
+
+    def _lost_in_send(self, w: _Worker, exc: ProcessExitedException) -> None:
+        """A send to ``w`` failed (its batch is back in the queue). Which of its batches was
+        running when it died can only be told once its connection's reader has handed over
+        every answer ``w`` sent before it went: ``ProcessGroup.send`` waits for that before
+        it raises, so the death is decided here; unless this thread is that very reader (the
+        cluster marks the worker ``draining``), which reads on once this returns and reports
+        the death then (``_on_worker_lost``). Until then nothing more is sent to ``w``."""
+        record = PGRP.workers.get(w.pid) if w.pid is not None else None
+        if record is not None and record.draining and record.state != W_TERMINATED:
+            with self.lock:
+                w.unreachable = True
+        else:
+            self._worker_died(w, exc)
         self.dispatch()
 
     def _adopt_then_dispatch(self) -> None:
@@ -240,7 +260,7 @@ class _Staffing:
         local workers this executor starts itself are given multiprocessing's authkey."""
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
-        main = None if self.main is None else (self.main, sys.path, sys.argv)
+        main = None if self.main is None else (self.main, sys.path, sys.argv, main_code(self.main))
         try:
             payload = self._init_payload()
             for pid in pids:
