@@ -24,7 +24,7 @@ from ..control import rmprocs
 from ..funccache import _drop_caches
 from ..remotecall import remote_do
 from ..workerpool import CachingPool
-from .futures import _settling
+from .futures import _copy_exc, _settling
 from .worker_side import _gate_drop
 
 
@@ -64,7 +64,10 @@ class _Closer:
         with core.lock:
             if core.flags.broken:
                 return
-            core.flags.broken, core.flags.broken_cause = why, cause
+            # A copy without the traceback: its frames would hold this object (and the
+            # executor, whose finalizer holds this object: a leak, not a cycle).
+            core.flags.broken = why
+            core.flags.broken_cause = None if cause is None else _copy_exc(cause)
             doomed = core.tasks.drain()
             owned, given = [], []
             for w in staff.workers:

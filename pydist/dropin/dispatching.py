@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, Iterable
 
+from ..destinations import pickling_ahead
 from ..errors import ProcessExitedException, SerializationError
 from ..funccache import _is_cache_miss, drop_dead
 from ..pace import Pace
@@ -190,26 +191,32 @@ class _Dispatcher:
             if self._answered(w, batch):
                 self.core.fail_all(batch.tasks, e)
 
-    def _payload(self, batch: _Batch) -> tuple[Any, tuple]:
-        """What runs ``batch`` on the worker, and its arguments after the function. A task
-        sent alone to an idle worker skips the revoke gate, and its atom arguments travel
-        inline; other arguments are pickled ahead, so a failure to unpickle them there is
-        their task's error (``worker_side.py``)."""
+    def _payload(self, batch: _Batch, pid: int) -> tuple[Any, tuple]:
+        """What runs ``batch`` on worker ``pid``, and its arguments after the function. A
+        task sent alone to an idle worker skips the revoke gate, and its atom arguments
+        travel inline; other arguments are pickled ahead, so a failure to unpickle them there
+        is their task's error (``worker_side.py``), and checked here for ``pid`` (an argument
+        that may not go there, a SharedArray it does not map, is refused before sending)."""
         core = self.core
         tasks = batch.tasks
-        by_ref = core.main is not None
         if batch.direct:
             t = tasks[0]
             if inline_ok(t.args, t.kwargs):
                 return _run_one, (t.args, t.kwargs, None, core.pool_mode)
-            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)], by_ref)
-            return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), core.pool_mode)
-        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks], by_ref)
-        return _run_batch, (_Packed(data, *bufs), core.pool_mode, core.key, batch.seq)
+            packed = self._pack([(CALL, t.args, t.kwargs)], pid)
+            return _run_one, ((), _NO_KWARGS, packed, core.pool_mode)
+        packed = self._pack([(t.kind, t.args, t.kwargs) for t in tasks], pid)
+        return _run_batch, (packed, core.pool_mode, core.key, batch.seq)
+
+    def _pack(self, triples: list, pid: int) -> _Packed:
+        with pickling_ahead() as limits:
+            data, bufs = dumps_shared(triples, self.core.main is not None)
+        limits.check(pid)
+        return _Packed(data, *bufs)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:
         try:
-            run, rest = self._payload(batch)
+            run, rest = self._payload(batch, w.pid)   # type: ignore[arg-type]
         except BaseException as e:
             self._unsendable(w, batch, e)
             return

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from ..cluster import PGRP, W_TERMINATED
 from ..control import addprocs, rmprocs
+from ..destinations import Limits, pickling_ahead
 from ..errors import ProcessExitedException, SerializationError
 from ..output import wait_relayed
 from ..remotecall import remotecall
@@ -89,6 +90,7 @@ class _Staff:
         self.exiting = 0                 # retired workers whose processes are not gone yet
         self.used_pids: set[int] = set()
         self.init_packed: tuple[bytes, list] | None = None
+        self.init_limits = Limits()      # where the pickled initializer may go
 
     # -- death, retirement, growth ---------------------------------------------------------------
     def worker_died(self, w: _Worker, exc: ProcessExitedException) -> None:
@@ -276,8 +278,9 @@ class _Staff:
         core = self.core
         if self.init_packed is None:
             try:
-                self.init_packed = dumps((core.initializer, core.initargs),
-                                         main_by_reference=core.main is not None)
+                with pickling_ahead() as self.init_limits:
+                    self.init_packed = dumps((core.initializer, core.initargs),
+                                             main_by_reference=core.main is not None)
             except SerializationError:
                 check_shared((core.initializer, core.initargs), core.main is not None)
                 self.init_packed = _PER_WORKER
@@ -294,8 +297,10 @@ class _Staff:
         try:
             payload = self._init_payload()
             for pid in pids:
-                data, bufs = payload or dumps_shared((core.initializer, core.initargs),
-                                                     core.main is not None)
+                with pickling_ahead() as limits:
+                    data, bufs = payload or dumps_shared((core.initializer, core.initargs),
+                                                         core.main is not None)
+                (limits if payload is None else self.init_limits).check(pid)
                 tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
                                         not core.pool_mode, tracker, main))
