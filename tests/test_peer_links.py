@@ -1,0 +1,45 @@
+"""Worker-to-worker connections while workers come and go: a call between two live workers
+never fails with the death of one of them, and a removed worker's calls report its own end,
+never that of the peer they were waiting on."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import pydist as pd
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def tiny(x: int) -> int:
+    return x + 1
+
+
+def relay(peer: int, x: int) -> int:
+    return pd.remotecall_fetch(tiny, peer, x)
+
+
+def relay_len(peer: int, n: int) -> int:
+    return pd.remotecall_fetch(len, peer, bytes(n))
+
+
+def test_a_removed_worker_reports_its_own_end_not_its_slow_peers(fresh):
+    (b,) = fresh(1)
+    (a,) = fresh(1)     # a joined after b: a dials b, and closes b's connection first at exit
+    assert pd.remotecall_fetch(relay_len, a, b, 10) == 10
+    b_os = pd.remotecall_fetch(os.getpid, b)
+    os.kill(b_os, signal.SIGSTOP)   # b is slow (stopped), not dead
+    try:
+        # a sends b a large argument that b does not read while stopped, and waits for it
+        f = pd.remotecall(relay_len, a, b, 4 << 20)
+        time.sleep(0.5)
+        pd.rmprocs(a, waitfor=30)
+        with pytest.raises(pd.ProcessExitedException) as info:
+            f.fetch(timeout=30)
+        assert info.value.worker_id == a, info.value
+    finally:
+        os.kill(b_os, signal.SIGCONT)
+    assert pd.remotecall_fetch(tiny, b, 1) == 2   # b lives on
