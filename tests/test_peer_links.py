@@ -43,3 +43,20 @@ def test_a_removed_worker_reports_its_own_end_not_its_slow_peers(fresh):
     finally:
         os.kill(b_os, signal.SIGCONT)
     assert pd.remotecall_fetch(tiny, b, 1) == 2   # b lives on
+
+
+def test_a_fetch_with_a_timeout_raises_the_death_not_a_timeout(fresh):
+    a, b = fresh(2)     # a's link to b is made after its master's: a closes its master first
+    assert pd.remotecall_fetch(relay_len, a, b, 10) == 10
+    b_os = pd.remotecall_fetch(os.getpid, b)
+    os.kill(b_os, signal.SIGSTOP)   # a's exit then lingers closing b's link (after its master's)
+    try:
+        f = pd.remotecall(relay_len, a, b, 4 << 20)
+        time.sleep(0.5)
+        pd.rmprocs(a, waitfor=0)
+        with pytest.raises(pd.ProcessExitedException) as info:
+            f.fetch(timeout=30)
+        assert info.value.worker_id == a, info.value
+    finally:
+        os.kill(b_os, signal.SIGCONT)
+    assert pd.remotecall_fetch(tiny, b, 1) == 2
