@@ -60,3 +60,33 @@ def test_a_fetch_with_a_timeout_raises_the_death_not_a_timeout(fresh):
     finally:
         os.kill(b_os, signal.SIGCONT)
     assert pd.remotecall_fetch(tiny, b, 1) == 2
+
+
+def _named(exc: BaseException) -> int | None:
+    """The worker a ProcessExitedException names (bare or inside a RemoteException)."""
+    inner = exc.captured.ex if isinstance(exc, pd.RemoteException) else exc
+    return inner.worker_id if isinstance(inner, pd.ProcessExitedException) else None
+
+
+@pytest.mark.parametrize("rounds", [12])
+def test_first_calls_both_ways_with_a_removal_name_only_the_removed(transport, leak_oracle, rounds):
+    # Lazy connections are made by these very calls, both ways at once between each pair;
+    # one worker is removed meanwhile. Every call between live workers gets its value; a
+    # call that fails names the removed worker, and none waits out the 30 s connect timeout.
+    for r in range(rounds):
+        ws = pd.addprocs(4, transport=transport)
+        gone = ws[r % 4]
+        try:
+            pairs = [(a, b) for a in ws for b in ws if a != b] * 2
+            calls = [(a, b, x, pd.remotecall(relay, a, b, x)) for x, (a, b) in enumerate(pairs)]
+            time.sleep(0.002 * r)
+            pd.rmprocs(gone, waitfor=0)
+            for a, b, x, f in calls:
+                try:
+                    assert f.fetch(timeout=20) == x + 1
+                except pd.ProcessExitedException as e:
+                    assert _named(e) == gone, (r, a, b, gone, e)
+                except pd.RemoteException as e:
+                    assert _named(e) == gone and a != gone, (r, a, b, gone, e)
+        finally:
+            pd.rmprocs(*[w for w in ws if w in pd.workers()], waitfor=30)
