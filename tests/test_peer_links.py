@@ -53,12 +53,13 @@ def test_a_fetch_with_a_timeout_raises_the_death_not_a_timeout(fresh):
     try:
         f = pd.remotecall(relay_len, a, b, 4 << 20)
         time.sleep(0.5)
-        pd.rmprocs(a, waitfor=0)
+        removal = pd.rmprocs(a, waitfor=0)
         with pytest.raises(pd.ProcessExitedException) as info:
             f.fetch(timeout=30)
         assert info.value.worker_id == a, info.value
     finally:
         os.kill(b_os, signal.SIGCONT)
+    removal.wait(timeout=60)
     assert pd.remotecall_fetch(tiny, b, 1) == 2
 
 
@@ -75,12 +76,12 @@ def test_first_calls_both_ways_with_a_removal_name_only_the_removed(transport, l
     # call that fails names the removed worker, and none waits out the 30 s connect timeout.
     for r in range(rounds):
         ws = pd.addprocs(4, transport=transport)
-        gone = ws[r % 4]
+        gone, removal = ws[r % 4], None
         try:
             pairs = [(a, b) for a in ws for b in ws if a != b] * 2
             calls = [(a, b, x, pd.remotecall(relay, a, b, x)) for x, (a, b) in enumerate(pairs)]
             time.sleep(0.002 * r)
-            pd.rmprocs(gone, waitfor=0)
+            removal = pd.rmprocs(gone, waitfor=0)
             for a, b, x, f in calls:
                 try:
                     assert f.fetch(timeout=20) == x + 1
@@ -89,4 +90,6 @@ def test_first_calls_both_ways_with_a_removal_name_only_the_removed(transport, l
                 except pd.RemoteException as e:
                     assert _named(e) == gone and a != gone, (r, a, b, gone, e)
         finally:
+            if removal is not None:
+                removal.wait(timeout=60)   # the removal's ladder may take its 7 s
             pd.rmprocs(*[w for w in ws if w in pd.workers()], waitfor=30)
