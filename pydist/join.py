@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from . import transport as _transport
-from .cluster import PGRP, W_CONNECTED, W_CREATED, Worker
+from .cluster import PGRP, W_CONNECTED, W_CREATED, W_TERMINATED, Worker
 from .codec import Handshake, decode_message, encode_message
 from .dispatch import OpContext, internal_op, start_serving
 from .errors import (AuthenticationError, DecodeError, LaunchError, ProcessExitedException,
@@ -261,6 +261,12 @@ def connect_peer(pid: int) -> None:
             _dial(w)
         else:
             w.connected.clear()
+            # Between the check above and the clear, ``pid`` may have dialed in on its own
+            # (it needed us too), or been reported gone: either set the event we just cleared.
+            if w.state == W_TERMINATED:
+                raise ProcessExitedException(pid, w.detail)
+            if w.state == W_CONNECTED and w.transport is not None:
+                return
             PGRP.send(1, NULL_HEADER, RemoteDoMsg(_ask_to_dial, (pid, PGRP.myid), {}))
             if not w.connected.wait(PEER_CONNECT_TIMEOUT):
                 raise ProcessExitedException(pid, f"did not connect to worker {PGRP.myid} "
@@ -276,6 +282,10 @@ def _peer_record(pid: int) -> Worker:
     from .values import unwrap
     addresses, key = unwrap(call_on_owner(_worker_info, 1, pid))
     with PGRP.lock:
+        # The master may have said meanwhile that ``pid`` is gone (``control._process_gone``
+        # records that under this lock): a record made now would wait for it in vain.
+        if pid in PGRP.removed:
+            raise ProcessExitedException(pid, PGRP.removed[pid])
         w = PGRP.workers.setdefault(pid, Worker(pid))
     w.addresses, w.host_key = tuple(addresses), key
     return w
