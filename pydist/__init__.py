@@ -16,8 +16,8 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # what each name is; at run time its module loads on first use (below)
-    from .cluster import WorkerState, myid, nprocs, nworkers, procs, worker_state, workers
-    from .control import addprocs, cluster_cookie, interrupt, rmprocs
+    from .cluster.group import WorkerState, myid, nprocs, nworkers, procs, worker_state, workers
+    from .processes.lifecycle import addprocs, cluster_cookie, interrupt, rmprocs
     from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
                          ProcessExitedException, RemoteException)
     from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
@@ -26,26 +26,26 @@ if TYPE_CHECKING:   # what each name is; at run time its module loads on first u
     from .managers.ssh import SSHManager
     from .managers.slurm import SlurmManager
     from .managers.elastic import ElasticManager
-    from .messages import RRID
-    from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
-    from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
-    from .channel import Channel
-    from .macros import ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn, spawnat
-    from .bootstrap import init_worker, process_messages, start_worker
-    from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
+    from .wire.messages import RRID
+    from .refs.remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+    from .refs.remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
+    from .refs.channel import Channel
+    from .refs.macros import ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn, spawnat
+    from .processes.bootstrap import init_worker, process_messages, start_worker
+    from .pools.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
                              remote)
-    from .pmap import pmap
-    from .progress import progress
-    from .logforward import forward_logging
-    from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
+    from .pools.pmap import pmap
+    from .pools.progress import progress
+    from .processes.logforward import forward_logging
+    from .refs.generic import close, fetch, isready, put, take, wait, worker_id_from_socket
 
 __version__ = "0.1.0"
 
 # ``import pydist`` loads none of its modules: each public name loads its module on first
 # use, so a program, and a worker, pays only for what its first calls need.
 _MODULES: dict[str, tuple[str, ...]] = {
-    ".cluster": ("WorkerState", "myid", "nprocs", "nworkers", "procs", "worker_state", "workers"),
-    ".control": ("addprocs", "cluster_cookie", "interrupt", "rmprocs"),
+    ".cluster.group": ("WorkerState", "myid", "nprocs", "nworkers", "procs", "worker_state", "workers"),
+    ".processes.lifecycle": ("addprocs", "cluster_cookie", "interrupt", "rmprocs"),
     ".errors": ("AuthenticationError", "CapturedException", "InvalidStateException", "LaunchError",
                 "ProcessExitedException", "RemoteException"),
     ".managers.base": ("ClusterManager", "WorkerConfig", "default_addprocs_params"),
@@ -54,23 +54,23 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ".managers.ssh": ("SSHManager",),
     ".managers.slurm": ("SlurmManager",),
     ".managers.elastic": ("ElasticManager",),
-    ".messages": ("RRID",),
-    ".remotecall": ("remote_do", "remotecall", "remotecall_fetch", "remotecall_wait"),
-    ".remoteref": ("AbstractRemoteRef", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"),
-    ".channel": ("Channel",),
-    ".macros": ("ANY", "distributed", "everywhere", "fetchfrom", "remotecall_eval", "spawn",
+    ".wire.messages": ("RRID",),
+    ".refs.remotecall": ("remote_do", "remotecall", "remotecall_fetch", "remotecall_wait"),
+    ".refs.remoteref": ("AbstractRemoteRef", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"),
+    ".refs.channel": ("Channel",),
+    ".refs.macros": ("ANY", "distributed", "everywhere", "fetchfrom", "remotecall_eval", "spawn",
                 "spawnat"),
-    ".bootstrap": ("init_worker", "process_messages", "start_worker"),
-    ".workerpool": ("AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool",
+    ".processes.bootstrap": ("init_worker", "process_messages", "start_worker"),
+    ".pools.workerpool": ("AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool",
                     "remote"),
-    ".pmap": ("pmap",),
-    ".progress": ("progress",),
-    ".logforward": ("forward_logging",),
-    ".api": ("close", "fetch", "isready", "put", "take", "wait", "worker_id_from_socket"),
-    ".executor": ("Executor", "ProcessPoolExecutor"),
-    ".pool": ("Pool",),
+    ".pools.pmap": ("pmap",),
+    ".pools.progress": ("progress",),
+    ".processes.logforward": ("forward_logging",),
+    ".refs.generic": ("close", "fetch", "isready", "put", "take", "wait", "worker_id_from_socket"),
+    ".dropin.executor": ("Executor", "ProcessPoolExecutor"),
+    ".dropin.pool": ("Pool",),
     # numpy is imported only by a program that uses SharedArrays
-    ".sharedarray": ("SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
+    ".arrays.sharedarray": ("SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
                      "shared_ones"),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}

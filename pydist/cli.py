@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import pydist as pd
-from .bootstrap import worker_main
+from .processes.bootstrap import worker_main
 from . import transport as _transport
 
 __all__ = ["main", "info", "bench"]

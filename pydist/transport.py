@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
-from .codec import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
+from .wire.codec import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
 from .errors import TransportClosed, TransportBroken
 
 __all__ = [

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pydist.codec import (
+from pydist.wire.codec import (
     BUFFER_ALIGN, FRAME_HEADER_SIZE, NEED_DATA, PROTOCOL_VERSION, FrameDecoder, Handshake,
     decode_message, encode_message, frame_header,
 )
 from pydist.errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
-from pydist.messages import (
+from pydist.wire.messages import (
     KINDS, NULL_HEADER, RRID, TAGS, CallFetchMsg, CallMsg, CallWaitMsg, IdentifySocketAckMsg,
     IdentifySocketMsg, JoinCompleteMsg, JoinPGRPMsg, MsgHeader, RemoteDoMsg, ResultMsg,
 )

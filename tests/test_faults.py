@@ -101,10 +101,10 @@ def start_standalone_worker(cookie: str) -> tuple[subprocess.Popen, list[str]]:
 
 def test_wrong_cookie_is_refused_before_anything_is_unpickled(tmp_path):
     from pydist import transport
-    from pydist.codec import encode_message
+    from pydist.wire.codec import encode_message
     from pydist.errors import AuthenticationError, TransportError
-    from pydist.join import authenticate
-    from pydist.messages import NULL_HEADER, RemoteDoMsg
+    from pydist.cluster.join import authenticate
+    from pydist.wire.messages import NULL_HEADER, RemoteDoMsg
     canary = tmp_path / "canary"
     proc, addresses = start_standalone_worker("right-cookie-0123456789")
     try:

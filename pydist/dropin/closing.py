@@ -20,8 +20,8 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
-from ..control import rmprocs
-from ..remotecall import remote_do
+from ..processes.lifecycle import rmprocs
+from ..refs.remotecall import remote_do
 from .dispatching import _settling
 from .records import _Task
 from .worker_side import _fn_drop

@@ -23,8 +23,8 @@ import weakref
 from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Callable
 
-from ..cluster import PGRP
-from ..workerpool import AbstractWorkerPool
+from ..cluster.group import PGRP
+from ..pools.workerpool import AbstractWorkerPool
 from .closing import _Closing, _live
 from .dispatching import _Dispatching
 from .shipping import _FnCache

@@ -23,9 +23,9 @@ from functools import partial
 from typing import Any, Iterable
 
 from ..errors import ProcessExitedException, SerializationError
-from ..remotecall import remote_do
-from ..values import Failure
-from ..workerpool import _start
+from ..refs.remotecall import remote_do
+from ..cluster.values import Failure
+from ..pools.workerpool import _start
 from .futures import _copy_exc, _report, _unwrap
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker

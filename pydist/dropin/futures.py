@@ -13,9 +13,9 @@ import concurrent.futures as cf
 import sys
 from typing import Any, Callable
 
-from ..cluster import PGRP
+from ..cluster.group import PGRP
 from ..errors import RemoteException
-from ..remoteref import _may_pump
+from ..refs.remoteref import _may_pump
 
 
 _WAITING = ("PENDING", "RUNNING")

@@ -21,7 +21,7 @@ from .results import TimeoutError
 from .worker_side import CALL, CHUNK
 
 if TYPE_CHECKING:
-    from ..pool import Pool
+    from .pool import Pool
 
 
 class IMapIterator:

@@ -42,7 +42,7 @@ from collections import ChainMap
 from typing import Any, Callable
 
 from ..errors import SerializationError
-from ..serialize import dumps, dumps_with
+from ..wire.serialize import dumps, dumps_with
 
 __all__ = ["check_shared", "dumps_shared", "tracker_handle"]
 

@@ -16,7 +16,7 @@ import weakref
 from functools import partial
 from typing import Any, Callable
 
-from ..cluster import PGRP
+from ..cluster.group import PGRP
 from .mainscript import _MainRef
 from .worker_side import _fn_lookup, _fn_store
 

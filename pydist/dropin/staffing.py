@@ -21,12 +21,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..cluster import PGRP
-from ..control import addprocs, rmprocs
+from ..cluster.group import PGRP
+from ..processes.lifecycle import addprocs, rmprocs
 from ..errors import ProcessExitedException, SerializationError
-from ..output import wait_relayed
-from ..remotecall import remotecall
-from ..serialize import dumps
+from ..cluster.output import wait_relayed
+from ..refs.remotecall import remotecall
+from ..wire.serialize import dumps
 from .closing import _live
 from .futures import _unwrap
 from .mpshare import check_shared, dumps_shared, tracker_handle

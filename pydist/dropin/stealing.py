@@ -13,8 +13,8 @@ import time
 from functools import partial
 from typing import Any
 
-from ..values import Failure
-from ..workerpool import _start
+from ..cluster.values import Failure
+from ..pools.workerpool import _start
 from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke

@@ -31,12 +31,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..cluster import PGRP
-from ..dispatch import OpContext, capture, internal_op
+from ..cluster.group import PGRP
+from ..cluster.dispatch import OpContext, capture, internal_op
 from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, SerializationError
-from ..output import printed, wait_relayed
-from ..serialize import dumps, loads
-from ..values import Failure
+from ..cluster.output import printed, wait_relayed
+from ..wire.serialize import dumps, loads
+from ..cluster.values import Failure
 from .mainscript import _load_main
 
 CALL, CHUNK, STARCHUNK = 0, 1, 2     # how a task calls its function (see _run_batch)
@@ -123,7 +123,7 @@ def _load_calls(packed: _Packed) -> Any:
     except SystemExit as e:
         # Unpickling the arguments asked the process to exit: it does, as a
         # multiprocessing worker would (the task fails with ProcessExitedException).
-        from ..bootstrap import exit_worker
+        from ..processes.bootstrap import exit_worker
         exit_worker(e.code if isinstance(e.code, int) else 1)
         raise
     except BaseException as e:

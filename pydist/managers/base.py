@@ -125,7 +125,7 @@ class ClusterManager(abc.ABC):
         """Hear of a worker event: ``"register"``, ``"deregister"``, ``"interrupt"``,
         ``"finalize"``. The default interrupts through the cluster connection."""
         if op == "interrupt":
-            from ..control import send_interrupt
+            from ..processes.lifecycle import send_interrupt
             send_interrupt(pid)
 
     def connect(self, pid: int, config: WorkerConfig) -> "Transport":
@@ -140,7 +140,7 @@ class ClusterManager(abc.ABC):
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Make worker ``pid`` exit: ask it, then terminate its process if it lingers."""
-        from ..control import request_exit
+        from ..processes.lifecycle import request_exit
         request_exit(pid)
         proc = config.process
         if proc is not None and hasattr(proc, "wait"):

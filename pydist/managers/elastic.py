@@ -25,9 +25,9 @@ import time
 from collections import deque
 from typing import Any
 
-from .. import lease as _lease
-from ..cluster import PGRP, W_CONNECTED
-from ..control import addprocs, cluster_cookie, request_exit
+from ..cluster import lease as _lease
+from ..cluster.group import PGRP, W_CONNECTED
+from ..processes.lifecycle import addprocs, cluster_cookie, request_exit
 from ..errors import LaunchError
 from .base import ClusterManager, WorkerConfig
 from .dialback import Arrival, DialIn, write_cookie_file

@@ -135,7 +135,7 @@ class _Server:
         self.children: dict[int, ForkedProcess] = {}
         self.exits: dict[int, int] = {}           # exits reported before their fork's reply
         self.gone = False
-        cmd = [sys.executable, "-m", "pydist.managers.forkserver", str(theirs.fileno()), *preload]
+        cmd = [sys.executable, "-m", "pydist.processes.forkserver", str(theirs.fileno()), *preload]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), cwd=cwd, env=env,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

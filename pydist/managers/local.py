@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from ..errors import LaunchError, describe_exit
-from ..output import Relay, check_output
+from ..cluster.output import Relay, check_output
 from .base import ClusterManager, WorkerConfig, parse_contact_line
 from .forkclient import check_preload, fork_refusal, fork_worker
 from .params import scrub

@@ -39,9 +39,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import lease as _lease
-from ..cluster import PGRP, W_CONNECTED
-from ..control import cluster_cookie, request_exit
+from ..cluster import lease as _lease
+from ..cluster.group import PGRP, W_CONNECTED
+from ..processes.lifecycle import cluster_cookie, request_exit
 from ..errors import LaunchError
 from ..net.address import format_tcp_url, parse_tcp_url
 from .base import ClusterManager, WorkerConfig

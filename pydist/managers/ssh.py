@@ -43,7 +43,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .. import lease as _lease
+from ..cluster import lease as _lease
 from ..errors import LaunchError
 from ..net.address import parse_tcp_url
 from .base import ClusterManager, WorkerConfig
@@ -111,7 +111,7 @@ class SSHManager(ClusterManager):
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: Any) -> None:
         """Launch every machine at once; each is bounded by ``launch_timeout``."""
-        from ..control import cluster_cookie
+        from ..processes.lifecycle import cluster_cookie
         opts = _Options.from_params(params)
         cookie = cluster_cookie()
         errors: list[str] = []
@@ -294,7 +294,7 @@ class SSHManager(ClusterManager):
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Ask the worker to exit; then close its ssh session (the lifeline) and end ssh."""
-        from ..control import request_exit
+        from ..processes.lifecycle import request_exit
         _lease.forget(pid)
         request_exit(pid)
         session = self._session(config)

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import transport as _transport
-from ..cluster import PGRP, W_CONNECTED
+from ..cluster.group import PGRP, W_CONNECTED
 from ..errors import LaunchError, TransportError
 from ..net.address import format_tcp_url, parse_tcp_url
 from .base import WorkerConfig, parse_contact_line

@@ -29,7 +29,8 @@ import struct
 import threading
 from typing import Sequence
 
-from .. import codec, transport
+from .. import transport
+from ..wire import codec
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
 from .address import format_tcp_url, parse_tcp_url
 

@@ -28,7 +28,8 @@ import weakref
 from threading import get_ident
 from typing import Sequence
 
-from .. import codec, transport
+from .. import transport
+from ..wire import codec
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
 from . import segment as seg
 from .bigbuf import DESC_SIZE, FLAG as _BIG, BigIn, ends as big_ends, threshold as big_threshold

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..codec import FRAME_HEADER as _FRAME
+from ..wire.codec import FRAME_HEADER as _FRAME
 from ..errors import TransportBroken, TransportClosed
 from .buffers import LARGE, receive_buffer
 from .fence import Fence, LockedFence, TsoFence, tso_by_default

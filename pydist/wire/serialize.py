@@ -47,7 +47,7 @@ import weakref
 from collections import ChainMap
 from typing import Any, Iterable, Mapping
 
-from .errors import PydistError, SerializationError, set_exception_pickler
+from ..errors import PydistError, SerializationError, set_exception_pickler
 
 __all__ = ["PICKLE_PROTOCOL", "dumps", "dumps_with", "loads", "main_namespace"]
 

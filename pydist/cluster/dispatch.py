@@ -16,11 +16,11 @@ import traceback
 from types import TracebackType
 from typing import Any, Callable
 
-from .cluster import PGRP, W_TERMINATED, Worker
-from .codec import decode_message
-from .errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
+from .group import PGRP, W_TERMINATED, Worker
+from ..wire.codec import decode_message
+from ..errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
                      RemoteException, SerializationError, TransportBroken, TransportClosed)
-from .messages import (NULL_RRID, CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader,
+from ..wire.messages import (NULL_RRID, CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader,
                        RemoteDoMsg, ResultMsg, RRID)
 from .inbox import Inbox
 from .values import STORED, Failure, pushable
@@ -37,7 +37,7 @@ def capture(exc: BaseException, pid: int | None = None) -> RemoteException:
     return RemoteException(PGRP.myid if pid is None else pid, CapturedException(exc, tb))
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _user_frames(tb: TracebackType | None) -> TracebackType | None:

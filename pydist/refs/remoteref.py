@@ -24,13 +24,13 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .cluster import PGRP
-from .dispatch import OpContext, internal_op
-from .errors import InvalidStateException, ProcessExitedException
-from .inbox import SIGINT_DEFERRAL
-from .messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
+from ..cluster.group import PGRP
+from ..cluster.dispatch import OpContext, internal_op
+from ..errors import InvalidStateException, ProcessExitedException
+from ..cluster.inbox import SIGINT_DEFERRAL
+from ..wire.messages import CallFetchMsg, MsgHeader, RemoteDoMsg, RRID
 from .stdfuture import StdFutureFace
-from .values import STORED, Failure, RemoteValue, check_timeout, unwrap
+from ..cluster.values import STORED, Failure, RemoteValue, check_timeout, unwrap
 
 __all__ = ["Future", "RemoteChannel", "wait_value", "blocking_section", "call_on_owner",
            "remoteref_id", "channel_from_id", "AbstractRemoteRef"]

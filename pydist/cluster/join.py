@@ -12,15 +12,15 @@ import sys
 import threading
 from typing import Any
 
-from . import transport as _transport
-from .cluster import PGRP, W_CONNECTED, W_CREATED, Worker
-from .codec import Handshake, decode_message, encode_message
+from .. import transport as _transport
+from .group import PGRP, W_CONNECTED, W_CREATED, Worker
+from ..wire.codec import Handshake, decode_message, encode_message
 from .dispatch import OpContext, internal_op, start_serving
-from .errors import (AuthenticationError, DecodeError, LaunchError, ProcessExitedException,
+from ..errors import (AuthenticationError, DecodeError, LaunchError, ProcessExitedException,
                      TransportError)
-from .messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMsg, JoinCompleteMsg,
+from ..wire.messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMsg, JoinCompleteMsg,
                        JoinPGRPMsg, Message, MsgHeader, RemoteDoMsg)
-from .transport import DEFAULT_MAX_FRAME, Transport
+from ..transport import DEFAULT_MAX_FRAME, Transport
 
 __all__ = ["authenticate", "proven", "join_worker", "serve_incoming", "accept_loop",
            "connect_peer", "HELLO_TIMEOUT"]
@@ -272,7 +272,7 @@ def _peer_record(pid: int) -> Worker:
     w = PGRP.workers.get(pid)
     if w is not None and (w.addresses or pid > PGRP.myid):
         return w
-    from .remoteref import call_on_owner
+    from ..refs.remoteref import call_on_owner
     from .values import unwrap
     addresses, key = unwrap(call_on_owner(_worker_info, 1, pid))
     with PGRP.lock:
@@ -282,7 +282,7 @@ def _peer_record(pid: int) -> Worker:
 
 
 def _dial(w: Worker) -> None:
-    from .managers.base import choose_address
+    from ..managers.base import choose_address
     policy = "auto" if w.host_key == PGRP.host_key else "tcp"
     address = choose_address(w.addresses, policy, str(w.id))
     try:

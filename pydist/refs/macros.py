@@ -15,8 +15,8 @@ import zlib
 from functools import reduce
 from typing import Any, Callable, Iterable
 
-from .cluster import PGRP, myid, procs, workers
-from .errors import RemoteException
+from ..cluster.group import PGRP, myid, procs, workers
+from ..errors import RemoteException
 from .remotecall import remotecall, remotecall_fetch, remotecall_wait
 from .remoteref import Future
 
@@ -123,7 +123,7 @@ def _run_everywhere(fn: Callable[..., Any], args: tuple, kwargs: dict, targets: 
         try:
             fn(*args, **kwargs)
         except Exception as e:
-            from .dispatch import capture
+            from ..cluster.dispatch import capture
             errors.append(capture(e))
     for p, fut in futures:
         try:
@@ -230,7 +230,7 @@ def distributed(f: Callable[[Any], Any], iterable: Iterable[Any],
                 fut.wait()
             done.put(None)
         except BaseException as e:
-            from .values import Failure
+            from ..cluster.values import Failure
             PGRP.lookup_ref(done.rrid).try_set(Failure(e))   # type: ignore[union-attr]
     threading.Thread(target=wait_all, name="pydist-distributed", daemon=True).start()
     return done

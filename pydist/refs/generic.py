@@ -55,7 +55,7 @@ def close(x: Any) -> None:
 
 def worker_id_from_socket(s: Any) -> int:
     """The id of the process at the other end of a connection (a socket or a transport)."""
-    from .cluster import PGRP
+    from ..cluster.group import PGRP
     with PGRP.lock:
         candidates = list(PGRP.workers.values())
     for w in candidates:

@@ -7,7 +7,7 @@ starts, on its first local launch, one helper interpreter that imports the worke
 of pydist (and the modules asked to preload) once, never starts a thread, and forks a
 worker for each request. The story of one server:
 
-1. The master runs ``python -m pydist.managers.forkserver FD`` in a session of its own,
+1. The master runs ``python -m pydist.processes.forkserver FD`` in a session of its own,
    with the workers' environment; FD is its end of a Unix socket pair (``SOCK_SEQPACKET``:
    one message per request, file descriptors beside it).
 2. The server imports what workers need and says ``("ready", pid)``.
@@ -44,15 +44,15 @@ import traceback
 from typing import Any
 
 from .. import worker
-from ..bootstrap import worker_main
+from .bootstrap import worker_main
 
 __all__ = ["serve", "BASE_PRELOAD", "MAX_MESSAGE"]
 
 MAX_MESSAGE = 1 << 20          # bytes of one request (an environment, a preload list)
 # What every worker needs before its first call: imported once here, not once per worker.
-BASE_PRELOAD = ("pydist", "pydist.bootstrap", "pydist.control", "pydist.remotecall",
-                "pydist.remoteref", "pydist.api", "pydist.channel", "pydist.macros",
-                "pydist.workerpool", "pydist.pmap", "pydist.dropin.worker_side",
+BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.processes.lifecycle", "pydist.refs.remotecall",
+                "pydist.refs.remoteref", "pydist.refs.generic", "pydist.refs.channel", "pydist.refs.macros",
+                "pydist.pools.workerpool", "pydist.pools.pmap", "pydist.dropin.worker_side",
                 "pydist.shm.transport", "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
 
 

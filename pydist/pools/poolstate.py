@@ -23,12 +23,12 @@ import weakref
 from collections import deque
 from typing import Any, Iterable
 
-from .channel import TIMERS
-from .cluster import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING
-from .control import on_workers_added
-from .dispatch import OpContext, internal_op
-from .messages import RRID
-from .values import Failure
+from ..refs.channel import TIMERS
+from ..cluster.group import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING
+from ..processes.lifecycle import on_workers_added
+from ..cluster.dispatch import OpContext, internal_op
+from ..wire.messages import RRID
+from ..cluster.values import Failure
 
 DEFAULT_POOL_ID = RRID(1, 0)       # never handed out by next_rrid (ids start at 1)
 

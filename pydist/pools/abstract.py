@@ -15,12 +15,12 @@ import sys
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-from .cluster import PGRP
-from .dispatch import run_call
+from ..cluster.group import PGRP
+from ..cluster.dispatch import run_call
 from .funccache import _is_cache_miss
-from .messages import CallFetchMsg, CallWaitMsg, MsgHeader
-from .remoteref import Future, wait_value
-from .values import Failure, RemoteValue, unwrap
+from ..wire.messages import CallFetchMsg, CallWaitMsg, MsgHeader
+from ..refs.remoteref import Future, wait_value
+from ..cluster.values import Failure, RemoteValue, unwrap
 
 
 # -- starting a call with a completion notice -----------------------------------------------

@@ -20,16 +20,16 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable
 
-from .abstractpool import AbstractWorkerPool
-from .abstractpool import _start    # noqa: F401  (re-exported: the executors start calls with it)
-from .cluster import PGRP
+from .abstract import AbstractWorkerPool
+from .abstract import _start    # noqa: F401  (re-exported: the executors start calls with it)
+from ..cluster.group import PGRP
 from .funccache import _cache_info, _drop_caches, _drop_later, _FunctionCache
 from .funccache import _is_cache_miss   # noqa: F401  (re-exported, with _drop_caches and _FunctionCache)
-from .messages import NULL_HEADER, RRID, CallFetchMsg, MsgHeader, RemoteDoMsg
+from ..wire.messages import NULL_HEADER, RRID, CallFetchMsg, MsgHeader, RemoteDoMsg
 from .poolstate import (DEFAULT_POOL_ID, _check_pid, _default_state, _pool_op, _PoolState,
                         _state, _Waiter)
-from .remoteref import AbstractRemoteRef, call_on_owner, wait_value
-from .values import unwrap
+from ..refs.remoteref import AbstractRemoteRef, call_on_owner, wait_value
+from ..cluster.values import unwrap
 
 __all__ = ["AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear",
            "remote"]

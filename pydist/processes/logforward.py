@@ -14,9 +14,9 @@ import threading
 import traceback
 from typing import Any, Iterable
 
-from .cluster import PGRP, workers
-from .control import on_workers_added
-from .remotecall import remote_do, remotecall_wait
+from ..cluster.group import PGRP, workers
+from .lifecycle import on_workers_added
+from ..refs.remotecall import remote_do, remotecall_wait
 
 __all__ = ["forward_logging"]
 

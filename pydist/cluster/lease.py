@@ -29,10 +29,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from .cluster import PGRP
+from .group import PGRP
 from .dispatch import OpContext, internal_op
-from .errors import ProcessExitedException
-from .messages import NULL_HEADER, RemoteDoMsg
+from ..errors import ProcessExitedException
+from ..wire.messages import NULL_HEADER, RemoteDoMsg
 
 __all__ = ["DEFAULT_LEASE", "BEATS_PER_LEASE", "renew", "forget", "leased", "watch",
            "check_lease"]

@@ -23,12 +23,12 @@ import mmap
 import queue
 import threading
 import weakref
-from .cluster import PGRP
-from .dispatch import OpContext, internal_op
-from .errors import ProcessExitedException
-from .messages import RRID, MsgHeader, RemoteDoMsg
-from .remoteref import call_on_owner
-from .shm import segment as seg
+from ..cluster.group import PGRP
+from ..cluster.dispatch import OpContext, internal_op
+from ..errors import ProcessExitedException
+from ..wire.messages import RRID, MsgHeader, RemoteDoMsg
+from ..refs.remoteref import call_on_owner
+from ..shm import segment as seg
 
 __all__ = ["Mapping", "OwnedArray", "create_segment", "unlink", "add", "attach_here", "lookup",
            "forget_here", "table_size", "register_owned", "count_holder", "note_sent", "release",

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .cluster import PGRP
-from .dispatch import run_call
-from .messages import CallFetchMsg, CallMsg, CallWaitMsg, MsgHeader, NULL_HEADER, RemoteDoMsg
+from ..cluster.group import PGRP
+from ..cluster.dispatch import run_call
+from ..wire.messages import CallFetchMsg, CallMsg, CallWaitMsg, MsgHeader, NULL_HEADER, RemoteDoMsg
 from .remoteref import Future, wait_value
-from .values import Failure, unwrap
+from ..cluster.values import Failure, unwrap
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
 
@@ -104,8 +104,8 @@ def remote_do(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Non
         _pool_call("remote_do", f, pid, args, kwargs)
         return
     if pid == PGRP.myid:
-        from .dispatch import _on_remote_do  # the same task, run by the local runner
-        from .cluster import Worker
+        from ..cluster.dispatch import _on_remote_do  # the same task, run by the local runner
+        from ..cluster.group import Worker
         _on_remote_do(Worker(pid), NULL_HEADER, RemoteDoMsg(f, args, kwargs))
         return
     PGRP.check_pid(pid)

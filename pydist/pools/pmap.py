@@ -34,15 +34,15 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .cluster import PGRP
-from .dispatch import capture
-from .errors import ProcessExitedException, SerializationError
-from .values import Failure
-from .abstractpool import _start
+from ..cluster.group import PGRP
+from ..cluster.dispatch import capture
+from ..errors import ProcessExitedException, SerializationError
+from ..cluster.values import Failure
+from .abstract import _start
 from .funccache import _drop_caches, _FunctionCache, _is_cache_miss
 from .progress import check_progress, progress_bar
 from .workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
-from . import serialize
+from ..wire import serialize
 
 __all__ = ["pmap"]
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable
 
-from .cluster import PGRP
-from .dispatch import OpContext, internal_op
-from .errors import ProcessExitedException, RemoteException
-from .messages import NULL_HEADER, RRID, RemoteDoMsg
-from .remoteref import call_on_owner
-from .values import Failure
+from ..cluster.group import PGRP
+from ..cluster.dispatch import OpContext, internal_op
+from ..errors import ProcessExitedException, RemoteException
+from ..wire.messages import NULL_HEADER, RRID, RemoteDoMsg
+from ..refs.remoteref import call_on_owner
+from ..cluster.values import Failure
 
 
 # -- on each worker: the functions shipped to it -------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from .errors import InvalidStateException
+from ..errors import InvalidStateException
 
 __all__ = ["RemoteValue", "Failure", "unwrap", "STORED", "pushable", "PUSH_LIMIT", "check_timeout"]
 

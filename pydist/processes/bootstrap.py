@@ -21,14 +21,14 @@ import threading
 import types
 from typing import Any, TextIO
 
-from . import transport as _transport
-from .cluster import PGRP
-from .join import accept_loop, serve_incoming
-from .managers.base import CONTACT_PREFIX
-from .managers.dialback import dial_master, read_cookie_file, route_to
-from .net.address import format_tcp_url
-from .output import install_worker_streams
-from .tasks import TaskRunner
+from .. import transport as _transport
+from ..cluster.group import PGRP
+from ..cluster.join import accept_loop, serve_incoming
+from ..managers.base import CONTACT_PREFIX
+from ..managers.dialback import dial_master, read_cookie_file, route_to
+from ..net.address import format_tcp_url
+from ..cluster.output import install_worker_streams
+from ..cluster.runner import TaskRunner
 
 __all__ = ["init_worker", "start_worker", "worker_main", "exit_worker", "process_messages"]
 
@@ -159,7 +159,7 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         sys.stdin.close()
     threading.Thread(target=_join_watchdog, name="pydist-join-watchdog", daemon=True).start()
     if lease > 0:
-        from .lease import watch
+        from ..cluster.lease import watch
         watch(lease, _joined, exit_worker)
     runner.run_main_loop(_master_inbox)
     exit_worker(0)
@@ -179,7 +179,7 @@ def _allow_shm_moves() -> None:
     """Let the shared-memory transport move this worker's waiting threads off the vCPU its
     peer runs on (``pydist/shm/placement.py``); a master is never moved."""
     try:
-        from .shm.placement import allow_moves
+        from ..shm.placement import allow_moves
     except ImportError:
         return
     allow_moves()

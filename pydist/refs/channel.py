@@ -18,8 +18,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from .errors import InvalidStateException
-from .values import Failure, check_timeout, unwrap
+from ..errors import InvalidStateException
+from ..cluster.values import Failure, check_timeout, unwrap
 
 __all__ = ["Channel", "TIMERS"]
 

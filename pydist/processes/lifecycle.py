@@ -15,15 +15,15 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from .cluster import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker
-from .dispatch import OpContext, internal_op
-from .errors import LaunchError, ProcessExitedException
-from .join import join_worker
-from .managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
-from .managers.local import LocalManager
-from .managers.params import normalize_env, normalize_exeflags, worker_timeout
-from .messages import NULL_HEADER, RemoteDoMsg
-from .remoteref import Future
+from ..cluster.group import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker
+from ..cluster.dispatch import OpContext, internal_op
+from ..errors import LaunchError, ProcessExitedException
+from ..cluster.join import join_worker
+from ..managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
+from ..managers.local import LocalManager
+from ..managers.params import normalize_env, normalize_exeflags, worker_timeout
+from ..wire.messages import NULL_HEADER, RemoteDoMsg
+from ..refs.remoteref import Future
 
 __all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
            "on_workers_added"]
@@ -62,7 +62,7 @@ def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
             raise ValueError(f"addprocs needs a positive number of workers, got {n}")
         return LocalManager(n, restrict=kwargs.pop("restrict", True))
     if isinstance(arg, (list, tuple)):
-        from .managers.ssh import SSHManager
+        from ..managers.ssh import SSHManager
         return SSHManager(list(arg))
     raise TypeError(f"addprocs takes a number of workers, a list of machines or a "
                     f"ClusterManager, not {arg!r} ({type(arg).__name__})")

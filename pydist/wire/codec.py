@@ -52,7 +52,7 @@ import struct
 from typing import Callable, NoReturn
 
 from . import serialize
-from .errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
+from ..errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
 from .messages import KINDS, NULL_HEADER, NULL_RRID, RRID, TAGS, Message, MsgHeader
 
 # Before the hello succeeds a peer may send only tiny frames; afterwards the limit is raised

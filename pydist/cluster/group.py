@@ -29,16 +29,16 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
-from .codec import encode_message
-from . import serialize
-from .errors import ProcessExitedException, SerializationError, TransportError, describe_exit
-from .messages import RRID, Message, MsgHeader
-from .tasks import TaskRunner
+from ..wire.codec import encode_message
+from ..wire import serialize
+from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
+from ..wire.messages import RRID, Message, MsgHeader
+from .runner import TaskRunner
 from .values import Failure, RemoteValue
 
 if TYPE_CHECKING:
-    from .managers.base import ClusterManager, WorkerConfig
-    from .transport import Transport
+    from ..managers.base import ClusterManager, WorkerConfig
+    from ..transport import Transport
 
 __all__ = ["Worker", "ProcessGroup", "PGRP", "myid", "procs", "workers", "nprocs", "nworkers",
            "host_key", "WorkerState", "worker_state"]
@@ -353,7 +353,7 @@ def myid() -> int:
 def workers() -> list[int]:
     """The ids of all workers (``[1]`` when there are none), ascending."""
     if PGRP.role == "worker":
-        from .remotecall import remotecall_fetch
+        from ..refs.remotecall import remotecall_fetch
         return remotecall_fetch(workers, 1)
     ids = PGRP.worker_ids()
     return ids or [1]
@@ -362,7 +362,7 @@ def workers() -> list[int]:
 def procs(pid: int | None = None) -> list[int]:
     """Every process id, master included; with ``pid``: those on the same host as ``pid``."""
     if PGRP.role == "worker":
-        from .remotecall import remotecall_fetch
+        from ..refs.remotecall import remotecall_fetch
         return remotecall_fetch(procs, 1, pid)
     ids = [1, *PGRP.worker_ids()]
     if pid is None:

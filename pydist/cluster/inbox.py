@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .cluster import Worker
+    from .group import Worker
 
 __all__ = ["Inbox", "GRACE"]
 

@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import sharedmap
-from .cluster import PGRP, myid, procs
-from .remotecall import remotecall
+from ..cluster.group import PGRP, myid, procs
+from ..refs.remotecall import remotecall
 from .sharedmap import Mapping
 
 __all__ = ["SharedArray", "sdata", "localindices", "indexpids", "shared_zeros", "shared_ones"]

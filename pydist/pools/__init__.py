@@ -1,0 +1,11 @@
+"""Worker pools and the parallel map.
+
+* ``abstract.py``: ``AbstractWorkerPool``, its operations, and how a call runs on a pool;
+* ``poolstate.py``: a pool's members, idle workers and waiters, kept on its owner;
+* ``funccache.py``: the function cache (a function ships once per worker);
+* ``workerpool.py``: ``WorkerPool``, ``CachingPool``, ``default_worker_pool``, ``remote``;
+* ``pmap.py``: ``pmap``, with batches, retries and error handling;
+* ``progress.py``: progress bars (``pmap(progress=True)``, ``progress(futures)``).
+
+Built on worker processes, references and the cluster layer.
+"""
