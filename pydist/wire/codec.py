@@ -38,8 +38,9 @@ The hello (before it, nothing is unpickled and frames are at most ``HELLO_MAX_FR
 The cookie never travels; fresh nonces on both sides make every proof good for one
 session only, and the roles inside the mac stop a side's own frames being reflected to it.
 
-Nothing here touches a socket, a thread or a clock: bytes go in, frames and messages come
-out, so a test can feed one byte at a time.
+Nothing here touches a socket, a thread or a clock: each transport reads a frame's header
+and checks its length (``parse_frame_header``) its own way; messages and the hello are
+bytes in, bytes out.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ import secrets
 import struct
 from typing import Callable, NoReturn
 
-from . import serialize
 from ..errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
+from . import serialize
 from .messages import KINDS, NULL_HEADER, NULL_RRID, RRID, TAGS, Message, MsgHeader
 
 # Before the hello succeeds a peer may send only tiny frames; afterwards the limit is raised
@@ -64,25 +65,13 @@ DEFAULT_MAX_FRAME = 1 << 40
 Buffer = bytes | bytearray | memoryview
 
 __all__ = [
-    "FRAME_HEADER", "FRAME_HEADER_SIZE", "NEED_DATA", "frame_header", "parse_frame_header",
+    "FRAME_HEADER", "FRAME_HEADER_SIZE", "frame_header", "parse_frame_header",
     "PROTOCOL_VERSION", "MESSAGE_MAGIC", "BUFFER_ALIGN", "encode_message", "decode_message",
-    "FrameDecoder", "Handshake",
+    "Handshake",
 ]
 
 FRAME_HEADER = struct.Struct("<Q")
 FRAME_HEADER_SIZE = FRAME_HEADER.size
-
-
-class _NeedData:
-    """Sentinel type: the decoder needs more bytes before it can produce a frame."""
-
-    _instance = None
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 
 def frame_header(length: int) -> bytes:
@@ -96,73 +85,6 @@ def parse_frame_header(header: bytes | bytearray | memoryview, limit: int) -> in
     if length > limit:
         raise DecodeError(f"frame of {length} bytes announced, over the limit of {limit} bytes")
     return length
-
-
-# ---------------------------------------------------------------------------------------
-# Frames from a byte stream
-
-class FrameDecoder:
-    """Cuts a byte stream into frame payloads: ``feed(data)``, then ``next_frame()`` until
-    it returns ``NEED_DATA``.
-
-    ``max_frame`` may be raised at any time (after the hello); it applies to every length
-    not yet read. A length over it raises ``DecodeError`` before anything is allocated for
-    the payload, and the decoder then stays failed. Each payload is filled in place in a
-    buffer of its announced size, so big frames are copied once, not quadratically.
-    """
-
-    def __init__(self, max_frame: int = HELLO_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()                 # bytes not yet assigned to a frame
-        self._payload: bytearray | None = None  # the frame being filled, if its length is known
-        self._filled = 0
-        self._error: DecodeError | None = None
-
-    def feed(self, data: Buffer) -> None:
-        """Add bytes received from the stream (copied: the caller may reuse ``data``)."""
-        self._check_failed()
-        view = _byte_view(data)
-        if self._payload is not None:
-            # Invariant: while a payload is being filled, ``_buf`` is empty.
-            take = min(len(self._payload) - self._filled, len(view))
-            self._payload[self._filled:self._filled + take] = view[:take]
-            self._filled += take
-            view = view[take:]
-        if view:
-            self._buf += view
-
-    def next_frame(self) -> memoryview | _NeedData:
-        """The next complete payload (a writable memoryview the caller owns) or NEED_DATA."""
-        self._check_failed()
-        if self._payload is None:
-            if len(self._buf) < FRAME_HEADER_SIZE:
-                return NEED_DATA
-            self._start_payload()
-        assert self._payload is not None
-        if self._filled < len(self._payload):
-            return NEED_DATA
-        frame = memoryview(self._payload)
-        self._payload = None
-        return frame
-
-    def _start_payload(self) -> None:
-        """Read a frame header from ``_buf`` and move what is already here into a payload."""
-        try:
-            length = parse_frame_header(self._buf[:FRAME_HEADER_SIZE], self.max_frame)
-        except DecodeError as e:
-            self._error = e
-            raise
-        take = min(length, len(self._buf) - FRAME_HEADER_SIZE)
-        self._payload = bytearray(length)
-        with memoryview(self._buf) as buf:  # released before ``_buf`` is resized below
-            self._payload[:take] = buf[FRAME_HEADER_SIZE:FRAME_HEADER_SIZE + take]
-        self._filled = take
-        # Deleting from the front of a bytearray is cheap in CPython (no shifting).
-        del self._buf[:FRAME_HEADER_SIZE + take]
-
-    def _check_failed(self) -> None:
-        if self._error is not None:
-            raise DecodeError(f"the frame decoder failed earlier: {self._error}") from self._error
 
 
 def _byte_view(data: Buffer) -> memoryview:
