@@ -29,12 +29,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from .group import PGRP
-from .dispatch import OpContext, internal_op
 from ..errors import ProcessExitedException
 from ..wire.messages import NULL_HEADER, RemoteDoMsg
+from .dispatch import OpContext, internal_op
+from .group import PGRP
 
-__all__ = ["DEFAULT_LEASE", "BEATS_PER_LEASE", "renew", "forget", "leased", "watch",
+__all__ = ["DEFAULT_LEASE", "BEATS_PER_LEASE", "renew", "forget", "watch",
            "check_lease"]
 
 DEFAULT_LEASE = 30.0
@@ -78,10 +78,6 @@ class _Heartbeat:
     def remove(self, pid: int) -> None:
         with self._lock:
             self._due.pop(pid, None)
-
-    def pids(self) -> list[int]:
-        with self._lock:
-            return sorted(self._due)
 
     def _run(self) -> None:
         while True:
@@ -128,11 +124,6 @@ def renew(pid: int, lease: float) -> None:
 def forget(pid: int) -> None:
     """Stop renewing worker ``pid``'s lease."""
     _HEARTBEAT.remove(pid)
-
-
-def leased() -> list[int]:
-    """The workers whose leases this process renews."""
-    return _HEARTBEAT.pids()
 
 
 # -- the worker's side ------------------------------------------------------------------
