@@ -17,7 +17,8 @@ import pytest
 from concurrent.futures.process import BrokenProcessPool
 
 import pydist as pd
-from pydist.dropin.executor import WorkerProcess, _shipped
+from pydist.dropin.records import WorkerProcess
+from pydist.dropin.worker_side import _shipped
 
 from testkit import live_children, subprocess_env, wait_until
 

@@ -40,6 +40,8 @@ import time
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
+from ..pools.progress import ProgressIterator, check_progress
+from ..pools.workerpool import AbstractWorkerPool
 from . import closing as _closing
 from . import nested as _nested
 from .core import _Core
@@ -48,24 +50,6 @@ from .mapfeed import _chunks, _Feed, _map_results
 from .records import _NO_KWARGS, WorkerProcess, _Task
 from .staffing import check_max_memory
 from .worker_side import CALL, STARCHUNK
-from ..pools.progress import ProgressIterator, check_progress
-from ..pools.workerpool import AbstractWorkerPool
-
-# The machinery lives in pydist/dropin/ (its __init__ has the map); these names stay
-# importable from here, where they used to be defined.
-from .closing import _at_exit, _live  # noqa: F401
-from .core import _keys  # noqa: F401
-from .dispatching import AHEAD_TIME, MAX_AHEAD, MAX_BATCH, _settling  # noqa: F401
-from .futures import _WAITING, _copy_exc, _report, _unwrap, pump_for  # noqa: F401
-from .mapfeed import _Slot  # noqa: F401
-from .records import _Batch, _Worker  # noqa: F401
-from .shipping import _FnCache, _Shipped  # noqa: F401
-from .staffing import _addprocs_lock, _on_worker_lost  # noqa: F401
-from .stealing import STEAL_AFTER  # noqa: F401
-from .worker_side import (CHUNK, _REVOKED, _claim, _fn_drop, _fn_lookup,  # noqa: F401
-                                 _fn_store, _Gate, _gates, _gates_lock, _init_worker,
-                                 _load_results, _Packed, _Results, _revoke, _run_batch,
-                                 _shipped, _Undecodable)
 
 __all__ = ["Executor", "ProcessPoolExecutor"]
 

@@ -23,21 +23,14 @@ import weakref
 from multiprocessing.pool import RemoteTraceback
 from typing import Any, Callable, Iterable
 
+from ..pools.progress import ProgressIterator, check_progress
 from . import nested as _nested
 from .core import _Core
 from .imap import IMapIterator, IMapUnorderedIterator
 from .records import _NO_KWARGS, WorkerProcess, _Task
-from .results import ApplyResult, MapResult, _ChunkSink
+from .results import ApplyResult, AsyncResult, MapResult, _ChunkSink
 from .staffing import check_max_memory
 from .worker_side import CALL, CHUNK, STARCHUNK
-from ..pools.progress import ProgressIterator, check_progress
-
-# The result classes live in pydist/dropin/ (results.py, imap.py); these names stay
-# importable from here, where they used to be defined.
-from .futures import pump_for  # noqa: F401
-from .imap import _Arrival, _chunks  # noqa: F401
-from .mapfeed import _Feed  # noqa: F401
-from .results import AsyncResult, TimeoutError  # noqa: F401
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
            "IMapUnorderedIterator"]
