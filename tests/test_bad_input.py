@@ -9,7 +9,8 @@ import threading
 import pytest
 
 import pydist as pd
-from pydist.refs.remoteref import _chan_take, call_on_owner
+from pydist.refs.remotechannel import _chan_take
+from pydist.cluster.waiting import call_on_owner
 from pydist.cluster.values import unwrap
 
 BAD_PIDS = ["2", 2.0, None, True]

@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import sharedmap
-from ..cluster.group import PGRP, myid, procs
+from ..cluster.group import PGRP
+from ..cluster.membership import myid, procs
 from ..refs.remotecall import remotecall
+from . import sharedmap
 from .sharedmap import Mapping
 
 __all__ = ["SharedArray", "sdata", "localindices", "indexpids", "shared_zeros", "shared_ones"]

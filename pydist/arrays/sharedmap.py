@@ -23,12 +23,13 @@ import mmap
 import queue
 import threading
 import weakref
-from ..cluster.group import PGRP
+
 from ..cluster.dispatch import OpContext, internal_op
+from ..cluster.group import PGRP
+from ..cluster.waiting import call_on_owner
 from ..errors import ProcessExitedException
-from ..wire.messages import RRID, MsgHeader, RemoteDoMsg
-from ..refs.remoteref import call_on_owner
 from ..shm import segment as seg
+from ..wire.messages import RRID, MsgHeader, RemoteDoMsg
 
 __all__ = ["Mapping", "OwnedArray", "create_segment", "unlink", "add", "attach_here", "lookup",
            "forget_here", "table_size", "register_owned", "count_holder", "note_sent", "release",

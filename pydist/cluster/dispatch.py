@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import traceback
 from types import TracebackType
 from typing import Any, Callable
 
-from .group import PGRP, W_TERMINATED, Worker
-from ..wire.codec import decode_message
 from ..errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
-                     RemoteException, SerializationError, TransportBroken, TransportClosed)
-from ..wire.messages import (NULL_RRID, CallFetchMsg, CallMsg, CallWaitMsg, Message, MsgHeader,
-                       RemoteDoMsg, ResultMsg, RRID)
+                      RemoteException, SerializationError, TransportBroken, TransportClosed)
+from ..wire.codec import decode_message
+from ..wire.messages import (NULL_HEADER, NULL_RRID, RRID, CallFetchMsg, CallMsg, CallWaitMsg,
+                             MsgHeader, RemoteDoMsg, ResultMsg)
+from .group import PGRP
 from .inbox import Inbox
+from .peers import W_TERMINATED, Worker
 from .values import STORED, Failure, pushable
 
 __all__ = ["read_one", "start_serving", "internal_op", "OpContext", "run_call", "capture", "reply"]
@@ -173,6 +173,11 @@ def _on_remote_do(w: Worker, header: MsgHeader, msg: RemoteDoMsg) -> None:
         if type(value) is Failure:
             print(f"Error in remote_do on process {PGRP.myid}:\n{value.exc}", file=sys.stderr)
     PGRP.runner.submit(task)
+
+
+def remote_do_here(msg: RemoteDoMsg) -> None:
+    """Handle ``msg`` as if this process had sent it to itself (``remote_do(f, myid())``)."""
+    _on_remote_do(Worker(PGRP.myid), NULL_HEADER, msg)
 
 
 def _on_result(w: Worker, header: MsgHeader, msg: ResultMsg) -> None:

@@ -22,38 +22,22 @@ modules change them only through its methods, under its lock.
 """
 from __future__ import annotations
 
-import enum
 import itertools
 import os
+import secrets
 import socket
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from ..wire.codec import encode_message
-from ..wire import serialize
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
+from ..wire import serialize
+from ..wire.codec import encode_message
 from ..wire.messages import RRID, Message, MsgHeader
+from .peers import W_CONNECTED, W_CREATED, W_TERMINATED, W_TERMINATING, Worker
 from .runner import TaskRunner
 from .values import Failure, RemoteValue
 
-if TYPE_CHECKING:
-    from ..managers.base import ClusterManager, WorkerConfig
-    from ..transport import Transport
-
-__all__ = ["Worker", "ProcessGroup", "PGRP", "myid", "procs", "workers", "nprocs", "nworkers",
-           "host_key", "WorkerState", "worker_state"]
-
-class WorkerState(enum.StrEnum):
-    """A worker's state, as in Julia's cluster.jl (equal to its lower-case word)."""
-
-    W_CREATED = "created"
-    W_CONNECTED = "connected"
-    W_TERMINATING = "terminating"
-    W_TERMINATED = "terminated"
-
-
-W_CREATED, W_CONNECTED, W_TERMINATING, W_TERMINATED = WorkerState
-
+__all__ = ["ProcessGroup", "PGRP", "host_key", "cluster_cookie"]
 
 def host_key() -> str:
     """An identity shared by exactly the processes that share a host, /dev/shm and network.
@@ -75,30 +59,6 @@ def host_key() -> str:
         except OSError:
             pass
     return "|".join(parts)
-
-
-class Worker:
-    """This process's record of one other process of the cluster."""
-
-    def __init__(self, pid: int, config: "WorkerConfig | None" = None,
-                 manager: "ClusterManager | None" = None) -> None:
-        self.id = pid
-        self.config = config
-        self.manager = manager
-        self.transport: Transport | None = None
-        self.state = W_CREATED
-        self.host_key = ""
-        self.hostname = ""
-        self.ospid: int | None = None
-        self.addresses: tuple[str, ...] = ()
-        self.connected = threading.Event()   # set once a transport is up (or it died)
-        self.gone = threading.Event()        # set once terminated
-        self.detail = ""                     # how it ended, for ProcessExitedException
-        self.connect_lock = threading.Lock()
-        self.inbox: Any = None               # the read side of the connection (inbox.Inbox)
-
-    def __repr__(self) -> str:
-        return f"<Worker {self.id} {self.state}>"
 
 
 class ProcessGroup:
@@ -325,6 +285,19 @@ class ProcessGroup:
 PGRP = ProcessGroup()
 
 
+def cluster_cookie(cookie: str | None = None) -> str:
+    """The cluster cookie (made at random on first use); with an argument, set it."""
+    if cookie is not None:
+        if not isinstance(cookie, str):
+            raise TypeError(f"the cluster cookie must be a str, not {type(cookie).__name__}")
+        if not cookie:
+            raise ValueError("the cluster cookie must not be empty")
+        PGRP.cookie = cookie
+    elif PGRP.cookie is None:
+        PGRP.cookie = secrets.token_hex(16)
+    return PGRP.cookie
+
+
 def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:
     """The pickling error of a message, saying which argument (or the result) failed."""
     parts: list[tuple[str, Any]] = []
@@ -343,57 +316,3 @@ def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> Seri
             return SerializationError(f"{what} ({kind.__module__}.{kind.__qualname__}) cannot be "
                                       f"pickled for process {pid}: {type(cause).__name__}: {cause}")
     return error
-
-
-def myid() -> int:
-    """The id of this process: 1 on the master, the worker's id on a worker."""
-    return PGRP.myid
-
-
-def workers() -> list[int]:
-    """The ids of all workers (``[1]`` when there are none), ascending."""
-    if PGRP.role == "worker":
-        from ..refs.remotecall import remotecall_fetch
-        return remotecall_fetch(workers, 1)
-    ids = PGRP.worker_ids()
-    return ids or [1]
-
-
-def procs(pid: int | None = None) -> list[int]:
-    """Every process id, master included; with ``pid``: those on the same host as ``pid``."""
-    if PGRP.role == "worker":
-        from ..refs.remotecall import remotecall_fetch
-        return remotecall_fetch(procs, 1, pid)
-    ids = [1, *PGRP.worker_ids()]
-    if pid is None:
-        return ids
-    PGRP.check_pid(pid)
-    keys = {1: PGRP.host_key}
-    with PGRP.lock:
-        keys.update({p: w.host_key for p, w in PGRP.workers.items()})
-    return [p for p in ids if keys.get(p) == keys.get(pid)]
-
-
-def nprocs() -> int:
-    """``len(procs())``."""
-    return len(procs())
-
-
-def nworkers() -> int:
-    """The number of workers; 1 when only the master exists (as in Julia)."""
-    n = len(procs()) - 1
-    return n if n > 0 else 1
-
-
-def worker_state(pid: int) -> WorkerState:
-    """The state of process ``pid`` as this process knows it (``W_TERMINATED`` once removed)."""
-    if not isinstance(pid, int) or isinstance(pid, bool):
-        raise TypeError(f"pid must be a process id (an int), not {pid!r} ({type(pid).__name__})")
-    if pid == PGRP.myid:
-        return W_CONNECTED
-    w = PGRP.workers.get(pid)
-    if w is not None:
-        return WorkerState(w.state)
-    if pid in PGRP.removed:
-        return W_TERMINATED
-    raise ValueError(f"no process with id {pid} exists in this cluster")

@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .group import Worker
+    from .peers import Worker
 
 __all__ = ["Inbox", "GRACE"]
 

@@ -13,14 +13,17 @@ import threading
 from typing import Any
 
 from .. import transport as _transport
-from .group import PGRP, W_CONNECTED, W_CREATED, Worker
-from ..wire.codec import Handshake, decode_message, encode_message
-from .dispatch import OpContext, internal_op, start_serving
 from ..errors import (AuthenticationError, DecodeError, LaunchError, ProcessExitedException,
-                     TransportError)
-from ..wire.messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMsg, JoinCompleteMsg,
-                       JoinPGRPMsg, Message, MsgHeader, RemoteDoMsg)
+                      TransportError)
 from ..transport import DEFAULT_MAX_FRAME, Transport
+from ..wire.codec import Handshake, decode_message, encode_message
+from ..wire.messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMsg, JoinCompleteMsg,
+                             JoinPGRPMsg, Message, RemoteDoMsg)
+from .dispatch import OpContext, internal_op, start_serving
+from .group import PGRP
+from .peers import W_CONNECTED, Worker, choose_address
+from .values import Failure, unwrap
+from .waiting import call_on_owner
 
 __all__ = ["authenticate", "proven", "join_worker", "serve_incoming", "accept_loop",
            "connect_peer", "HELLO_TIMEOUT"]
@@ -272,8 +275,6 @@ def _peer_record(pid: int) -> Worker:
     w = PGRP.workers.get(pid)
     if w is not None and (w.addresses or pid > PGRP.myid):
         return w
-    from ..refs.remoteref import call_on_owner
-    from .values import unwrap
     addresses, key = unwrap(call_on_owner(_worker_info, 1, pid))
     with PGRP.lock:
         w = PGRP.workers.setdefault(pid, Worker(pid))
@@ -282,7 +283,6 @@ def _peer_record(pid: int) -> Worker:
 
 
 def _dial(w: Worker) -> None:
-    from ..managers.base import choose_address
     policy = "auto" if w.host_key == PGRP.host_key else "tcp"
     address = choose_address(w.addresses, policy, str(w.id))
     try:
@@ -302,7 +302,6 @@ def _dial(w: Worker) -> None:
 @internal_op
 def _worker_info(ctx: OpContext, pid: int) -> None:
     """On the master: the addresses and host key of worker ``pid``."""
-    from .values import Failure
     w = PGRP.workers.get(pid)
     if w is None:
         detail = PGRP.removed.get(pid)

@@ -18,7 +18,6 @@ import collections
 import threading
 import weakref
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING
 
 from ..processes.lifecycle import rmprocs
 from ..refs.remotecall import remote_do
@@ -26,11 +25,8 @@ from .dispatching import _settling
 from .records import _Task
 from .worker_side import _fn_drop
 
-if TYPE_CHECKING:
-    from .core import _Core
-
 _global_shutdown = False
-_live: "weakref.WeakSet[_Core]" = weakref.WeakSet()
+_live: "weakref.WeakSet[_Closing]" = weakref.WeakSet()   # every core not yet stopped
 
 
 class _Closing:

@@ -27,11 +27,11 @@ from ..cluster.group import PGRP
 from ..pools.workerpool import AbstractWorkerPool
 from .closing import _Closing, _live
 from .dispatching import _Dispatching
-from .shipping import _FnCache
+from .mainscript import check_not_importing_main, main_spec
 from .records import _Task, _Worker
+from .shipping import _FnCache
 from .staffing import _Staffing
 from .stealing import _Stealing
-from .mainscript import check_not_importing_main, main_spec
 
 _keys = itertools.count(1)
 

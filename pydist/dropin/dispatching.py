@@ -20,16 +20,16 @@ import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from ..errors import ProcessExitedException, SerializationError
-from ..refs.remotecall import remote_do
 from ..cluster.values import Failure
-from ..pools.workerpool import _start
+from ..errors import ProcessExitedException, SerializationError
+from ..pools.abstract import start_call
+from ..refs.remotecall import remote_do
 from .futures import _copy_exc, _report, _unwrap
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .worker_side import (CALL, _REVOKED, _fn_drop, _Packed, _Results, _run_batch, _run_one,
+from .worker_side import (_REVOKED, CALL, _fn_drop, _Packed, _Results, _run_batch, _run_one,
                           _Undecodable, inline_ok)
 
 MAX_BATCH = 256          # tasks in one message at most
@@ -236,7 +236,7 @@ class _Dispatching:
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
                 raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
-            _, done = _start(w.pid, run, (g, *rest), _NO_KWARGS, keep=False)   # type: ignore[arg-type]
+            _, done = start_call(w.pid, run, (g, *rest), _NO_KWARGS, keep=False)   # type: ignore[arg-type]
         except SerializationError as e:   # the function itself cannot be pickled
             self._unsendable(w, batch, e)
             return

@@ -14,9 +14,8 @@ import sys
 from typing import Any, Callable
 
 from ..cluster.group import PGRP
+from ..cluster.waiting import may_pump
 from ..errors import RemoteException
-from ..refs.remoteref import _may_pump
-
 
 _WAITING = ("PENDING", "RUNNING")
 
@@ -31,7 +30,7 @@ def pump_for(sink: Any, done: Callable[[], bool]) -> None:
             return
         w = PGRP.workers.get(pid)
         inbox = getattr(w, "inbox", None)
-        if inbox is None or inbox.ended or not _may_pump():
+        if inbox is None or inbox.ended or not may_pump():
             return
         inbox.pump(lambda: done() or sink.pid != pid)
         if sink.pid == pid:
@@ -59,7 +58,7 @@ class _Future(cf.Future):
 
     def __await__(self) -> Any:
         """``await future`` in asyncio (as ``asyncio.wrap_future`` gives)."""
-        import asyncio   # only programs that await pay for importing asyncio
+        import asyncio  # only programs that await pay for importing asyncio
         return asyncio.wrap_future(self).__await__()
 
 

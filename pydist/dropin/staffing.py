@@ -22,9 +22,9 @@ import time
 from typing import Any, Callable
 
 from ..cluster.group import PGRP
-from ..processes.lifecycle import addprocs, rmprocs
-from ..errors import ProcessExitedException, SerializationError
 from ..cluster.output import wait_relayed
+from ..errors import ProcessExitedException, SerializationError
+from ..processes.lifecycle import addprocs, rmprocs
 from ..refs.remotecall import remotecall
 from ..wire.serialize import dumps
 from .closing import _live

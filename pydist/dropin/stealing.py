@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from ..cluster.values import Failure
-from ..pools.workerpool import _start
+from ..pools.abstract import start_call
 from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke
@@ -56,7 +56,7 @@ class _Stealing:
                 self.steal_timer.start()
         for w, seqs in victims:
             try:
-                _, done = _start(w.pid, _revoke, (self.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
+                _, done = start_call(w.pid, _revoke, (self.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
             except Exception:
                 continue
             done.add_callback(partial(self._revoked_safely, w))

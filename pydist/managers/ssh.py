@@ -44,13 +44,15 @@ import time
 from typing import Any, Iterable
 
 from ..cluster import lease as _lease
+from ..cluster.group import cluster_cookie
+from ..cluster.peers import WorkerConfig
+from ..cluster.stopping import request_exit
 from ..errors import LaunchError
 from ..net.address import parse_tcp_url
-from .base import ClusterManager, WorkerConfig
+from .base import ClusterManager
 from .machines import Machine, parse_machine
 from .sshcommand import LAUNCH_TIMEOUT, _Options, _remote_command
-from .sshsession import (_BY_PID, _GRACE, _Session, _await_contact, _relay, _run_ssh,
-                         _send_cookie)
+from .sshsession import _BY_PID, _GRACE, _await_contact, _relay, _run_ssh, _send_cookie, _Session
 
 __all__ = ["SSHManager", "Machine", "parse_machine", "LAUNCH_TIMEOUT", "CONNECT_TIMEOUT"]
 
@@ -111,7 +113,6 @@ class SSHManager(ClusterManager):
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: Any) -> None:
         """Launch every machine at once; each is bounded by ``launch_timeout``."""
-        from ..processes.lifecycle import cluster_cookie
         opts = _Options.from_params(params)
         cookie = cluster_cookie()
         errors: list[str] = []
@@ -294,7 +295,6 @@ class SSHManager(ClusterManager):
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Ask the worker to exit; then close its ssh session (the lifeline) and end ssh."""
-        from ..processes.lifecycle import request_exit
         _lease.forget(pid)
         request_exit(pid)
         session = self._session(config)

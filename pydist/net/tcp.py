@@ -30,8 +30,8 @@ import threading
 from typing import Sequence
 
 from .. import transport
-from ..wire import codec
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
+from ..wire import codec
 from .address import format_tcp_url, parse_tcp_url
 
 __all__ = ["TcpTransport", "TcpListener", "connect_tcp"]

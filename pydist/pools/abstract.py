@@ -1,13 +1,13 @@
 """``AbstractWorkerPool``: the seven operations of a pool, and how a call runs on one.
 
 A pool call (the pool variants of ``remotecall``, ``remotecall_fetch``, ``remotecall_wait``
-and ``remote_do``) takes an idle worker, starts the call there with ``_start`` and puts the
+and ``remote_do``) takes an idle worker, starts the call there with ``start_call`` and puts the
 worker back once the call has finished there: a completion notice from the worker, not the
 caller's fetch. A pool may send a stand-in for the function (``_prepare``/``_settle``: a
 ``CachingPool`` sends an id once the function is there); if the worker no longer has what
 the stand-in refers to, the call is sent once more (``_forget``).
 
-``_start`` is also what ``pmap`` and the executors use to run a call with such a notice.
+``start_call`` is also what ``pmap`` and the executors use to run a call with such a notice.
 """
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ import sys
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
-from ..cluster.group import PGRP
 from ..cluster.dispatch import run_call
-from .funccache import _is_cache_miss
-from ..wire.messages import CallFetchMsg, CallWaitMsg, MsgHeader
-from ..refs.remoteref import Future, wait_value
+from ..cluster.group import PGRP
 from ..cluster.values import Failure, RemoteValue, unwrap
+from ..cluster.waiting import wait_value
+from ..refs.remoteref import Future
+from ..wire.messages import CallFetchMsg, CallWaitMsg, MsgHeader
+from .funccache import is_cache_miss
 
 
 # -- starting a call with a completion notice -----------------------------------------------
-def _start(pid: int, f: Callable[..., Any], args: tuple, kwargs: dict,
+def start_call(pid: int, f: Callable[..., Any], args: tuple, kwargs: dict,
            keep: bool) -> tuple[Future | None, RemoteValue]:
     """Start ``f(*args, **kwargs)`` on ``pid``; return ``(future, done)``.
 
@@ -151,9 +152,9 @@ class AbstractWorkerPool(ABC):
                 raise
             try:
                 if kind == "remote_do":
-                    fut, done = _start(pid, _run_and_report, (g, args, kwargs), {}, keep=False)
+                    fut, done = start_call(pid, _run_and_report, (g, args, kwargs), {}, keep=False)
                 else:
-                    fut, done = _start(pid, g, args, kwargs, keep=kind != "remotecall_fetch")
+                    fut, done = start_call(pid, g, args, kwargs, keep=kind != "remotecall_fetch")
             except BaseException:
                 self._settle(token, False)
                 self.put_back(pid)
@@ -166,7 +167,7 @@ class AbstractWorkerPool(ABC):
                 return None
             value = wait_value(done, None, f"the call on process {pid}",
                                via=pid if pid != PGRP.myid else None)
-            if attempt == 0 and _is_cache_miss(value):
+            if attempt == 0 and is_cache_miss(value):
                 self._forget(g, pid)
                 continue    # the worker's cache was cleared meanwhile: ship the function again
             if kind == "remotecall_wait":

@@ -1,24 +1,26 @@
 """The function cache: ship a function to a worker once, then refer to it by a short id.
 
-A ``_FunctionCache`` is one process's record of what it shipped to which worker, under a
+A ``FunctionCache`` is one process's record of what it shipped to which worker, under a
 key (a ``CachingPool``'s id, or a single ``pmap``'s). The function travels as ``_Cached``,
 which unpickles *on the worker's reader thread, while the message is decoded*: the first
 time as a store into that worker's cache (``_cache_store``), later as a lookup in it
 (``_cache_lookup``), so in-order delivery on a connection is all the bookkeeping needs. A lookup
 that finds nothing (the cache was dropped meanwhile) fails with ``_CacheMiss``, and the
-caller ships the function again. ``_drop_caches`` tells workers to forget a key's functions.
+caller ships the function again. ``drop_caches`` tells workers to forget a key's functions.
 """
 from __future__ import annotations
 
 import threading
 from typing import Any, Iterable
 
-from ..cluster.group import PGRP
 from ..cluster.dispatch import OpContext, internal_op
+from ..cluster.group import PGRP
+from ..cluster.values import Failure
+from ..cluster.waiting import call_on_owner
 from ..errors import ProcessExitedException, RemoteException
 from ..wire.messages import NULL_HEADER, RRID, RemoteDoMsg
-from ..refs.remoteref import call_on_owner
-from ..cluster.values import Failure
+
+__all__ = ["FunctionCache", "is_cache_miss", "drop_caches", "drop_later"]
 
 
 # -- on each worker: the functions shipped to it -------------------------------------------------
@@ -68,7 +70,7 @@ def _cache_info(ctx: OpContext, key: RRID) -> None:
 
 
 # -- on the shipping side -----------------------------------------------------------------------
-def _is_cache_miss(value: Any) -> bool:
+def is_cache_miss(value: Any) -> bool:
     """Whether a call's value says the worker no longer had the function (ship it again)."""
     if type(value) is not Failure or not isinstance(value.exc, RemoteException):
         return False
@@ -92,7 +94,7 @@ class _Cached:
         return (_cache_lookup, (self.key, self.fid))
 
 
-class _FunctionCache:
+class FunctionCache:
     """This process's record of which function it shipped to which worker, under which id."""
 
     def __init__(self, key: RRID) -> None:
@@ -150,7 +152,7 @@ class _FunctionCache:
 
 
 # -- dropping what was shipped -------------------------------------------------------------------
-def _drop_caches(key: RRID, pids: Iterable[int], whence: int | None, final: bool,
+def drop_caches(key: RRID, pids: Iterable[int], whence: int | None, final: bool,
                  wait: bool) -> None:
     """Tell each of ``pids`` to drop the functions cached under ``key``."""
     for pid in pids:
@@ -166,10 +168,10 @@ def _drop_caches(key: RRID, pids: Iterable[int], whence: int | None, final: bool
             pass   # gone, and its cache with it
 
 
-def _drop_later(key: RRID, cache: _FunctionCache, whence: int) -> None:
+def drop_later(key: RRID, cache: FunctionCache, whence: int) -> None:
     """A CachingPool handle was collected: free what it shipped (from a thread of its own)."""
     pids = cache.shipped_to()
     if pids:
-        threading.Thread(target=_drop_caches, args=(key, pids, whence, False, False),
+        threading.Thread(target=drop_caches, args=(key, pids, whence, False, False),
                          daemon=True).start()
 

@@ -34,15 +34,15 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from ..cluster.group import PGRP
 from ..cluster.dispatch import capture
-from ..errors import ProcessExitedException, SerializationError
+from ..cluster.group import PGRP
 from ..cluster.values import Failure
-from .abstract import _start
-from .funccache import _drop_caches, _FunctionCache, _is_cache_miss
+from ..errors import ProcessExitedException, SerializationError
+from ..wire import serialize
+from .abstract import start_call
+from .funccache import FunctionCache, drop_caches, is_cache_miss
 from .progress import check_progress, progress_bar
 from .workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
-from ..wire import serialize
 
 __all__ = ["pmap"]
 
@@ -296,7 +296,7 @@ class _Mapper:
         self.in_bytes = 0.0                  # pickled bytes of an element, and of an answer
         self.out_bytes = 0.0
         self.own_cache = not isinstance(pool, CachingPool)
-        self.cache = (_FunctionCache(PGRP.next_rrid()) if self.own_cache
+        self.cache = (FunctionCache(PGRP.next_rrid()) if self.own_cache
                       else pool._fcache)     # type: ignore[attr-defined]
         self.last_poll = 0.0
         self.lost: int | None = None     # the last worker that died under this map
@@ -456,7 +456,7 @@ class _Mapper:
             self._unsend(chunk)
             raise
         try:
-            _, done = _start(pid, _run_chunk, (g, self.star, self._elements(chunk)), {}, keep=False)
+            _, done = start_call(pid, _run_chunk, (g, self.star, self._elements(chunk)), {}, keep=False)
         except ProcessExitedException:
             self.cache.settle(token, False)
             self._lose(pid)
@@ -519,7 +519,7 @@ class _Mapper:
             self._lose(pid)
             for i in chunk:
                 self._element_failed(i, exc)
-        elif _is_cache_miss(value):
+        elif is_cache_miss(value):
             self.cache.forget(g, pid)
             self._unsend(chunk)
         elif len(chunk) > 1:
@@ -554,7 +554,7 @@ class _Mapper:
         if self.own_cache:
             # Each chunk looked its function up while it was read, so a drop sent after
             # them is safe even while they still run.
-            _drop_caches(self.cache.key, self.cache.reset(), None, True, False)
+            drop_caches(self.cache.key, self.cache.reset(), None, True, False)
         if busy:
             threading.Thread(target=self._drain, args=(busy,), name="pydist-pmap-drain",
                              daemon=True).start()

@@ -23,12 +23,13 @@ import weakref
 from collections import deque
 from typing import Any, Iterable
 
-from ..refs.channel import TIMERS
-from ..cluster.group import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING
-from ..processes.lifecycle import on_workers_added
 from ..cluster.dispatch import OpContext, internal_op
-from ..wire.messages import RRID
+from ..cluster.group import PGRP
+from ..cluster.peers import W_CONNECTED, W_TERMINATED, W_TERMINATING
 from ..cluster.values import Failure
+from ..processes.lifecycle import on_workers_added
+from ..refs.channel import TIMERS
+from ..wire.messages import RRID
 
 DEFAULT_POOL_ID = RRID(1, 0)       # never handed out by next_rrid (ids start at 1)
 

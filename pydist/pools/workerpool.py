@@ -20,16 +20,15 @@ import threading
 import weakref
 from typing import Any, Callable, Iterable
 
-from .abstract import AbstractWorkerPool
-from .abstract import _start    # noqa: F401  (re-exported: the executors start calls with it)
 from ..cluster.group import PGRP
-from .funccache import _cache_info, _drop_caches, _drop_later, _FunctionCache
-from .funccache import _is_cache_miss   # noqa: F401  (re-exported, with _drop_caches and _FunctionCache)
-from ..wire.messages import NULL_HEADER, RRID, CallFetchMsg, MsgHeader, RemoteDoMsg
-from .poolstate import (DEFAULT_POOL_ID, _check_pid, _default_state, _pool_op, _PoolState,
-                        _state, _Waiter)
-from ..refs.remoteref import AbstractRemoteRef, call_on_owner, wait_value
 from ..cluster.values import unwrap
+from ..cluster.waiting import call_on_owner, wait_value
+from ..refs.remoteref import AbstractRemoteRef
+from ..wire.messages import NULL_HEADER, RRID, CallFetchMsg, MsgHeader, RemoteDoMsg
+from .abstract import AbstractWorkerPool
+from .funccache import FunctionCache, _cache_info, drop_caches, drop_later
+from .poolstate import (DEFAULT_POOL_ID, _check_pid, _default_state, _pool_op, _PoolState, _state,
+                        _Waiter)
 
 __all__ = ["AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear",
            "remote"]
@@ -246,8 +245,8 @@ class CachingPool(WorkerPool):
         self._init_handle()
 
     def _init_handle(self) -> None:
-        self._fcache = _FunctionCache(self._ref.rrid)
-        fin = weakref.finalize(self, _drop_later, self._ref.rrid, self._fcache, PGRP.myid)
+        self._fcache = FunctionCache(self._ref.rrid)
+        fin = weakref.finalize(self, drop_later, self._ref.rrid, self._fcache, PGRP.myid)
         fin.atexit = False
 
     def _prepare(self, f: Callable[..., Any], pid: int) -> tuple[Any, Any]:
@@ -269,7 +268,7 @@ def clear(pool: CachingPool) -> CachingPool:
     if not isinstance(pool, CachingPool):
         raise TypeError(f"clear() takes a CachingPool, not {type(pool).__name__}")
     pids = pool._fcache.reset() | set(pool.workers())
-    _drop_caches(pool._ref.rrid, sorted(pids), None, False, True)
+    drop_caches(pool._ref.rrid, sorted(pids), None, False, True)
     return pool
 
 

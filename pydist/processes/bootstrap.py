@@ -24,16 +24,18 @@ from typing import Any, TextIO
 from .. import transport as _transport
 from ..cluster.group import PGRP
 from ..cluster.join import accept_loop, serve_incoming
+from ..cluster.lease import watch
+from ..cluster.output import install_worker_streams
+from ..cluster.runner import TaskRunner
+from ..cluster.stopping import exit_worker
 from ..managers.base import CONTACT_PREFIX
 from ..managers.dialback import dial_master, read_cookie_file, route_to
 from ..net.address import format_tcp_url
-from ..cluster.output import install_worker_streams
-from ..cluster.runner import TaskRunner
+from ..shm.placement import allow_moves
 
-__all__ = ["init_worker", "start_worker", "worker_main", "exit_worker", "process_messages"]
+__all__ = ["init_worker", "start_worker", "worker_main", "process_messages"]
 
 JOIN_WAIT = 60.0
-_exit_lock = threading.Lock()
 
 
 def init_worker(cookie: str, manager: Any = None) -> None:
@@ -49,30 +51,6 @@ def init_worker(cookie: str, manager: Any = None) -> None:
 def _on_lost(pid: int) -> None:
     if pid == 1:
         exit_worker(0)   # no master, no purpose: Julia's workers exit too
-
-
-def exit_worker(code: int = 0) -> None:
-    """Close every connection and listener, flush output and end the process now."""
-    if not _exit_lock.acquire(blocking=False):
-        return
-    for listener in list(PGRP.listeners):
-        try:
-            listener.close()
-        except Exception:
-            pass
-    for w in list(PGRP.workers.values()):
-        t = w.transport
-        if t is not None:
-            try:
-                t.close()
-            except Exception:
-                pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
 
 
 def _read_cookie() -> str:
@@ -159,7 +137,6 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         sys.stdin.close()
     threading.Thread(target=_join_watchdog, name="pydist-join-watchdog", daemon=True).start()
     if lease > 0:
-        from ..cluster.lease import watch
         watch(lease, _joined, exit_worker)
     runner.run_main_loop(_master_inbox)
     exit_worker(0)
@@ -178,10 +155,6 @@ def _dial_master(url: str, addresses: list[str]) -> None:
 def _allow_shm_moves() -> None:
     """Let the shared-memory transport move this worker's waiting threads off the vCPU its
     peer runs on (``pydist/shm/placement.py``); a master is never moved."""
-    try:
-        from ..shm.placement import allow_moves
-    except ImportError:
-        return
     allow_moves()
 
 

@@ -43,16 +43,21 @@ import threading
 import traceback
 from typing import Any
 
-from .. import worker
 from .bootstrap import worker_main
 
 __all__ = ["serve", "BASE_PRELOAD", "MAX_MESSAGE"]
 
+# What ``python -m pydist.worker`` puts in ``sys.argv[0]``: the file of that command.
+WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "worker.py")
+
 MAX_MESSAGE = 1 << 20          # bytes of one request (an environment, a preload list)
 # What every worker needs before its first call: imported once here, not once per worker.
-BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.processes.lifecycle", "pydist.refs.remotecall",
-                "pydist.refs.remoteref", "pydist.refs.generic", "pydist.refs.channel", "pydist.refs.macros",
-                "pydist.pools.workerpool", "pydist.pools.pmap", "pydist.dropin.worker_side",
+BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.processes.lifecycle",
+                "pydist.refs.remotecall", "pydist.refs.remoteref", "pydist.refs.remotechannel",
+                "pydist.refs.generic", "pydist.refs.channel", "pydist.refs.macros",
+                "pydist.pools.workerpool", "pydist.pools.pmap",
+                "pydist.dropin.worker_side",
                 "pydist.shm.transport", "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
 
 
@@ -139,7 +144,7 @@ class _Server:
             os.environ.update(environ)
             sys.path[0] = os.getcwd()     # what ``python -m`` puts first
             _reseed()
-            sys.argv = [worker.__file__, *argv]
+            sys.argv = [WORKER_SCRIPT, *argv]
             worker_main(argv)
             code = 0
         except SystemExit as e:

@@ -8,44 +8,31 @@ slow host does not hold up a fast one.
 from __future__ import annotations
 
 import os
-import secrets
-import signal
 import sys
 import threading
 import time
 from typing import Any, Callable, Iterable
 
-from ..cluster.group import PGRP, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker
 from ..cluster.dispatch import OpContext, internal_op
-from ..errors import LaunchError, ProcessExitedException
+from ..cluster.group import PGRP, cluster_cookie
 from ..cluster.join import join_worker
-from ..managers.base import TRANSPORTS, ClusterManager, WorkerConfig, default_addprocs_params
+from ..cluster.peers import (TRANSPORTS, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker,
+                             WorkerConfig)
+from ..cluster.stopping import request_exit, send_interrupt
+from ..errors import LaunchError, ProcessExitedException
+from ..managers.base import ClusterManager, default_addprocs_params
 from ..managers.local import LocalManager
 from ..managers.params import normalize_env, normalize_exeflags, worker_timeout
-from ..wire.messages import NULL_HEADER, RemoteDoMsg
 from ..refs.remoteref import Future
+from ..wire.messages import NULL_HEADER, RemoteDoMsg
 
-__all__ = ["addprocs", "rmprocs", "interrupt", "cluster_cookie", "request_exit", "send_interrupt",
-           "on_workers_added"]
+__all__ = ["addprocs", "rmprocs", "interrupt", "on_workers_added"]
 
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
 _LOCAL_PARAMS = ("restrict",)
 _SSH_PARAMS = ("tunnel", "multiplex", "sshflags", "shell", "max_parallel")
 _SSH_ONLY = ("tunnel", "multiplex", "sshflags", "shell", "lease", "launch_timeout")
 on_workers_added: list[Callable[[list[int]], None]] = []
-
-
-def cluster_cookie(cookie: str | None = None) -> str:
-    """The cluster cookie (made at random on first use); with an argument, set it."""
-    if cookie is not None:
-        if not isinstance(cookie, str):
-            raise TypeError(f"the cluster cookie must be a str, not {type(cookie).__name__}")
-        if not cookie:
-            raise ValueError("the cluster cookie must not be empty")
-        PGRP.cookie = cookie
-    elif PGRP.cookie is None:
-        PGRP.cookie = secrets.token_hex(16)
-    return PGRP.cookie
 
 
 def _only_master(what: str) -> None:
@@ -62,7 +49,7 @@ def _manager_for(arg: Any, kwargs: dict[str, Any]) -> ClusterManager:
             raise ValueError(f"addprocs needs a positive number of workers, got {n}")
         return LocalManager(n, restrict=kwargs.pop("restrict", True))
     if isinstance(arg, (list, tuple)):
-        from ..managers.ssh import SSHManager
+        from ..managers.ssh import SSHManager  # loaded only for an SSH cluster (its cost)
         return SSHManager(list(arg))
     raise TypeError(f"addprocs takes a number of workers, a list of machines or a "
                     f"ClusterManager, not {arg!r} ({type(arg).__name__})")
@@ -351,20 +338,6 @@ def _process_gone(ctx: OpContext, pid: int) -> None:
         PGRP.drop_client(pid)
 
 
-def request_exit(pid: int) -> None:
-    """Ask ``pid`` to exit (ignored if it is already gone)."""
-    try:
-        PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_exit_op, (), {}))
-    except (ProcessExitedException, ValueError, OSError):
-        pass
-
-
-@internal_op
-def _exit_op(ctx: OpContext) -> None:
-    from .bootstrap import exit_worker
-    threading.Thread(target=exit_worker, args=(0,), daemon=True).start()
-
-
 # -- interrupts --------------------------------------------------------------------------------
 def interrupt(*pids: Any) -> None:
     """Raise ``KeyboardInterrupt`` in the call running on each worker (all, if none named)."""
@@ -382,11 +355,3 @@ def interrupt(*pids: Any) -> None:
             send_interrupt(pid)
 
 
-def send_interrupt(pid: int) -> None:
-    """Interrupt ``pid`` through its cluster connection (any manager, any host)."""
-    PGRP.send(pid, NULL_HEADER, RemoteDoMsg(_interrupt_op, (), {}))
-
-
-@internal_op
-def _interrupt_op(ctx: OpContext) -> None:
-    os.kill(os.getpid(), signal.SIGINT)

@@ -14,9 +14,10 @@ import threading
 import traceback
 from typing import Any, Iterable
 
-from ..cluster.group import PGRP, workers
-from .lifecycle import on_workers_added
+from ..cluster.group import PGRP
+from ..cluster.membership import workers
 from ..refs.remotecall import remote_do, remotecall_wait
+from .lifecycle import on_workers_added
 
 __all__ = ["forward_logging"]
 

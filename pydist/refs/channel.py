@@ -18,8 +18,9 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ..errors import InvalidStateException
 from ..cluster.values import Failure, check_timeout, unwrap
+from ..cluster.waiting import blocking_section
+from ..errors import InvalidStateException
 
 __all__ = ["Channel", "TIMERS"]
 
@@ -239,7 +240,6 @@ class Channel:
 
     @staticmethod
     def _block(start: Callable[[Callback], None]) -> Any:
-        from .remoteref import blocking_section
         box: list[Any] = []
         latch = threading.Lock()
         latch.acquire()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fetch", "put", "take", "isready", "wait", "close", "worker_id_from_socket"]
+__all__ = ["fetch", "put", "take", "isready", "wait", "close"]
 
 
 def fetch(x: Any, timeout: float | None = None) -> Any:
@@ -51,22 +51,3 @@ def close(x: Any) -> None:
     if not hasattr(x, "close"):
         raise TypeError(f"close() needs a channel, not {type(x).__name__}")
     x.close()
-
-
-def worker_id_from_socket(s: Any) -> int:
-    """The id of the process at the other end of a connection (a socket or a transport)."""
-    from ..cluster.group import PGRP
-    with PGRP.lock:
-        candidates = list(PGRP.workers.values())
-    for w in candidates:
-        t = w.transport
-        if t is None:
-            continue
-        if t is s or getattr(t, "socket", None) is s:
-            return w.id
-        try:
-            if hasattr(s, "fileno") and hasattr(t, "fileno") and s.fileno() == t.fileno():
-                return w.id
-        except (OSError, ValueError):
-            continue
-    raise ValueError(f"{s!r} is not a connection of this process's cluster")

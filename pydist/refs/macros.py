@@ -15,9 +15,12 @@ import zlib
 from functools import reduce
 from typing import Any, Callable, Iterable
 
-from ..cluster.group import PGRP, myid, procs, workers
+from ..cluster.dispatch import capture
+from ..cluster.group import PGRP
+from ..cluster.membership import myid, procs, workers
+from ..cluster.values import Failure
 from ..errors import RemoteException
-from .remotecall import remotecall, remotecall_fetch, remotecall_wait
+from .remotecall import remotecall, remotecall_fetch
 from .remoteref import Future
 
 __all__ = ["ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed", "splitrange",
@@ -123,7 +126,6 @@ def _run_everywhere(fn: Callable[..., Any], args: tuple, kwargs: dict, targets: 
         try:
             fn(*args, **kwargs)
         except Exception as e:
-            from ..cluster.dispatch import capture
             errors.append(capture(e))
     for p, fut in futures:
         try:
@@ -230,7 +232,6 @@ def distributed(f: Callable[[Any], Any], iterable: Iterable[Any],
                 fut.wait()
             done.put(None)
         except BaseException as e:
-            from ..cluster.values import Failure
             PGRP.lookup_ref(done.rrid).try_set(Failure(e))   # type: ignore[union-attr]
     threading.Thread(target=wait_all, name="pydist-distributed", daemon=True).start()
     return done

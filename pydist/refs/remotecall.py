@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..cluster.dispatch import remote_do_here, run_call
 from ..cluster.group import PGRP
-from ..cluster.dispatch import run_call
-from ..wire.messages import CallFetchMsg, CallMsg, CallWaitMsg, MsgHeader, NULL_HEADER, RemoteDoMsg
-from .remoteref import Future, wait_value
 from ..cluster.values import Failure, unwrap
+from ..cluster.waiting import wait_value
+from ..wire.messages import NULL_HEADER, CallFetchMsg, CallMsg, CallWaitMsg, MsgHeader, RemoteDoMsg
+from .remoteref import Future
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
 
@@ -104,9 +105,7 @@ def remote_do(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Non
         _pool_call("remote_do", f, pid, args, kwargs)
         return
     if pid == PGRP.myid:
-        from ..cluster.dispatch import _on_remote_do  # the same task, run by the local runner
-        from ..cluster.group import Worker
-        _on_remote_do(Worker(pid), NULL_HEADER, RemoteDoMsg(f, args, kwargs))
+        remote_do_here(RemoteDoMsg(f, args, kwargs))   # the same task, run by the local runner
         return
     PGRP.check_pid(pid)
     PGRP.send(pid, NULL_HEADER, RemoteDoMsg(f, args, kwargs))

@@ -148,7 +148,7 @@ class StdFutureFace:
 
     def __await__(self) -> Any:
         """``await future``: the value, without blocking the event loop."""
-        import asyncio   # only programs that await pay for importing asyncio
+        import asyncio  # only programs that await pay for importing asyncio
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
 

@@ -29,10 +29,14 @@ from threading import get_ident
 from typing import Sequence
 
 from .. import transport
-from ..wire import codec
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
+from ..wire import codec
 from . import segment as seg
-from .bigbuf import DESC_SIZE, FLAG as _BIG, BigIn, ends as big_ends, threshold as big_threshold
+from .bigbuf import DESC_SIZE
+from .bigbuf import FLAG as _BIG
+from .bigbuf import BigIn
+from .bigbuf import ends as big_ends
+from .bigbuf import threshold as big_threshold
 from .buffers import receive_buffer
 from .layout import make_ends
 from .wait import LinkState, spin_mode

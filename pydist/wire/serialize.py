@@ -135,7 +135,7 @@ _MISSING = object()
 def _main_pickler() -> type:
     """cloudpickle's Pickler, with ``__main__`` functions bound to the receiver's ``__main__``."""
     if not _pickler:
-        import cloudpickle   # on first need: workers that run importable code never load it
+        import cloudpickle  # on first need: workers that run importable code never load it
 
         class _MainPickler(cloudpickle.Pickler):
             # Code keeps its file name (cloudpickle puts "<dynamic-code>"): tracebacks of
@@ -216,7 +216,7 @@ def _source_of(code: Any) -> tuple[str, tuple] | None:
 
 def _set_main_function_state(func: Any, state: tuple) -> None:
     """Bind a function of the sender's ``__main__`` into ours (see the module's docstring)."""
-    from cloudpickle.cloudpickle import _function_setstate   # loaded by the pickle already
+    from cloudpickle.cloudpickle import _function_setstate  # loaded by the pickle already
     fstate, slots, shared, source = state
     if source is not None:
         linecache.cache.setdefault(*source)

@@ -8,12 +8,12 @@ shell on another host)::
 
 The cookie comes on the worker's standard input, or from a file only its owner can read
 (``em.write_cookie_file(path)``); never on a command line or in the environment. Each worker
-dials in (``dialback.py``: the hello first, so a wrong cookie is refused before anything is
+dials in (``managers/dialback.py``: the hello first, so a wrong cookie is refused before anything is
 read from it), and joins at once, in the background, through ``addprocs(em)``: it shows in
 ``workers()`` as it comes. ``addprocs(em, n, timeout=)`` waits until ``n`` workers have
 joined that no earlier such call returned, and returns their ids.
 
-Workers keep a heartbeat lease (``pydist.lease``), so a worker whose master vanished exits
+Workers keep a heartbeat lease (``cluster/lease.py``), so a worker whose master vanished exits
 within the lease even if its connection stays open.
 """
 from __future__ import annotations
@@ -26,11 +26,13 @@ from collections import deque
 from typing import Any
 
 from ..cluster import lease as _lease
-from ..cluster.group import PGRP, W_CONNECTED
-from ..processes.lifecycle import addprocs, cluster_cookie, request_exit
+from ..cluster.group import PGRP, cluster_cookie
+from ..cluster.peers import W_CONNECTED, WorkerConfig
+from ..cluster.stopping import request_exit
 from ..errors import LaunchError
-from .base import ClusterManager, WorkerConfig
-from .dialback import Arrival, DialIn, write_cookie_file
+from ..managers.base import ClusterManager
+from ..managers.dialback import Arrival, DialIn, write_cookie_file
+from .lifecycle import addprocs
 
 __all__ = ["ElasticManager"]
 
