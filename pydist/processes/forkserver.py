@@ -56,7 +56,7 @@ MAX_MESSAGE = 1 << 20          # bytes of one request (an environment, a preload
 BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.processes.lifecycle",
                 "pydist.refs.remotecall", "pydist.refs.remoteref", "pydist.refs.remotechannel",
                 "pydist.refs.generic", "pydist.refs.channel", "pydist.refs.macros",
-                "pydist.pools.workerpool", "pydist.pools.pmap",
+                "pydist.pools.workerpool", "pydist.pools.pmap", "pydist.pools.mapper",
                 "pydist.dropin.worker_side",
                 "pydist.shm.transport", "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
 
