@@ -4,7 +4,8 @@
 * ``poolstate.py``: a pool's members, idle workers and waiters, kept on its owner;
 * ``funccache.py``: the function cache (a function ships once per worker);
 * ``workerpool.py``: ``WorkerPool``, ``CachingPool``, ``default_worker_pool``, ``remote``;
-* ``pmap.py``: ``pmap``, with batches, retries and error handling;
+* ``pmap.py``: ``pmap``, its checks and its story; ``mapper.py``: the distributed map
+  and the chunks it runs on workers; ``retries.py``: when a failed element is tried again;
 * ``progress.py``: progress bars (``pmap(progress=True)``, ``progress(futures)``).
 
 Built on worker processes, references and the cluster layer.
