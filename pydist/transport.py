@@ -32,7 +32,9 @@ class Transport(Protocol):
 
     ``send_frame(parts)``: send the concatenation of ``parts`` as one frame; blocks until the
     transport has accepted all of it; safe to call from several threads (frames never
-    interleave). Raises ``TransportClosed`` / ``TransportBroken`` when the connection is gone.
+    interleave). Raises ``TransportClosed`` / ``TransportBroken`` when the connection is gone;
+    a send that fails because the peer died leaves the receiving side as it was, so what the
+    peer sent before it died is still received (then ``recv_frame`` raises).
 
     ``recv_frame()``: the next frame, as a memoryview the caller may keep. Only one thread
     receives. Raises ``TransportClosed`` on a clean end, ``TransportBroken`` on anything else

@@ -171,6 +171,53 @@ def test_death_of_a_long_task_leaves_queued_tasks_alone(executor):
     assert [f.result(timeout=WAIT) for f in others] == list(range(10))
 
 
+def exit_after(seconds):
+    time.sleep(seconds)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("sender", ["main", "reader"])
+def test_answers_read_after_a_failed_send_are_not_taken_for_the_crash(transport, sender):
+    """The worker answers two tasks and dies in the third before the master has read the
+    answers (a done-callback holds the reader), and a submit's send is the first to fail,
+    from another thread or from the reader itself (the callback submits): the two keep
+    their results, only the third fails, the later tasks run on a new worker."""
+    with pd.ProcessPoolExecutor(1, transport=transport) as ex:
+        list(ex.map(sq, range(3000)))              # measured: many tasks in flight from now on
+        ospid = ex.submit(os.getpid).result(timeout=WAIT)
+        later: list = []
+
+        def exited() -> bool:
+            try:
+                return psutil.Process(ospid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        def submit_later() -> None:
+            time.sleep(0.05)
+            for i in range(5):                     # over TCP the first send may still be taken
+                later.append(ex.submit(sq, i))
+                time.sleep(0.02)
+
+        def hold(_f) -> None:                      # on the thread reading the connection
+            wait_until(exited, 10)
+            if sender == "reader":
+                submit_later()
+            else:
+                time.sleep(0.25)                   # the main thread submits meanwhile
+        ex.submit(sleep_then, 0.1).add_done_callback(hold)
+        answered = [ex.submit(sleep_then, 0.05, i) for i in range(2)]
+        killer = ex.submit(exit_after, 0.05)
+        assert wait_until(exited, 10)
+        if sender == "main":
+            submit_later()
+        assert wait_until(lambda: len(later) == 5, 10)
+        assert [f.result(timeout=WAIT) for f in answered] == [0, 1]
+        with pytest.raises(pd.ProcessExitedException):
+            killer.result(timeout=WAIT)
+        assert [f.result(timeout=WAIT) for f in later] == [i * i for i in range(5)]
+
+
 def _running_pid(executor, future) -> int | None:
     wid = future.pid
     for p in executor._processes.values():

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -37,6 +38,85 @@ def test_sigkill_mid_call_reaches_every_waiter_within_a_second(fresh):
     assert isinstance(info2.value.captured.ex, pd.ProcessExitedException)
     assert a not in pd.workers() and b in pd.workers()
     assert pd.remotecall_fetch(pd.myid, b) == b
+
+
+def _exited(ospid: int) -> bool:
+    try:
+        return psutil.Process(ospid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _send_until_it_fails(pid: int) -> BaseException | None:
+    """Send calls to ``pid`` (dead) until a send fails: that error (over TCP the first send
+    may still be taken)."""
+    for _ in range(100):
+        try:
+            pd.remotecall(int, pid, 1)
+        except Exception as e:
+            return e
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.parametrize("sender", ["main", "reader"])
+def test_answers_sent_just_before_a_death_reach_their_waiters(fresh, sender):
+    """A worker answers, then exits before the master has read the answers (its reader is
+    held in a callback meanwhile), and a send is the first to fail, from another thread or
+    from the reader itself: the answers still reach their waiters, and the send raises
+    ProcessExitedException."""
+    (a,) = fresh(1)
+    ospid = pd.remotecall_fetch(os.getpid, a)
+    on_reader, failed = [], []
+
+    def hold(_f) -> None:    # runs on the thread that reads a's connection
+        on_reader.append(threading.current_thread().name)
+        wait_until(lambda: _exited(ospid), 10)
+        if sender == "reader":
+            time.sleep(0.05)
+            failed.append(_send_until_it_fails(a))
+        else:
+            time.sleep(0.25)      # the main thread's send fails meanwhile
+    pd.remotecall(int, a, 0).add_done_callback(hold)   # its answer comes first
+    answered = [pd.remotecall(lambda i: time.sleep(0.15) or i, a, i) for i in range(3)]
+    for f in answered:
+        f.add_done_callback(lambda f: None)   # fetched as soon as ready
+    pd.remote_do(lambda: time.sleep(0.4) or os._exit(0), a)
+    assert wait_until(lambda: _exited(ospid), 10)
+    if sender == "main":
+        time.sleep(0.05)
+        failed.append(_send_until_it_fails(a))
+    assert wait_until(lambda: failed, 10)
+    assert isinstance(failed[0], pd.ProcessExitedException), failed
+    assert [f.result(timeout=10) for f in answered] == [0, 1, 2]
+    assert on_reader and on_reader[0] != "MainThread"
+    assert wait_until(lambda: a not in pd.workers(), 10)
+
+
+def _cut_and_stop() -> None:
+    """On a worker, in a call: end its connection to the master, then stop (not exit) this
+    process."""
+    from pydist.cluster.group import PGRP
+    time.sleep(0.3)         # the master waits for the call by then
+    PGRP.workers[1].transport.abort()
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def test_a_waiter_with_a_timeout_gets_the_death_not_a_timeout(fresh):
+    """A worker's connection ends while its process has not exited (stopped): the master
+    takes a while to say how it ended. A fetch with a timeout that sees the end meanwhile
+    waits for that verdict, ProcessExitedException, instead of raising TimeoutError."""
+    (a,) = fresh(1)
+    ospid = pd.remotecall_fetch(os.getpid, a)
+    try:
+        held = pd.remotecall(_cut_and_stop, a)
+        with pytest.raises(pd.ProcessExitedException):
+            held.fetch(timeout=10)
+    finally:
+        try:
+            os.kill(ospid, signal.SIGKILL)
+        except ProcessLookupError:    # it saw its master's end first, and exited
+            pass
 
 
 def test_process_exited_is_a_broken_process_pool():

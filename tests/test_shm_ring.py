@@ -498,6 +498,9 @@ def test_peer_death_wakes_a_blocked_sender():
             with pytest.raises(TransportBroken, match="died"):
                 sending.result(2.0)
             assert time.monotonic() - start < 1.0
+            assert not t.closed   # what the peer sent before it died is still to be read
+            with pytest.raises(TransportBroken, match="died"):
+                Bg(t.recv_frame).result(2.0)
             assert t.closed
         finally:
             reap(proc)

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from pydist import transport
-from pydist.errors import TransportBroken, TransportClosed
+from pydist.errors import TransportBroken, TransportClosed, TransportError
 from pydist.net.address import TcpAddress, format_tcp_url, is_loopback, parse_tcp_url
 from pydist.net.tcp import TcpListener, TcpTransport, connect_tcp
-from pydist.testing import CHECKS, THREAD_PREFIX, transport_pair
-from testkit import live_children
+from pydist.testing import CHECKS, THREAD_PREFIX, _accept_from, _Task, transport_pair
+from pydist.transport import DEFAULT_MAX_FRAME
+from testkit import live_children, subprocess_env
 
 URLS = ["tcp://127.0.0.1:0"]
 try:
@@ -42,6 +45,60 @@ def no_leaks():
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
 def test_conformance(check, url):
     check(url)
+
+
+# A peer that sends five frames, then dies without a goodbye once told (stdin closes).
+SEND_THEN_DIE = """
+import os, sys
+from pydist import transport
+t = transport.connect(sys.argv[1], 30)
+t.max_frame = 1 << 20
+for i in range(5):
+    t.send_frame([b"frame %d" % i])
+sys.stdin.buffer.read()
+os._exit(0)
+"""
+
+
+def _flood(t) -> None:
+    """Send 64 KiB frames until sending fails (it blocks once the peer stops reading)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        t.send_frame([bytes(64 << 10)])
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_a_failed_send_leaves_what_the_dead_peer_sent_to_be_read(url):
+    """The peer sends frames and dies before they are read, while a send blocks on it (it
+    never reads): the failed sends are the first to learn of the death. What the peer sent
+    before dying is still received, then the end."""
+    listener = transport.listen(url)
+    child = subprocess.Popen([sys.executable, "-c", SEND_THEN_DIE, listener.address],
+                             env=subprocess_env(), stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t = None
+    try:
+        t = _accept_from(listener, child)
+        t.max_frame = DEFAULT_MAX_FRAME
+        flooding = _Task("send until the peer's buffers are full", _flood, t)
+        time.sleep(0.3)
+        assert not flooding.done, "the peer's buffers never filled"
+        child.stdin.close()
+        assert child.wait(30) == 0, child.stderr.read()
+        assert isinstance(flooding.wait(10), TransportError)
+        error = _Task("send to the dead peer", t.send_frame, [b"anyone?"]).wait(5)
+        assert isinstance(error, TransportError), error
+        got = [bytes(_Task("receive", t.recv_frame).result(5)) for _ in range(5)]
+        assert got == [b"frame %d" % i for i in range(5)]
+        error = _Task("receive past the end", t.recv_frame).wait(5)
+        assert isinstance(error, (TransportBroken, TransportClosed)), error
+    finally:
+        listener.close()
+        if t is not None:
+            t.abort()
+        child.kill()
+        child.wait(30)
+        child.stderr.close()
 
 
 @pytest.fixture

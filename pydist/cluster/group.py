@@ -27,6 +27,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
@@ -38,6 +39,11 @@ from .runner import TaskRunner
 from .values import Failure, RemoteValue
 
 __all__ = ["ProcessGroup", "PGRP", "host_key", "cluster_cookie"]
+
+# Seconds a failed send waits for the connection's reader to hand over what the dead peer
+# sent and report the death (the reader needs milliseconds unless a handler holds it).
+DRAIN_TIMEOUT = 0.5
+
 
 def host_key() -> str:
     """An identity shared by exactly the processes that share a host, /dev/shm and network.
@@ -166,9 +172,24 @@ class ProcessGroup:
         try:
             t.send_frame(parts)
         except TransportError as e:
-            # The peer died: say how, as the reader would (it may not have noticed yet).
-            self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({e})")
-            raise ProcessExitedException(pid, w.detail) from None
+            raise self._send_failed(w, e) from None
+
+    def _send_failed(self, w: Worker, error: TransportError) -> ProcessExitedException:
+        """A send to ``w`` failed: it died, or its connection did. What it sent before may
+        still wait in the connection, unread: so its reader decides the death, once it has
+        handed all that over and met the end. This waits for that (``DRAIN_TIMEOUT`` at
+        most: a reader stuck in a handler, then this decides); on the reader's own thread it
+        cannot wait, and leaves the decision to the reader, which reads on after this
+        handler (``w.draining`` says so meanwhile)."""
+        inbox = w.inbox
+        if inbox is not None and inbox.w is w and w.state != W_TERMINATED:
+            w.draining = True
+            if inbox.reader == threading.get_ident():
+                return ProcessExitedException(w.id, w.detail or self.exit_detail(w)
+                                              or f"lost its connection ({error})")
+            _await_reader(w, inbox, DRAIN_TIMEOUT)
+        self.worker_lost(w, self.exit_detail(w) or f"lost its connection ({error})")
+        return ProcessExitedException(w.id, w.detail)
 
     @staticmethod
     def exit_detail(w: Worker) -> str:
@@ -296,6 +317,20 @@ def cluster_cookie(cookie: str | None = None) -> str:
     elif PGRP.cookie is None:
         PGRP.cookie = secrets.token_hex(16)
     return PGRP.cookie
+
+
+def _await_reader(w: Worker, inbox: Any, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``w``'s reader to meet the end of its connection
+    and mark ``w`` terminated (everything read before is handled by then)."""
+    deadline = time.monotonic() + timeout
+
+    def done() -> bool:
+        return w.state == W_TERMINATED
+    while not done() and (left := deadline - time.monotonic()) > 0:
+        if inbox.ended:           # the reader met the end and is saying how it ended
+            w.gone.wait(min(left, 0.01))
+        else:
+            inbox.wait(done, left)
 
 
 def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:

@@ -99,6 +99,7 @@ class Worker:
         self.detail = ""                     # how it ended, for ProcessExitedException
         self.connect_lock = threading.Lock()
         self.inbox: Any = None               # the read side of the connection (inbox.Inbox)
+        self.draining = False                # a send failed; its reader reads what is left
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.state}>"

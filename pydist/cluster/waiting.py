@@ -9,6 +9,7 @@ waiting thread reads that connection itself (``may_pump``, see ``inbox.py``).
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -51,7 +52,10 @@ def wait_value(rv: RemoteValue, timeout: float | None, what: str = "the value",
             inbox.pump(rv.ready)
             ok = rv.ready() or rv.wait(None)
         else:
-            ok = inbox.wait(rv.ready, timeout) or rv.wait(0)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            ok = inbox.wait(rv.ready, timeout)
+            if not ok:   # the connection ended: its reader is failing the waiters (or has)
+                ok = rv.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
         if blocked:
             runner.exit_blocking()   # type: ignore[union-attr]

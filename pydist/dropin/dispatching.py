@@ -64,7 +64,8 @@ class _Dispatching:
             if self.pending:
                 return False
             for w in self.workers:
-                if not w.ntasks and w.pid is not None and not w.retiring and not w.gone:
+                if (not w.ntasks and w.pid is not None and not w.retiring and not w.gone
+                        and not w.unreachable):
                     break
             else:
                 return False
@@ -82,6 +83,7 @@ class _Dispatching:
             w.seq += 1
             batch.seq = w.seq
             batch.alone = not w.batches
+            batch.sending = True
             w.batches.append(batch)
         try:
             self._send(w, batch)
@@ -129,7 +131,7 @@ class _Dispatching:
             cap = self.cap()
             best, room, avail = None, 0, 0
             for w in self.workers:
-                if w.retiring or w.gone:
+                if w.retiring or w.gone or w.unreachable:
                     continue
                 r = cap - w.ntasks
                 if self.max_tasks is not None:
@@ -182,18 +184,19 @@ class _Dispatching:
             try:
                 while True:
                     with self.lock:
-                        if w.pid is None or w.gone or not w.outbox:
+                        if w.pid is None or w.gone or w.unreachable or not w.outbox:
                             break
                         batch = w.outbox.popleft()
                         w.seq += 1
                         batch.seq = w.seq
                         batch.alone = not w.batches
+                        batch.sending = True
                         w.batches.append(batch)
                     self._send(w, batch)
             finally:
                 w.send_lock.release()
             with self.lock:
-                if w.pid is None or w.gone or not w.outbox:
+                if w.pid is None or w.gone or w.unreachable or not w.outbox:
                     return
 
     def _send(self, w: _Worker, batch: _Batch) -> None:
@@ -245,8 +248,9 @@ class _Dispatching:
                 e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
             if self._answered(w, batch):
                 self._requeue(batch.tasks)
-            self._worker_died(w, e)
+            self._lost_in_send(w, e)
             return
+        batch.sending = False    # in flight: from now on its worker's death settles it
         self.fcache.sent(token)
         done.add_callback(partial(self._on_reply_safely, w, batch))
 
@@ -276,6 +280,9 @@ class _Dispatching:
         now = time.perf_counter()
         if type(value) is Failure and isinstance(value.exc, ProcessExitedException):
             self._worker_died(w, value.exc)
+            if self._answered(w, batch):   # still being sent when the death was decided
+                self._requeue(batch.tasks, solo=True)
+                self.dispatch()
             return
         if batch.settled:
             return

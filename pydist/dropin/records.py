@@ -33,7 +33,7 @@ class _Task:
 
 
 class _Batch:
-    __slots__ = ("tasks", "seq", "sent", "alone", "settled", "revoking", "direct")
+    __slots__ = ("tasks", "seq", "sent", "alone", "settled", "revoking", "direct", "sending")
 
     def __init__(self, tasks: list[_Task]) -> None:
         self.tasks = tasks
@@ -43,13 +43,14 @@ class _Batch:
         self.settled = False
         self.revoking = False
         self.direct = False      # one task sent straight to an idle worker (``_run_one``)
+        self.sending = False     # on its worker's books, its send not finished yet
 
 
 class _Worker:
     """The executor's record of one worker (``pid`` is ``None`` while it starts)."""
 
     __slots__ = ("pid", "owned", "batches", "outbox", "ntasks", "assigned", "retiring", "gone",
-                 "send_lock", "seq", "idle_since", "proc")
+                 "unreachable", "send_lock", "seq", "idle_since", "proc")
 
     def __init__(self, pid: int | None, owned: bool) -> None:
         self.pid = pid
@@ -60,6 +61,7 @@ class _Worker:
         self.assigned = 0        # tasks given to it in its life (max_tasks_per_child)
         self.retiring = False
         self.gone = False
+        self.unreachable = False  # a send to it failed: nothing more goes there (see _lost_in_send)
         self.send_lock = threading.Lock()
         self.seq = 0
         self.idle_since = time.monotonic()

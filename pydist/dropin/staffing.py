@@ -6,7 +6,10 @@
   executor. An executor given a pydist pool adopts that pool's workers instead.
 * Death (``_worker_died``): the task that was running fails; the others go back to the
   front of the queue (those that shared its message one by one) and the worker is
-  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once.
+  replaced by the next dispatch. ``_on_worker_lost`` tells every executor at once. The
+  death is decided after the connection's reader has handed over every answer the worker
+  sent before it went, never by a send that failed first (``_lost_in_send``): otherwise
+  an answered batch not yet read would be taken for the one running, and its task blamed.
 * Retirement (``max_tasks_per_child``): a worker that has done its share takes no more
   tasks and is removed once idle; its process counts against the bound of twice
   ``max_workers`` until it is gone. ``max_memory_per_child`` retires a worker the same
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 from ..cluster.group import PGRP
 from ..cluster.output import wait_relayed
+from ..cluster.peers import W_TERMINATED
 from ..errors import ProcessExitedException, SerializationError
 from ..processes.lifecycle import addprocs, rmprocs
 from ..refs.remotecall import remotecall
@@ -78,7 +82,8 @@ class _Staffing:
             w.gone = True
             if w in self.workers:
                 self.workers.remove(w)
-            sent, queued = list(w.batches), list(w.outbox)
+            # A batch still being sent is its sender's to settle (it may never have left).
+            sent, queued = [b for b in w.batches if not b.sending], list(w.outbox)
             w.batches.clear()
             w.outbox.clear()
             for b in sent + queued:
@@ -108,6 +113,21 @@ class _Staffing:
         self._settle_all(doomed, exc)
         if adopt:
             self._helper(self._adopt_then_dispatch)
+        self.dispatch()
+
+    def _lost_in_send(self, w: _Worker, exc: ProcessExitedException) -> None:
+        """A send to ``w`` failed (its batch is back in the queue). Which of its batches was
+        running when it died can only be told once its connection's reader has handed over
+        every answer ``w`` sent before it went: ``ProcessGroup.send`` waits for that before
+        it raises, so the death is decided here; unless this thread is that very reader (the
+        cluster marks the worker ``draining``), which reads on once this returns and reports
+        the death then (``_on_worker_lost``). Until then nothing more is sent to ``w``."""
+        record = PGRP.workers.get(w.pid) if w.pid is not None else None
+        if record is not None and record.draining and record.state != W_TERMINATED:
+            with self.lock:
+                w.unreachable = True
+        else:
+            self._worker_died(w, exc)
         self.dispatch()
 
     def _adopt_then_dispatch(self) -> None:

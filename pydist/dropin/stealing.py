@@ -34,7 +34,8 @@ class _Stealing:
         with self.lock:
             if self.pending or self.broken or self.terminating:
                 return
-            if not any(not w.ntasks and w.pid is not None and not w.retiring for w in self.workers):
+            if not any(not w.ntasks and w.pid is not None and not w.retiring and not w.unreachable
+                       for w in self.workers):
                 return
             victims = []
             for w in self.workers:

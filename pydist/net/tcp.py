@@ -8,6 +8,11 @@ small frames costs one ``recv`` rather than two per frame; a payload that does n
 is read straight into its own buffer, allocated once after its length has been checked
 against ``max_frame``.
 
+A send that fails because the peer is gone (reset, or closed and then reset) does not shut
+the socket: frames the peer sent before it went are still in the socket's buffer, and the
+receiver reads them first; its own end of the stream (EOF or the reset) shuts the socket.
+Later sends raise at once.
+
 Closing is a ``shutdown`` followed by a ``close``: the shutdown wakes any thread of this
 process blocked in ``recv``/``send``/``accept`` on the socket, and the descriptor itself is
 closed only once no thread is inside a call on it, so a recycled descriptor number can never
@@ -43,6 +48,7 @@ _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)  # an EPIPE error, never a SIGP
 _RECV_FLAGS = getattr(socket, "MSG_WAITALL", 0)
 _ACCEPT_POLL = 0.5  # seconds; the shutdown in close() wakes accept at once on Linux
 _ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN}
+_PEER_GONE = {errno.EPIPE, errno.ECONNRESET}  # a failed send that leaves the receiving side whole
 
 
 class _SocketState:
@@ -108,6 +114,7 @@ class TcpTransport:
         self._peer = peer
         self._state = _SocketState(sock)
         self._send_lock = threading.Lock()
+        self._send_error: str | None = None  # why sending failed while receiving goes on
         self._rbuf = bytearray(_READ_AHEAD)
         self._rview = memoryview(self._rbuf)
         self._rpos = 0  # unread bytes are _rbuf[_rpos:_rend]
@@ -140,11 +147,19 @@ class TcpTransport:
         bufs.insert(0, codec.frame_header(total))
         total += _HEADER
         with self._send_lock:
+            if self._send_error is not None:
+                raise TransportBroken(self._send_error)
             self._state.enter()
             try:
                 self._send_all(bufs, total)
             except OSError as e:
-                self._state.raise_error(TransportBroken(f"sending to {self._peer} failed: {_why(e)}"))
+                why = f"sending to {self._peer} failed: {_why(e)}"
+                if e.errno not in _PEER_GONE:
+                    self._state.raise_error(TransportBroken(why))
+                # The peer is gone, but what it sent before is still to be read: the
+                # receiver drains it, reaches the end and shuts the socket then.
+                self._send_error = why
+                raise TransportBroken(why) from None
             finally:
                 self._state.leave()
 

@@ -9,8 +9,9 @@ the next call resumes the frame; a send finishes its frame before raising.
 
 The Unix connection of the rendezvous (``rendezvous.py``) stays open as a *lifeline*: a
 watcher thread on each end waits for its EOF. EOF after the peer marked its rings closed is
-a clean close; EOF without that mark means the peer died, and every blocked and later call
-raises ``TransportBroken``.
+a clean close; EOF without that mark means the peer died: every blocked and later send raises
+``TransportBroken``, and so does a receive once it has read what the peer sent before it
+died (a failed send leaves that to be read: only the receiver's error aborts this end).
 
 Waiting spins briefly before sleeping when the peer runs on another vCPU (``wait.py``,
 ``placement.py``; ``PYDIST_SHM_SPIN=0``/``1`` forces it off/on), never between two threads
@@ -96,6 +97,7 @@ class ShmTransport:
         self._ready: memoryview | None = None  # a frame read but not yet handed out
         self._partial: tuple[memoryview, int, bool] | None = None  # a frame being read
         self._released = False
+        self._peer_died = False  # set by the lifeline watcher: the peer ended without a goodbye
         self._lifeline = lifeline
         # If the object is dropped unclosed, the peer still learns of it through the lifeline.
         self._finalizer = weakref.finalize(self, _shutdown, lifeline)
@@ -300,11 +302,12 @@ class ShmTransport:
 
     def _after_error(self, exc: TransportError, what: str) -> None:
         """Shut this end when an error leaves it unusable: a broken link aborts; the peer's
-        clean close seen by the receiver closes this end too (seen by a sender it does not,
-        so the receiver can still drain what the peer sent before closing)."""
+        clean close seen by the receiver closes this end too. A sender that meets either
+        the peer's close or its death leaves this end open, so the receiver can still drain
+        what the peer sent before it closed or died (and then shuts this end itself)."""
         if self._state.closed:
             return
-        if isinstance(exc, TransportBroken):
+        if isinstance(exc, TransportBroken) and not (what == "send" and self._peer_died):
             self.abort()
         elif isinstance(exc, TransportClosed) and what == "receive":
             self.close()
@@ -371,6 +374,7 @@ class ShmTransport:
             if self._state.closed:
                 return
             if not self._rx.peer_closed():
+                self._peer_died = True
                 self._state.broken = (f"the peer at {self._peer} died or vanished "
                                       "(its lifeline closed without a goodbye)")
             self._wake_own()
