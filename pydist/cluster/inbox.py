@@ -93,7 +93,7 @@ class Inbox:
         try:
             while not done() and not self.ended and not (main and hits):
                 if self._role.acquire(False):
-                    self.reader = threading.get_ident()   # before re-checking done(): tasks.py
+                    self.reader = threading.get_ident()   # before re-checking done(): runner.py
                     try:
                         while not done() and not self.ended and not (main and hits):
                             self._read_held(main)

@@ -2,7 +2,7 @@
 
 ``authenticate`` runs the hello over a fresh transport (with a deadline) and only then
 raises the frame limit. ``join_worker`` is the master's half of the join (steps 2–5 of
-the story in ``cluster.py``); ``serve_incoming`` is the worker's half and also accepts
+the story in ``group.py``); ``serve_incoming`` is the worker's half and also accepts
 worker-to-worker connections; ``connect_peer`` makes a worker-to-worker connection.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The master's side of the worker server (``forkserver.py``): which launches fork, the
+"""The master's side of the worker server (``processes/forkserver.py``): which launches fork, the
 one server per master, and ``ForkedProcess``, a forked worker seen as a ``Popen``.
 
 A local worker is forked by the server when the request asks for nothing a fork cannot

@@ -17,7 +17,7 @@ One ssh session per worker runs, in the remote login shell (POSIX quoting)::
    machine is bounded in time: a host that does not answer is a ``LaunchError`` naming it,
    while the other hosts' workers join), then relays the rest of the session's output,
    prefixed with the worker's id.
-4. The master renews each worker's heartbeat lease (``pydist.lease``) so that a worker
+4. The master renews each worker's heartbeat lease (``cluster/lease.py``) so that a worker
    whose master vanished without closing its connections exits on its own.
 5. ``kill`` asks the worker to exit, then closes the session's input (the lifeline), then
    SIGKILLs the worker on its host (over a new ssh command) if it still runs, and ends the

@@ -11,7 +11,7 @@ The model (the modules this one builds on say the rest):
   the master's pool without being told about it.
 * A ``CachingPool`` ships a function to a worker once, under a short id (``funccache``);
   ``clear`` makes every worker forget them.
-* A pool call runs as ``AbstractWorkerPool`` says (``abstractpool``); ``remote(f, pool)``
+* A pool call runs as ``AbstractWorkerPool`` says (``abstract.py``); ``remote(f, pool)``
   is such a call waiting to happen.
 """
 from __future__ import annotations

@@ -100,7 +100,7 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
     """Run this process as a worker until it is told to exit (never returns).
 
     ``lease`` > 0: exit when no heartbeat comes from the master for that many seconds
-    (see ``pydist.lease``); ``port``: the TCP port to listen on (0: any free one);
+    (see ``cluster/lease.py``); ``port``: the TCP port to listen on (0: any free one);
     ``connect``: ``tcp://host:port`` of a master to dial (``managers.dialback``) instead of
     printing a contact line, listening for peers on the address that routes there.
     """
