@@ -268,8 +268,9 @@ def test_initializer_failure_breaks_the_executor(transport):
                 f.result(timeout=WAIT)
             assert isinstance(info.value.__cause__, ZeroDivisionError)
         assert ex._broken
-        with pytest.raises(BrokenProcessPool):
+        with pytest.raises(BrokenProcessPool) as later:
             ex.submit(sq, 1)
+        assert isinstance(later.value.__cause__, ZeroDivisionError)   # what broke it, still
     finally:
         ex.shutdown()
     assert wait_until(lambda: not ex._processes, 10)

@@ -81,6 +81,19 @@ def test_futures_travel_and_stay_valid(cluster):
     assert isinstance(g, pd.Future) and g.fetch(timeout=10) == "made on a worker"
 
 
+def _same(fut):
+    return fut
+
+
+def test_a_future_sent_out_and_back_is_the_same_handle(cluster):
+    a, b = cluster
+    f = pd.remotecall(time.sleep, a, 0.2)             # sent before its value is here
+    assert pd.remotecall_fetch(_same, b, f) is f
+    assert f.fetch(timeout=10) is None
+    g = pd.remotecall(_same, a, 7)
+    assert g.fetch(timeout=10) == 7 and pd.remotecall_fetch(_same, b, g) is g
+
+
 def test_failed_future_raises_also_when_local():
     f = pd.remotecall(lambda: 1 / 0, pd.myid())
     with pytest.raises(pd.RemoteException) as info:

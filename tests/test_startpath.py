@@ -58,6 +58,28 @@ def test_a_failure_is_announced_too(fresh):
         f.fetch(timeout=STEP)
 
 
+def _main_global(spec, path, argv, compiled):
+    import sys
+    from pydist.dropin.mainscript import _load_main
+    _load_main(spec, path, argv, compiled)
+    return sys.modules["__main__"].WHICH
+
+
+def test_a_worker_runs_the_main_script_as_the_master_compiled_it(fresh, tmp_path):
+    from pydist.dropin.mainscript import main_code
+    script = tmp_path / "prog.py"
+    script.write_text("WHICH = 'compiled by the master'\n")
+    spec = ("path", str(script))
+    magic, code = main_code(spec)
+    script.write_text("WHICH = 'read by the worker'\n")   # what a worker would read itself
+    a, b = fresh(2)
+    assert pd.remotecall_fetch(_main_global, a, spec, [], [], (magic, code)) == \
+        "compiled by the master"
+    # A worker of another Python (another bytecode magic number) compiles the file itself.
+    assert pd.remotecall_fetch(_main_global, b, spec, [], [], (b"????", code)) == \
+        "read by the worker"
+
+
 def test_every_public_name_loads_on_first_use():
     code = ("import pydist, pydist.managers as m;"
             "[getattr(pydist, n) for n in pydist.__all__]; [getattr(m, n) for n in m.__all__];"

@@ -61,6 +61,16 @@ def test_preloaded_modules_are_imported_before_the_fork(transport, leak_oracle):
     assert module in seen["modules"]
 
 
+def test_standard_modules_of_the_master_are_there_in_a_forked_worker(transport, leak_oracle):
+    import colorsys      # noqa: F401  (nothing of pydist or a worker imports these two)
+    import webbrowser    # noqa: F401
+    with _workers(1, transport) as pids:
+        seen = pd.remotecall_fetch(_describe, pids[0])
+    assert seen["ppid"] == worker_server_pid()
+    assert "colorsys" in seen["modules"]       # as in a fork of the master
+    assert "webbrowser" not in seen["modules"]  # never: it may start a program
+
+
 @pytest.mark.parametrize("preload, error", [("json", TypeError), ([3], ValueError),
                                             (["not a module"], ValueError)])
 def test_a_bad_preload_is_refused_before_anything_starts(preload, error, leak_oracle):

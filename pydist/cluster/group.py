@@ -33,7 +33,7 @@ from typing import Any, Callable
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from ..wire import serialize
 from ..wire.codec import encode_message
-from ..wire.messages import RRID, Message, MsgHeader
+from ..wire.messages import RRID, Message, MsgHeader, make_rrid
 from .peers import W_CONNECTED, W_CREATED, W_TERMINATED, W_TERMINATING, Worker
 from .runner import TaskRunner
 from .values import Failure, RemoteValue
@@ -94,7 +94,7 @@ class ProcessGroup:
     # -- identities -----------------------------------------------------------------
     def next_rrid(self) -> RRID:
         """A fresh reference id owned by this process."""
-        return RRID(self.myid, next(self._ids))
+        return make_rrid((self.myid, next(self._ids)))
 
     @property
     def runner(self) -> TaskRunner:
@@ -246,6 +246,18 @@ class ProcessGroup:
                 rv.clients.discard(client)
                 if not rv.clients:
                     del self.refs[rrid]
+
+    def del_clients(self, ids: list[tuple[int, int]], client: int) -> None:
+        """``del_client`` for each reference id given as ``(whence, id)``, under one lock."""
+        refs = self.refs
+        with self.lock:
+            for whence, n in ids:
+                rrid = make_rrid((whence, n))
+                rv = refs.get(rrid)
+                if rv is not None:
+                    rv.clients.discard(client)
+                    if not rv.clients:
+                        del refs[rrid]
 
     def drop_client(self, client: int) -> None:
         """Forget process ``client`` in every client set (it is gone: its del-client notices

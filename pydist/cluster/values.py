@@ -112,20 +112,18 @@ class RemoteValue:
 
     def set(self, value: Any, what: str = "Future") -> None:
         """Store ``value``; a second set raises ``InvalidStateException``."""
+        if not self.try_set(value):
+            raise InvalidStateException(f"{what} can be set only once: it already holds a value")
+
+    def try_set(self, value: Any) -> bool:
+        """Store ``value`` unless one is already there; say whether it was stored."""
         with self._lock:
             if self._value is not _UNSET:
-                raise InvalidStateException(f"{what} can be set only once: it already holds a value")
+                return False
             self._value = value
             callbacks, self._callbacks = self._callbacks, None
         for cb in callbacks or ():
             cb(value)
-
-    def try_set(self, value: Any) -> bool:
-        """Store ``value`` unless one is already there; say whether it was stored."""
-        try:
-            self.set(value)
-        except InvalidStateException:
-            return False
         return True
 
     def add_callback(self, cb: Callable[[Any], None]) -> None:

@@ -32,9 +32,12 @@ def blocking_section() -> Iterator[None]:
             yield
 
 
-def wait_value(rv: RemoteValue, timeout: float | None, what: str = "the value",
+def wait_value(rv: RemoteValue, timeout: float | None, what: object = "the value",
                via: int | None = None) -> Any:
     """Block until ``rv`` is set (serving other calls meanwhile); its raw value.
+
+    ``what`` names what is awaited in the timeout's message (any object: it is formatted
+    only then).
 
     When the answer comes from process ``via`` and there is no deadline, this thread reads
     that connection itself (``inbox.py``): no hand-off from a reader thread.

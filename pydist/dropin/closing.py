@@ -34,11 +34,17 @@ class _Closing:
 
     def check_open(self) -> None:
         if self.broken:
-            raise BrokenProcessPool(self.broken)
+            raise self.broken_error()
         if self.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def broken_error(self) -> BrokenProcessPool:
+        """The error of a broken executor, caused by what broke it (as its tasks saw it)."""
+        exc = BrokenProcessPool(self.broken or "the process pool is broken")
+        exc.__cause__ = self.broken_cause
+        return exc
 
     # -- breaking and stopping -------------------------------------------------------------------
     def _break(self, why: str, cause: BaseException | None) -> None:
@@ -46,7 +52,7 @@ class _Closing:
         with self.lock:
             if self.broken:
                 return
-            self.broken = why
+            self.broken, self.broken_cause = why, cause
             doomed = list(self.pending)
             self.pending.clear()
             owned = []

@@ -68,6 +68,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         self.stopped = False
         self.terminating = False
         self.broken: str | None = None
+        self.broken_cause: BaseException | None = None   # what broke it, for later raises
         self.est: float | None = None       # seconds per task, measured on the workers
         self.rtt = 0.0005                   # seconds of round trip beyond the work
         # The main script, which the workers this executor starts run as __mp_main__: its

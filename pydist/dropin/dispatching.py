@@ -26,7 +26,7 @@ from ..cluster.values import Failure
 from ..errors import ProcessExitedException, SerializationError
 from ..pools.abstract import start_call
 from ..refs.remotecall import remote_do
-from .futures import _copy_exc, _report, _unwrap
+from .futures import _copy_exc, _report, _unwrap, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
 from .worker_side import (_REVOKED, CALL, _fn_drop, _Packed, _Results, _run_batch, _run_one,
@@ -99,7 +99,7 @@ class _Dispatching:
         with self.lock:
             doomed = list(self.pending)
             self.pending.clear()
-        self._settle_all(doomed, BrokenProcessPool(self.broken or "the process pool is broken"))
+        self._settle_all(doomed, self.broken_error())
 
     # -- dispatching -----------------------------------------------------------------------------
     def cap(self) -> int:
@@ -232,7 +232,7 @@ class _Dispatching:
             return
         g, token = self.fcache.prepare(fn, w.pid)   # type: ignore[arg-type]
         for t in tasks:
-            t.sink.pid = w.pid
+            mark_sent(t.sink, w.pid)   # type: ignore[arg-type]
         batch.sent = time.perf_counter()
         try:
             if batch.alone and time.monotonic() - w.idle_since > IDLE_CHECK and w.exited():

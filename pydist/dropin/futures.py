@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+import threading
 from typing import Any, Callable
 
 from ..cluster.group import PGRP
@@ -18,16 +19,20 @@ from ..cluster.waiting import may_pump
 from ..errors import RemoteException
 
 _WAITING = ("PENDING", "RUNNING")
+_SENT_POLL = 0.02     # seconds between checks of a task not sent yet (it may fail unsent)
 
 
 def pump_for(sink: Any, done: Callable[[], bool]) -> None:
     """Wait for ``done()`` by reading, in this thread, the connection of the worker that
     runs ``sink``'s task (no hand-off from the reader thread: the reply is handled here).
-    Returns early, leaving the rest to an ordinary wait, where this thread may not read."""
+    A task not sent yet (its worker still starting) is waited for first. Returns early,
+    leaving the rest to an ordinary wait, where this thread may not read."""
     while not done():
         pid = sink.pid
         if pid is None:
-            return
+            if not _await_sent(sink, done):
+                return
+            continue
         w = PGRP.workers.get(pid)
         inbox = getattr(w, "inbox", None)
         if inbox is None or inbox.ended or not may_pump():
@@ -37,11 +42,38 @@ def pump_for(sink: Any, done: Callable[[], bool]) -> None:
             return       # done, or the connection ended
 
 
+def _await_sent(sink: Any, done: Callable[[], bool]) -> bool:
+    """Wait until ``sink``'s task is sent to a worker (``mark_sent``) or ``done()``; False
+    for a sink that is not one task's (one is made with ``_sent = None``): the caller then
+    waits as usual. Without this, the reply to a task sent while its caller waited would
+    wait for the background reader. (Two threads waiting on one task: the later one's
+    event wins, and the other sees the send within ``_SENT_POLL``.)"""
+    if getattr(sink, "_sent", False) is not None:
+        return False            # not a task's own sink (a map's whole result, a slot)
+    sent = threading.Event()
+    sink._sent = sent
+    try:
+        while sink.pid is None and not done():
+            sent.wait(_SENT_POLL)    # (done() is polled: a task may fail before it is sent)
+    finally:
+        sink._sent = None
+    return True
+
+
+def mark_sent(sink: Any, pid: int) -> None:
+    """``sink``'s task goes to worker ``pid``: a caller waiting for that starts reading."""
+    sink.pid = pid
+    sent = getattr(sink, "_sent", None)
+    if sent:
+        sent.set()
+
+
 class _Future(cf.Future):
     """A ``concurrent.futures.Future`` whose untimed ``result``/``exception`` read the
     worker's reply in the waiting thread."""
 
     pid: int | None = None
+    _sent: Any = None       # set while a caller waits for the task to be sent (_await_sent)
 
     def _settled(self) -> bool:
         return self._state not in _WAITING

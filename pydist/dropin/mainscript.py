@@ -7,16 +7,21 @@ master's ``sys.path`` and ``sys.argv``, and makes it its ``__main__`` (``_load_m
 then travel by reference (``_MainRef``, and ``serialize.dumps(..., main_by_reference=True)``
 for arguments), so that they share the script's globals on the worker. Without a script to
 run (``-c``, an interactive session, a notebook) they travel by value instead.
+
+A script is compiled once, here (``main_code``, kept while its file is unchanged), and its
+code travels to the workers marshalled: compiling a long script on every new worker would
+cost more than forking it. A worker of another Python version compiles it itself.
 """
 from __future__ import annotations
 
 import importlib.util
+import marshal
 import os
 import sys
 import types
 from typing import Any
 
-__all__ = ["main_spec", "check_not_importing_main"]
+__all__ = ["main_spec", "main_code", "check_not_importing_main"]
 
 _importing: list[bool] = []      # non-empty while this worker runs the main script
 
@@ -60,12 +65,46 @@ def _main_attr(qualname: str) -> Any:
 
 
 _main_loaded: list[tuple[str, str]] = []
+_compiled: dict[str, tuple[tuple[int, int], tuple[bytes, bytes]]] = {}   # file -> (stat, code)
 
 
-def _load_main(spec: tuple[str, str], path: list[str], argv: list[str]) -> None:
+def main_code(spec: tuple[str, str] | None) -> tuple[bytes, bytes] | None:
+    """The main script ``spec`` names, compiled here and marshalled, with this Python's
+    bytecode magic number: ``(magic, code)``; ``None`` for a module (its loader has a
+    cached compilation) or a script that cannot be read or compiled (the worker then
+    tries itself, and reports the error)."""
+    if spec is None or spec[0] != "path":
+        return None
+    where = spec[1]
+    try:
+        st = os.stat(where)
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = _compiled.get(where)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        with open(where, "rb") as f:
+            code = compile(f.read(), where, "exec")
+    except Exception:       # (a SyntaxError, an unreadable file ...: the worker says which)
+        return None
+    packed = (importlib.util.MAGIC_NUMBER, marshal.dumps(code))
+    _compiled[where] = (stamp, packed)
+    return packed
+
+
+def _script_code(where: str, compiled: tuple[bytes, bytes] | None) -> Any:
+    """The code of the script at ``where``: the master's compilation when this Python
+    reads it, else compiled here."""
+    if compiled is not None and compiled[0] == importlib.util.MAGIC_NUMBER:
+        return marshal.loads(compiled[1])
+    with open(where, "rb") as f:
+        return compile(f.read(), where, "exec")
+
+
+def _load_main(spec: tuple[str, str], path: list[str], argv: list[str],
+               compiled: tuple[bytes, bytes] | None = None) -> None:
     """Run the master's main script here as ``__mp_main__`` (once), and make it ``__main__``;
     ``sys.path`` gets the master's entries first and ``sys.argv`` is the master's, as in a
-    child the standard library spawns."""
+    child the standard library spawns. ``compiled``: the script as ``main_code`` gave it."""
     if spec in _main_loaded:
         return
     sys.path[:0] = [p for p in path if p not in sys.path]
@@ -78,8 +117,7 @@ def _load_main(spec: tuple[str, str], path: list[str], argv: list[str]) -> None:
         code = found.loader.get_code(where)     # type: ignore[attr-defined]
         file = found.origin
     else:
-        with open(where, "rb") as f:
-            code = compile(f.read(), where, "exec")
+        code = _script_code(where, compiled)
         file = where
     module = types.ModuleType("__mp_main__")
     module.__file__ = file

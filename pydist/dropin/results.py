@@ -33,6 +33,7 @@ class ApplyResult:
         self._value: Any = None
         self._cancelled = False
         self.pid: int | None = None       # the worker running it (set by the executor)
+        self._sent: Any = None            # see futures._await_sent
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -123,6 +124,7 @@ class MapResult(ApplyResult):
 
     def __init__(self, chunksize: int, length: int, callback: Any, error_callback: Any) -> None:
         super().__init__(callback, error_callback)
+        self._sent = False      # its chunks are sent one by one: no single send to wait for
         self._lock = threading.Lock()
         self._value = [None] * length
         self._chunksize = chunksize

@@ -33,6 +33,7 @@ from ..refs.remotecall import remotecall
 from ..wire.serialize import dumps
 from .closing import _live
 from .futures import _unwrap
+from .mainscript import main_code
 from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
@@ -258,7 +259,7 @@ class _Staffing:
         local workers this executor starts itself are given multiprocessing's authkey."""
         authkey = None if self.given_pool is not None else bytes(multiprocessing.current_process().authkey)
         calls = []
-        main = None if self.main is None else (self.main, sys.path, sys.argv)
+        main = None if self.main is None else (self.main, sys.path, sys.argv, main_code(self.main))
         try:
             payload = self._init_payload()
             for pid in pids:

@@ -262,12 +262,13 @@ def _fn_drop(key: Any, fids: list[int] | None) -> None:
 
 
 def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any = None,
-                 main: tuple[Any, list[str], list[str]] | None = None) -> tuple[int, int] | None:
+                 main: tuple[Any, ...] | None = None) -> tuple[int, int] | None:
     """On a new worker: the master's multiprocessing authkey (so manager proxies passed as
     arguments connect, as in a multiprocessing child) and resource tracker, if given (see
     mpshare.py), its main script (``main``: how to find it, the master's ``sys.path`` and
-    ``sys.argv``), then the user's initializer (unpickled only now, after the authkey).
-    Answers how far the worker's output got if they printed."""
+    ``sys.argv``, and its code as the master compiled it), then the user's initializer
+    (unpickled only now, after the authkey). Answers how far the worker's output got if
+    they printed."""
     if authkey is not None:
         multiprocessing.current_process().authkey = authkey
     if tracker is not None:

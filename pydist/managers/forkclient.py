@@ -33,6 +33,13 @@ START_TIMEOUT = 60.0          # seconds for the server to import what it preload
 REPLY_TIMEOUT = 30.0          # seconds for one fork
 REPLY_SIZE = 4096             # bytes of the largest message from the server
 AUTO_PRELOAD = ("numpy",)     # preloaded in the server once the master imported them
+# Modules of the standard library the master has imported are imported by the server too
+# (each once, when a request first names it; one that fails is skipped): a worker that
+# runs the master's main script (the drop-ins' do) or a function needing them then finds
+# them there, as a fork of the master would. Never these: they act on a terminal or start
+# a program, or are large and of no use to a worker.
+_NOT_PRELOADED = frozenset({"this", "antigravity", "readline", "rlcompleter", "curses",
+                            "tkinter", "turtle", "turtledemo", "idlelib", "test", "webbrowser"})
 _FIXED_PREFIXES = ("PYTHON", "LD_")
 _FIXED_SUFFIXES = ("_NUM_THREADS",)
 _preload: list[str] = []
@@ -134,6 +141,7 @@ class _Server:
         self.replies: queue.Queue[tuple] = queue.Queue()
         self.children: dict[int, ForkedProcess] = {}
         self.exits: dict[int, int] = {}           # exits reported before their fork's reply
+        self.stdlib: set[str] = set()             # standard modules it was asked to import
         self.gone = False
         cmd = [sys.executable, "-m", "pydist.processes.forkserver", str(theirs.fileno()), *preload]
         try:
@@ -192,7 +200,9 @@ class _Server:
         err_r, err_w = os.pipe()
         try:
             with self.lock:
-                msg = pickle.dumps(("fork", cwd, env, argv, preload))
+                stdlib = _stdlib_imported(self.stdlib)
+                self.stdlib.update(stdlib)
+                msg = pickle.dumps(("fork", cwd, env, argv, preload, stdlib))
                 socket.send_fds(self.sock, [msg], [in_r, out_w, err_w])
                 reply = self._reply(REPLY_TIMEOUT)
         except OSError as e:
@@ -265,6 +275,18 @@ def _master_has() -> list[str]:
     """Modules of ``AUTO_PRELOAD`` this master has imported: it will likely send their
     objects, and a worker would otherwise import them as the first one arrives."""
     return [name for name in AUTO_PRELOAD if name in sys.modules]
+
+
+def _stdlib_imported(known: set[str]) -> list[str]:
+    """Public modules of the standard library imported here and not in ``known``."""
+    stdlib = getattr(sys, "stdlib_module_names", frozenset())
+    out = []
+    for name in list(sys.modules):
+        top = name.partition(".")[0]
+        if (name not in known and top in stdlib and top not in _NOT_PRELOADED
+                and not any(part.startswith("_") for part in name.split("."))):
+            out.append(name)
+    return out
 
 
 def worker_server_pid() -> int | None:

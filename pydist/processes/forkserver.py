@@ -11,11 +11,13 @@ worker for each request. The story of one server:
    with the workers' environment; FD is its end of a Unix socket pair (``SOCK_SEQPACKET``:
    one message per request, file descriptors beside it).
 2. The server imports what workers need and says ``("ready", pid)``.
-3. A request ``("fork", cwd, environ, argv, preload)`` comes with two descriptors: the
-   worker's standard input (the master holds the other end: cookie, then lifeline) and its
-   standard output (the master reads it). The server imports any module of ``preload`` it
-   has not imported yet, forks, closes its copies of the descriptors and answers
-   ``("forked", pid)`` (or ``("error", why)``: the master then starts a fresh interpreter).
+3. A request ``("fork", cwd, environ, argv, preload, stdlib)`` comes with three
+   descriptors: the worker's standard input (the master holds the other end: cookie, then
+   lifeline), standard output and standard error (the master reads them). The server
+   imports any module of ``preload`` it has not imported yet (and of ``stdlib``, the
+   standard modules the master has, skipping any that fails), forks, closes its copies of
+   the descriptors and answers ``("forked", pid)`` (or ``("error", why)``: the master then
+   starts a fresh interpreter).
 4. The child becomes what ``python -m pydist.worker ARGV`` run in ``cwd`` with
    ``environ`` would be: a session of its own, the descriptors as 0, 1 and 2, that
    directory, that environment, ``sys.path[0]`` the directory, random generators seeded
@@ -41,6 +43,7 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any
 
 from .bootstrap import worker_main
@@ -102,7 +105,9 @@ class _Server:
             msg = pickle.loads(data)
             if msg[0] != "fork" or len(fds) != 3:
                 raise ValueError(f"unexpected request {msg[0]!r} with {len(fds)} descriptors")
-            self.send(("forked", self.fork(*msg[1:], fds)))
+            _, cwd, environ, argv, preload, stdlib = msg
+            _import_quietly(stdlib)
+            self.send(("forked", self.fork(cwd, environ, argv, preload, fds)))
         except Exception as e:
             self.send(("error", f"{type(e).__name__}: {e}"))
         finally:
@@ -206,6 +211,20 @@ def _drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _import_quietly(names: list[str]) -> None:
+    """Import the standard modules the master has (see forkclient.py), without a word: one
+    that fails to import is skipped (it only saves a worker the import), and deprecation
+    warnings were the master's to show."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            if name not in sys.modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:
+                    pass
 
 
 def serve(fd: int, preload: tuple[str, ...] = ()) -> None:

@@ -42,8 +42,7 @@ def remotecall(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Fu
         cell = fut._local_cell()
         PGRP.runner.submit(lambda: cell.try_set(run_call(f, args, kwargs)))
         return fut
-    PGRP.check_pid(pid)
-    fut = Future._for_call(pid)
+    fut = Future._for_call(pid, register=False)    # (send() checks pid)
     # The worker keeps the result and also tells us when it is there, sending a small one
     # along: the usual fetch() that follows then costs no second round trip.
     rrid, fut._pushed = PGRP.expect_reply(pid)

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import deque
 from typing import Any
 
 from ..cluster.dispatch import OpContext, internal_op
@@ -40,47 +40,59 @@ _handles: "weakref.WeakValueDictionary[RRID, AbstractRemoteRef]" = weakref.WeakV
 
 # -- batched reference-count messages -------------------------------------------------------
 class _ClientMessages:
-    """Collects del-client notices and sends them to each owner in batches."""
+    """Collects del-client notices and sends them to each owner in batches.
+
+    ``release`` is on the path of every fetched Future, so it takes no lock: it appends to
+    a deque (atomic) and wakes the sending thread only when no batch is due yet.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[int, list[RRID]] = defaultdict(list)
+        self._pending: deque[tuple[int, RRID]] = deque()
+        self._due = False              # the thread has been woken for what is pending
         self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards the start of the thread
         self._thread: threading.Thread | None = None
 
     def release(self, where: int, rrid: RRID) -> None:
         if sys.is_finalizing():
             return      # the interpreter is going away, and every connection with it
-        if where == PGRP.myid and self._thread is None:
-            PGRP.del_client(rrid, where)   # nothing to send: no thread needed
-            return
+        if self._thread is None:
+            if where == PGRP.myid:
+                PGRP.del_client(rrid, where)   # nothing to send: no thread needed
+                return
+            self._start()
+        self._pending.append((where, rrid))
+        if not self._due:   # later ones ride along: no wake-up (a thread switch) per notice
+            self._due = True
+            self._wake.set()
+
+    def _start(self) -> None:
         with self._lock:
-            first = not self._pending
-            self._pending[where].append(rrid)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="pydist-refs", daemon=True)
                 self._thread.start()
-        if first:   # later ones ride along: no wake-up (a thread switch) per notice
-            self._wake.set()
 
     def _loop(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             time.sleep(BATCH_WINDOW)   # gather what the next calls release
+            self._due = False          # (before taking the batch: a later notice wakes us again)
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            batches, self._pending = self._pending, defaultdict(list)
+        batches: dict[int, list[tuple[int, int]]] = {}
+        pending = self._pending
+        while pending:
+            where, rrid = pending.popleft()
+            batches.setdefault(where, []).append((rrid.whence, rrid.id))
         me = PGRP.myid
-        for where, rrids in batches.items():
+        for where, ids in batches.items():
             if where == me:
-                for r in rrids:
-                    PGRP.del_client(r, me)
+                PGRP.del_clients(ids, me)
                 continue
-            try:
-                PGRP.send(where, MsgHeader(), RemoteDoMsg(_del_clients, (rrids, me), {}))
+            try:   # plain pairs of ints: they pickle and unpickle far faster than RRIDs
+                PGRP.send(where, MsgHeader(), RemoteDoMsg(_del_clients, (ids, me), {}))
             except (ProcessExitedException, ValueError, OSError):
                 pass   # the owner is gone, and its values with it
 
@@ -89,9 +101,8 @@ _client_msgs = _ClientMessages()
 
 
 @internal_op
-def _del_clients(ctx: OpContext, rrids: list[RRID], client: int) -> None:
-    for r in rrids:
-        PGRP.del_client(r, client)
+def _del_clients(ctx: OpContext, ids: list[tuple[int, int]], client: int) -> None:
+    PGRP.del_clients(ids, client)
 
 
 @internal_op
@@ -195,13 +206,18 @@ class Future(StdFutureFace, AbstractRemoteRef):
         _handles[self.rrid] = self
 
     @classmethod
-    def _for_call(cls, pid: int) -> "Future":
-        """A handle for the result of a call about to be sent to ``pid``."""
+    def _for_call(cls, pid: int, register: bool = True) -> "Future":
+        """A handle for the result of a call about to be sent to ``pid``.
+
+        ``register=False``: not entered in ``_handles`` yet. No other process can name the
+        reference before this one sends the handle somewhere, and ``__reduce__`` enters it
+        then, so a Future fetched once and dropped never pays for the table."""
         f = cls.__new__(cls)
         f.where, f.rrid, f._cache, f._released = pid, PGRP.next_rrid(), _UNSET, False
         f._watch = None
         f._pushed = None
-        _handles[f.rrid] = f
+        if register:
+            _handles[f.rrid] = f
         return f
 
     def __repr__(self) -> str:
@@ -212,18 +228,23 @@ class Future(StdFutureFace, AbstractRemoteRef):
 
     def fetch(self, timeout: float | None = None) -> Any:
         """The value (blocking until set); raises the call's ``RemoteException`` if it failed."""
-        check_timeout(timeout)
-        if self._cache is _UNSET:
+        value = self._cache
+        if value is _UNSET:
+            if timeout is not None:
+                check_timeout(timeout)
             if self.where == PGRP.myid:
-                value = wait_value(self._local_cell(), timeout, f"{self!r}")
+                value = wait_value(self._local_cell(), timeout, self)
             else:
                 value = self._announced(timeout)
                 if value is STORED:
                     value = call_on_owner(_fetch_ref, self.where, self.rrid, timeout=timeout)
             self._cache = value
-            if self.where != PGRP.myid:
-                self._release()   # the value is cached here now
-        return unwrap(self._cache)
+            if self.where != PGRP.myid and not self._released:
+                self._released = True   # the value is cached here now
+                _client_msgs.release(self.where, self.rrid)
+        if type(value) is Failure:
+            raise value.exc
+        return value
 
     def _announced(self, timeout: float | None) -> Any:
         """What the call's owner sent when the result was there: the result itself, or
@@ -231,7 +252,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         pushed = self._pushed
         if pushed is None:
             return STORED
-        value = wait_value(pushed, timeout, f"{self!r}", via=self.where)
+        value = wait_value(pushed, timeout, self, via=self.where)
         self._pushed = None
         return value
 
@@ -304,6 +325,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
                 rv.try_set(Failure(e))
 
     def __reduce__(self):
+        _handles.setdefault(self.rrid, self)   # (a call's handle enters the table only now)
         if self._cache is _UNSET:
             self._note_sent()
             return (_rebuild_future, (self.where, self.rrid, _UNSET_MARK))

@@ -54,7 +54,7 @@ from typing import Callable, NoReturn
 
 from ..errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
 from . import serialize
-from .messages import KINDS, NULL_HEADER, NULL_RRID, RRID, TAGS, Message, MsgHeader
+from .messages import KINDS, NULL_HEADER, NULL_RRID, TAGS, Message, MsgHeader, make_rrid
 
 # Before the hello succeeds a peer may send only tiny frames; afterwards the limit is raised
 # to DEFAULT_MAX_FRAME (the largest single message pydist accepts).
@@ -222,8 +222,8 @@ def _header(rw: int, rid: int, nw: int, nid: int) -> MsgHeader:
     """A MsgHeader from its wire fields, sharing the null ids (most messages have one)."""
     if rw == rid == nw == nid == 0:
         return NULL_HEADER
-    response = RRID(rw, rid) if rw or rid else NULL_RRID
-    notify = RRID(nw, nid) if nw or nid else NULL_RRID
+    response = make_rrid((rw, rid)) if rw or rid else NULL_RRID
+    notify = make_rrid((nw, nid)) if nw or nid else NULL_RRID
     return MsgHeader(response, notify)
 
 

@@ -8,25 +8,31 @@ Only the standard library is imported here (layer L0).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 __all__ = [
-    "RRID", "NULL_RRID", "MsgHeader", "NULL_HEADER", "Message", "CallMsg", "CallFetchMsg",
+    "RRID", "NULL_RRID", "make_rrid", "MsgHeader", "NULL_HEADER", "Message", "CallMsg", "CallFetchMsg",
     "CallWaitMsg", "RemoteDoMsg", "ResultMsg", "IdentifySocketMsg", "IdentifySocketAckMsg",
     "JoinPGRPMsg", "JoinCompleteMsg", "TAGS", "KINDS",
 ]
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class RRID:
-    """A remote reference id: the process that created the reference and a serial number."""
+class RRID(NamedTuple):
+    """A remote reference id: the process that created the reference and a serial number.
+
+    A named tuple: every reply, reference and cached function is looked up by one, and a
+    tuple's hash and comparison run in C (a dataclass's in Python)."""
 
     whence: int
     id: int
 
 
 NULL_RRID = RRID(0, 0)
+# ``make_rrid((whence, id))``: an RRID without the Python-level ``__new__`` of a named
+# tuple (half the cost), for the paths every call takes.
+make_rrid = functools.partial(tuple.__new__, RRID)
 
 
 @dataclass(frozen=True, slots=True)
