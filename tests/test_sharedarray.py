@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import psutil
@@ -19,6 +20,7 @@ import pytest
 
 import pydist as pd
 from pydist.arrays import sharedmap
+from pydist.errors import SerializationError
 from pydist.shm import segment as seg
 from pydist.shm.segment import SegmentError
 
@@ -94,6 +96,69 @@ def test_sending_to_a_process_without_a_share_names_it(cluster):
     assert pd.remotecall_fetch(len, cluster[0], S) == 10
     with pytest.raises(ValueError, match="process 99, which is not in this cluster"):
         pd.SharedArray(3, pids=[99])
+
+
+def forgotten(before, pids):
+    """No process maps more SharedArrays than it did ``before``."""
+    return all(n <= b for n, b in zip(table_sizes(pids), before))
+
+
+def refusal(S, pid):
+    return f"cannot send SharedArray {S.segment} to process {pid}: it is mapped only by"
+
+
+def test_pmap_items_and_shipped_closures_are_refused_at_the_sender(cluster):
+    before = table_sizes(cluster)
+    S = pd.SharedArray(10, pids=[cluster[0]])
+    other = pd.WorkerPool([cluster[1]])
+    with pytest.raises(SerializationError, match=refusal(S, cluster[1])):
+        pd.pmap(len, [S, S[2:]], pool=other)
+    with pytest.raises(SerializationError, match=refusal(S, cluster[1])):
+        pd.pmap(lambda i: float(S[i]), range(3), pool=other)
+    assert pd.pmap(len, [S, S[2:]], pool=pd.WorkerPool([cluster[0]])) == [10, 8]
+    del S
+    gc.collect()
+    assert wait_until(lambda: forgotten(before, cluster), 10), table_sizes(cluster)
+
+
+def test_drop_in_tasks_and_initializers_are_refused_at_the_sender(cluster):
+    # Their arguments are pickled ahead of the message; the check still runs before sending.
+    before = table_sizes(cluster)
+    S = pd.SharedArray(10, pids=[cluster[0]])
+    with pd.ProcessPoolExecutor(pool=pd.WorkerPool([cluster[1]])) as ex:
+        with pytest.raises(ValueError, match=refusal(S, cluster[1])):
+            ex.submit(len, S).result(timeout=30)                  # alone, to an idle worker
+        with pytest.raises(ValueError, match=refusal(S, cluster[1])):
+            list(ex.map(len, [S] * 6, timeout=30))                # in batches
+        assert ex.submit(len, [1, 2]).result(timeout=30) == 2      # the executor goes on
+    with pd.ProcessPoolExecutor(pool=pd.WorkerPool([cluster[0]])) as ex:
+        assert list(ex.map(len, [S] * 6, timeout=30)) == [10] * 6
+    ex = pd.ProcessPoolExecutor(pool=pd.WorkerPool([cluster[1]]), initializer=len, initargs=(S,))
+    try:
+        with pytest.raises(BrokenProcessPool) as broken:
+            ex.submit(len, [1]).result(timeout=30)
+        assert isinstance(broken.value.__cause__, ValueError)
+        assert refusal(S, cluster[1]) in str(broken.value.__cause__)
+    finally:
+        ex.shutdown()
+    del S, ex, broken
+    gc.collect()
+    assert wait_until(lambda: forgotten(before, cluster), 10), table_sizes(cluster)
+
+
+def first_plus(S, g):
+    return float(S[0]) + g()
+
+
+def test_a_message_pickled_twice_counts_each_array_once(cluster):
+    # pickle fails at the lambda after counting S, cloudpickle pickles S again: the worker
+    # gets one handle, so one count, and the array is freed once dropped.
+    before = table_sizes(cluster)
+    S = pd.SharedArray(10, pids=[cluster[0]])
+    assert pd.remotecall_fetch(first_plus, cluster[0], S, lambda: 1.0) == 1.0
+    del S
+    gc.collect()
+    assert wait_until(lambda: forgotten(before, cluster), 10), table_sizes(cluster)
 
 
 def test_copy_of_and_the_helpers(cluster):

@@ -16,7 +16,7 @@ from pydist.errors import TransportBroken
 from pydist.shm import bigbuf, segment as seg
 from pydist.shm import transport as shm
 
-from testkit import shm_entries
+from testkit import shm_entries, wait_until
 
 BIG = 3 << 20
 
@@ -45,7 +45,7 @@ def test_a_large_frame_lands_in_the_senders_segment_and_goes_back_when_dropped(p
     first = b.recv_frame()
     assert bytes(first) == payload(BIG, 1) and not first.readonly
     assert a._big_out.stats() == (1, BIG)
-    assert not shm_entries() - {n for n in shm_entries() if n.startswith("sem.")}, \
+    assert not names(a) & shm_entries(), \
         "the receiver unlinks a segment's name as soon as it has opened it"
     a.send_frame([payload(BIG, 2)])          # the first is still held: a second segment
     second = b.recv_frame()
@@ -56,6 +56,29 @@ def test_a_large_frame_lands_in_the_senders_segment_and_goes_back_when_dropped(p
         a.send_frame([payload(BIG, seed)])
         assert bytes(b.recv_frame()) == payload(BIG, seed)
     assert a._big_out.stats()[0] == 2
+
+
+def names(end) -> set[str]:
+    """The names of the segments in ``end``'s sending pool, as /dev/shm lists them."""
+    return {o.segment.name.lstrip("/") for o in end._big_out._pool}
+
+
+def test_the_first_large_frame_has_the_receiver_ready_a_segment_for_its_answer(pair):
+    a, b = pair
+    got = []
+    a.send_frame([payload(BIG, 1)])
+    assert bytes(b.recv_frame()) == payload(BIG, 1)
+    assert wait_until(lambda: b._big_out.stats() == (1, BIG), 10), b._big_out.stats()
+    reader = threading.Thread(target=lambda: got.append(bytes(a.recv_frame())))
+    reader.start()
+    # Announced: the sender of the first frame opens it (and removes its name) at once.
+    assert wait_until(lambda: not names(b) & shm_entries(), 10), names(b)
+    assert reader.is_alive() and not got      # a notice is not a frame
+    b.send_frame([payload(BIG, 2)])
+    reader.join(10)
+    assert got == [payload(BIG, 2)]
+    assert b._big_out.stats() == (1, BIG)     # the answer went in the segment made ahead
+    assert a._big_out.stats() == (1, BIG)     # and the hint went one way only
 
 
 def test_small_frames_and_a_disabled_threshold_use_the_ring(pair, monkeypatch):
@@ -107,7 +130,8 @@ def other_owners_segment() -> seg.Segment:
 
 
 @pytest.mark.parametrize("case", ["forged name", "not ours", "another owner", "size lies",
-                                  "over the limit"])
+                                  "over the limit", "announced, another owner",
+                                  "bytes in no segment"])
 def test_hostile_descriptors_break_the_connection(case, leak_oracle):
     a, b = make_pair()
     made = None
@@ -122,12 +146,18 @@ def test_hostile_descriptors_break_the_connection(case, leak_oracle):
         elif case == "size lies":
             made = seg.Segment.create(bigbuf.HEADER + (1 << 20), [])
             forge(a, made.name, 64 << 20, 10)          # bigger than the segment is
+        elif case == "announced, another owner":
+            made = other_owners_segment()
+            forge(a, made.name, 1 << 20, 0)            # "open this one now"
+        elif case == "bytes in no segment":
+            forge(a, "", 1 << 20, 10)
         else:
             b.max_frame = 1 << 20
             forge(a, seg.new_name(), 4 << 20, 2 << 20)
         match = {"forged name": "not a pydist segment", "not ours": "is gone",
                  "another owner": "owned by uid 65534", "size lies": "promised",
-                 "over the limit": "over the limit"}[case]
+                 "over the limit": "over the limit", "announced, another owner": "owned by uid 65534",
+                 "bytes in no segment": "in no segment"}[case]
         with pytest.raises(TransportBroken, match=match):
             b.recv_frame()
         assert b.closed
@@ -137,3 +167,35 @@ def test_hostile_descriptors_break_the_connection(case, leak_oracle):
             made.close()
         a.abort()
         b.abort()
+
+
+def test_a_hint_past_the_limit_is_ignored(pair):
+    a, b = pair
+    forge(a, "", 1 << 40, 0)                   # "make a segment this large for your answers"
+    a.send_frame([b"after"])
+    assert bytes(b.recv_frame()) == b"after" and not b.closed
+    assert b._big_out.stats() == (0, 0)
+
+
+def test_an_announcement_of_a_segment_gone_meanwhile_is_passed_over(pair):
+    a, b = pair     # the sender dropped it before the receiver read the notice (closing)
+    forge(a, seg.new_name(), 1 << 20, 0)
+    a.send_frame([b"after"])
+    assert bytes(b.recv_frame()) == b"after" and not b.closed
+
+
+def test_an_interrupt_after_the_notices_cancels_the_frame_and_keeps_the_stream(pair, monkeypatch):
+    a, b = pair
+    announce = bigbuf.BigOut._announce
+
+    def interrupted(self, out, locked):
+        announce(self, out, locked)            # the hint and the announcement are out
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bigbuf.BigOut, "_announce", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        a.send_frame([payload(BIG, 1)])
+    monkeypatch.setattr(bigbuf.BigOut, "_announce", announce)
+    a.send_frame([b"next"])
+    assert bytes(b.recv_frame()) == b"next"
+    a.send_frame([payload(BIG, 2)])           # the segment, given back, serves again
+    assert bytes(b.recv_frame()) == payload(BIG, 2) and a._big_out.stats() == (1, BIG)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..cluster.destinations import restrict
 from ..cluster.group import PGRP
 from ..cluster.membership import myid, procs
 from ..refs.remotecall import remotecall
@@ -50,22 +52,32 @@ class _SharedRef:
             except Exception:  # interpreter shutdown: nobody left to tell
                 pass
 
-    def check_destination(self) -> bool:
-        """Before pickling: refuse a destination that has no mapping; count it as a holder.
-        Whether it was counted."""
-        dest = getattr(PGRP.sending, "pid", None)
+    def check_destination(self, arr: np.ndarray) -> bool:
+        """Before pickling ``arr``: refuse a destination that has no mapping
+        (``cluster/destinations.py``: now, or before bytes pickled ahead are sent); count it as a
+        holder, once per message even if the message is pickled twice. Whether it was
+        counted."""
         m = self.mapping
-        if dest is not None and dest not in m.pids and dest != m.owner:
-            raise ValueError(f"cannot send SharedArray {m.name} to process {dest}: it is mapped "
-                             f"only by processes {sorted({m.owner, *m.pids})} (all on this "
-                             f"host); create it with pids including {dest}, or send sdata(S) "
-                             "to copy the data")
-        return sharedmap.note_sent(m.owner, m.rrid, dest)
+        dest = restrict(frozenset((m.owner, *m.pids)), partial(_refusal, m))
+        counted = getattr(PGRP.sending, "counted", None) if dest is not None else None
+        key = (id(arr), arr.__array_interface__["data"][0], arr.shape, arr.strides)
+        if counted is not None and key in counted:
+            return counted[key]
+        done = sharedmap.note_sent(m.owner, m.rrid, dest)
+        if counted is not None:
+            counted[key] = done
+        return done
 
     def contains(self, arr: np.ndarray) -> bool:
         """Whether every byte ``arr`` can reach lies inside the mapping."""
         lo, hi = _extent(arr)
         return self.base_address <= lo and hi <= self.base_address + self.mapping.nbytes
+
+
+def _refusal(m: Mapping, dest: int) -> str:
+    return (f"cannot send SharedArray {m.name} to process {dest}: it is mapped only by "
+            f"processes {sorted({m.owner, *m.pids})} (all on this host); create it with pids "
+            f"including {dest}, or send sdata(S) to copy the data")
 
 
 _handles: weakref.WeakValueDictionary[Any, _SharedRef] = weakref.WeakValueDictionary()
@@ -152,7 +164,7 @@ class SharedArray(np.ndarray):
         ref = self._ref
         if ref is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
-        counted = ref.check_destination()
+        counted = ref.check_destination(self)
         m = ref.mapping
         offset = self.__array_interface__["data"][0] - ref.base_address
         return (_rebuild, (m.name, m.owner, m.rrid, m.pids, offset, self.shape, self.strides,

@@ -11,6 +11,7 @@
 * ``runner.py``: where incoming calls run (a worker's main thread, spare threads);
 * ``dispatch.py``: one handler per message kind, and the internal operations;
 * ``waiting.py``: how a thread waits for an answer (``wait_value``, ``call_on_owner``);
+* ``destinations.py``: objects that may travel only to some processes, checked on the sender;
 * ``join.py``: the hello, the join handshake, connections between workers;
 * ``stopping.py``: asking a worker to exit or to interrupt its call; a worker's exit;
 * ``lease.py``: heartbeat leases of remote workers;

@@ -157,15 +157,17 @@ class ProcessGroup:
         """Encode and send one message to ``pid`` (errors of pickling propagate)."""
         w = self.worker(pid)
         tls = self.sending
-        outer = getattr(tls, "pid", None)
-        tls.pid = pid
+        outer = getattr(tls, "pid", None), getattr(tls, "counted", None)
+        # .counted: what was counted for this message, by the object pickled (a message may
+        # be pickled twice, by pickle and then by cloudpickle: each thing is counted once).
+        tls.pid, tls.counted = pid, {}
         try:
             parts = encode_message(header, msg)
         except SerializationError as e:
-            tls.pid = outer
+            tls.pid, tls.counted = outer
             raise _name_unpicklable(msg, pid, e) from e.__cause__
         finally:
-            tls.pid = outer
+            tls.pid, tls.counted = outer
         t = w.transport
         if t is None:   # lost between the lookup and here: say so as any later send would
             raise ProcessExitedException(pid, w.detail or self.removed.get(pid, ""))

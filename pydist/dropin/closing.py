@@ -22,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from ..processes.lifecycle import rmprocs
 from ..refs.remotecall import remote_do
 from .dispatching import _settling
+from .futures import _copy_exc
 from .records import _Task
 from .worker_side import _fn_drop
 
@@ -52,7 +53,9 @@ class _Closing:
         with self.lock:
             if self.broken:
                 return
-            self.broken, self.broken_cause = why, cause
+            # A copy without the traceback: its frames would hold this object (and the
+            # executor, whose finalizer holds this object: a leak, not a cycle).
+            self.broken, self.broken_cause = why, None if cause is None else _copy_exc(cause)
             doomed = list(self.pending)
             self.pending.clear()
             owned = []

@@ -23,6 +23,7 @@ import weakref
 from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Callable
 
+from ..cluster.destinations import Limits
 from ..cluster.group import PGRP
 from ..pools.workerpool import AbstractWorkerPool
 from .closing import _Closing, _live
@@ -48,6 +49,7 @@ class _Core(_Dispatching, _Staffing, _Stealing, _Closing):
         self.max_workers = max_workers
         self.initializer, self.initargs = initializer, initargs
         self.init_packed: tuple[bytes, list] | None = None
+        self.init_limits = Limits()          # where the pickled initializer may go
         self.max_tasks = max_tasks
         self.max_memory = max_memory        # bytes of resident memory per worker, or None
         self.transport = transport

@@ -22,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, Callable, Iterable
 
+from ..cluster.destinations import pickling_ahead
 from ..cluster.values import Failure
 from ..errors import ProcessExitedException, SerializationError
 from ..pools.abstract import start_call
@@ -207,26 +208,33 @@ class _Dispatching:
             if self._answered(w, batch):
                 self._settle_all(batch.tasks, e)
 
-    def _payload(self, batch: _Batch) -> tuple[Callable[..., Any], tuple]:
-        """What runs ``batch`` on the worker, and its arguments after the function. A task
-        sent alone to an idle worker skips the revoke gate, and its atom arguments travel
-        inline; other arguments are pickled ahead, so a failure to unpickle them there is
-        their task's error (``worker_side.py``)."""
+    def _payload(self, batch: _Batch, pid: int) -> tuple[Callable[..., Any], tuple]:
+        """What runs ``batch`` on worker ``pid``, and its arguments after the function. A
+        task sent alone to an idle worker skips the revoke gate, and its atom arguments
+        travel inline; other arguments are pickled ahead, so a failure to unpickle them there
+        is their task's error (``worker_side.py``), and checked here for ``pid`` (an argument
+        that may not go there, a SharedArray it does not map, is refused before sending)."""
         tasks = batch.tasks
         if batch.direct:
             t = tasks[0]
             if inline_ok(t.args, t.kwargs):
                 return _run_one, (t.args, t.kwargs, None, self.pool_mode)
-            data, bufs = dumps_shared([(CALL, t.args, t.kwargs)], self.main is not None)
-            return _run_one, ((), _NO_KWARGS, _Packed(data, *bufs), self.pool_mode)
-        data, bufs = dumps_shared([(t.kind, t.args, t.kwargs) for t in tasks], self.main is not None)
-        return _run_batch, (_Packed(data, *bufs), self.pool_mode, self.key, batch.seq)
+            packed = self._pack([(CALL, t.args, t.kwargs)], pid)
+            return _run_one, ((), _NO_KWARGS, packed, self.pool_mode)
+        packed = self._pack([(t.kind, t.args, t.kwargs) for t in tasks], pid)
+        return _run_batch, (packed, self.pool_mode, self.key, batch.seq)
+
+    def _pack(self, triples: list, pid: int) -> _Packed:
+        with pickling_ahead() as limits:
+            data, bufs = dumps_shared(triples, self.main is not None)
+        limits.check(pid)
+        return _Packed(data, *bufs)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:
         tasks = batch.tasks
         fn = tasks[0].fn
         try:
-            run, rest = self._payload(batch)
+            run, rest = self._payload(batch, w.pid)   # type: ignore[arg-type]
         except BaseException as e:
             self._unsendable(w, batch, e)
             return

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ..cluster.destinations import pickling_ahead
 from ..cluster.group import PGRP
 from ..cluster.output import wait_relayed
 from ..cluster.peers import W_TERMINATED
@@ -247,8 +248,9 @@ class _Staffing:
         each worker (``mpshare.py``: each gets descriptors of its own)."""
         if self.init_packed is None:
             try:
-                self.init_packed = dumps((self.initializer, self.initargs),
-                                         main_by_reference=self.main is not None)
+                with pickling_ahead() as self.init_limits:
+                    self.init_packed = dumps((self.initializer, self.initargs),
+                                             main_by_reference=self.main is not None)
             except SerializationError:
                 check_shared((self.initializer, self.initargs), self.main is not None)
                 self.init_packed = _PER_WORKER
@@ -263,8 +265,10 @@ class _Staffing:
         try:
             payload = self._init_payload()
             for pid in pids:
-                data, bufs = payload or dumps_shared((self.initializer, self.initargs),
-                                                     self.main is not None)
+                with pickling_ahead() as limits:
+                    data, bufs = payload or dumps_shared((self.initializer, self.initargs),
+                                                         self.main is not None)
+                (limits if payload is None else self.init_limits).check(pid)
                 tracker = tracker_handle() if authkey is not None else None
                 calls.append(remotecall(_init_worker, pid, authkey, _Packed(data, *bufs),
                                         not self.pool_mode, tracker, main))

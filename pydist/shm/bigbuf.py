@@ -33,23 +33,37 @@ Segment layout (one frame at a time)::
   against ``POOL_BYTES`` too: past it (a receiver that does not read, or keeps what it
   read), frames go through the ring, whose back-pressure then holds the sender. So does a
   frame for which no segment can be had (a full /dev/shm).
+
+A fresh segment is slow to fill: the kernel allocates, zeroes and maps every page (about
+0.5 ms per MiB here, five times the copy). So the first large frame of a connection does
+three things besides, each through the ring as a *notice* (a descriptor of length 0):
+
+1. before making its segment, the sender sends a *hint* (a descriptor without a name): the
+   receiver, likely to answer with a frame as large, starts making a segment of that size
+   for its own pool in a thread of its own (``prepare``), while the sender makes its own;
+2. once made (and its pages mapped in one call), a segment is *announced* (its name): the
+   receiver opens it at once, and maps its pages while the sender copies the frame in;
+3. a sender whose only fitting segment is still lent waits a moment for it (up to a tenth
+   of what making one costs: the receiver of an answer is often about to give the
+   request's segment back) before making another.
+
+Notices are only hints: one that finds the ring full is not sent, and a hint that would
+take the receiver's pool past ``POOL_BYTES`` is ignored.
 """
 from __future__ import annotations
 
-import ctypes
+import mmap
 import os
 import struct
 import threading
 import time
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import segment as seg
-from .fence import tso_by_default
-from .layout import SEMS_PER_RING
 
-__all__ = ["FLAG", "THRESHOLD", "POOL_BYTES", "IDLE_SECONDS", "DESC_SIZE", "BigOut", "BigIn",
-           "threshold", "ends"]
+__all__ = ["FLAG", "THRESHOLD", "POOL_BYTES", "IDLE_SECONDS", "DESC_SIZE", "BigOut", "Locked",
+           "threshold", "populate", "hint", "announcement", "trimmer"]
 
 FLAG = 1 << 63          # in a frame's length word: the payload is a descriptor
 HEADER = 64
@@ -64,6 +78,11 @@ POOL_BYTES = 256 << 20
 IDLE_SECONDS = 5.0
 _ROUND = 1 << 20
 _TICK = 1.0             # how often idle segments are looked for
+# A sender waits for a lent segment to come back up to a tenth of what making one costs
+# (about 0.5 ms per MiB here): seconds per byte.
+_LENT_WAIT = 0.05e-3 / (1 << 20)
+_PREPARE_WAIT = 5.0     # seconds at most for a segment being made in the background
+MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23   # Linux 5.14; elsewhere pages fault in
 
 
 def threshold() -> int:
@@ -76,18 +95,26 @@ def threshold() -> int:
     return THRESHOLD
 
 
-def ends(segment: seg.Segment, dialer: bool, tso: bool | None) -> tuple[BigOut, BigIn]:
-    """The sending and receiving pools of one connection end; where plain accesses are not
-    ordered (``tso`` False), each uses the mutex semaphore of the ring it goes along."""
-    mutex = None if (tso_by_default() if tso is None else tso) else len(SEMS_PER_RING) - 1
-    tx_ring = 0 if dialer else 1
-
-    def sem(ring: int) -> Any:
-        return None if mutex is None else segment.sems[len(SEMS_PER_RING) * ring + mutex]
-    return BigOut(sem(tx_ring)), BigIn(sem(1 - tx_ring))
+def populate(buf: mmap.mmap, advice: int) -> None:
+    """Map every page of ``buf`` now, in one call (faulting them in one by one costs about
+    twice as much); nothing where the kernel cannot."""
+    try:
+        buf.madvise(advice)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
-class _Locked:
+def hint(cap: int) -> bytes:
+    """The notice asking the receiver to make a segment of ``cap`` bytes for its answers."""
+    return _DESC.pack(b"", cap, 0)
+
+
+def announcement(name: str, cap: int) -> bytes:
+    """The notice telling the receiver to open segment ``name`` now (no frame in it yet)."""
+    return _DESC.pack(name.encode(), cap, 0)
+
+
+class Locked:
     """Runs a shared-word access inside the ring's mutex where plain accesses are not
     ordered (``mutex`` None on x86)."""
 
@@ -115,17 +142,22 @@ class _Locked:
 
 
 class _Out:
-    """A segment of the sender's pool."""
+    """A segment of the sender's pool, its pages mapped at once."""
 
-    __slots__ = ("segment", "words", "data", "cap", "used", "keep")
+    __slots__ = ("segment", "words", "data", "cap", "used", "keep", "fresh")
 
     def __init__(self, cap: int, keep: bool) -> None:
         self.segment = seg.Segment.create(HEADER + cap, [])
+        populate(self.segment.buf, MADV_POPULATE_WRITE)
         view = memoryview(self.segment.buf)
         self.words = view[:HEADER].cast("Q")
         self.data = view[HEADER:]
         self.cap, self.keep, self.used = cap, keep, time.monotonic()
+        self.fresh = True   # not yet announced to the receiver
         self.words[MAGIC], self.words[CAPACITY] = _MAGIC, cap
+
+    def fits(self, n: int) -> bool:
+        return n <= self.cap <= 2 * n + _ROUND
 
     def drop(self) -> None:
         self.words[RETIRED] = 1
@@ -135,23 +167,37 @@ class _Out:
         self.segment.close()
 
 
-class BigOut:
-    """The sending side: frames copied into pooled segments (one per connection end)."""
+def _capacity(n: int) -> int:
+    return -(-n // _ROUND) * _ROUND
 
-    def __init__(self, mutex: Any = None) -> None:
-        self._locked = _Locked(mutex)
+
+class BigOut:
+    """The sending side: frames copied into pooled segments (one per connection end).
+
+    ``notify(desc)`` sends a notice through the ring without blocking (False if it could
+    not); it is called with the transport's send lock held (``stage``) or not (a segment
+    made by ``prepare``), and takes the lock itself in the second case.
+    """
+
+    def __init__(self, mutex: Any = None,
+                 notify: Callable[[bytes, bool], bool] | None = None) -> None:
+        self._locked = Locked(mutex)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._pool: list[_Out] = []
+        self._making: list[int] = []   # capacities being made by prepare()
         self._closed = False
         self._no_room_until = 0.0   # /dev/shm was full: the ring until then
+        self._notify = notify
 
     def stage(self, parts: Sequence[memoryview | bytes], total: int) -> bytes | None:
         """Copy the frame into a free segment and lend it; the descriptor to send, or None
-        when no segment can be had (send through the ring then)."""
+        when no segment can be had (send through the ring then). Under the send lock."""
         out = self._take(total)
         if out is None:
             return None
         try:
+            self._announce(out, locked=True)
             pos = 0
             data = out.data
             for part in parts:
@@ -163,33 +209,93 @@ class BigOut:
             raise
         return _DESC.pack(out.segment.name.encode(), out.cap, total)
 
-    def _take(self, n: int) -> _Out | None:
+    def _announce(self, out: _Out, locked: bool) -> None:
+        """Tell the receiver to open ``out`` now, once (a second notice would be harmless:
+        the receiver keeps what it opened)."""
+        if self._notify is None:
+            return
         with self._lock:
-            if self._closed:
-                return None
-            self._trim_locked(time.monotonic(), idle=False)
-            lent = 0
-            for out in self._pool:
-                if not self._lent(out):
-                    if n <= out.cap <= 2 * n + _ROUND:
-                        return self._lend(out)
-                else:
-                    lent += out.cap
-            cap = -(-n // _ROUND) * _ROUND
+            fresh, out.fresh = out.fresh and not out.words[OPENED], False
+        if fresh:
+            if not self._notify(announcement(out.segment.name, out.cap), locked):
+                out.fresh = True   # not sent: the first descriptor naming it opens it
+
+    def _take(self, n: int) -> _Out | None:
+        deadline = time.monotonic() + n * _LENT_WAIT
+        with self._lock:
+            while True:
+                if self._closed:
+                    return None
+                self._trim_locked(time.monotonic(), idle=False)
+                out = next((o for o in self._pool if o.fits(n) and not self._lent(o)), None)
+                if out is not None:
+                    return self._lend(out)
+                if not self._wait_locked(n, deadline):
+                    break
+            cap = _capacity(n)
+            lent = sum(o.cap for o in self._pool if self._lent(o))
             if lent and lent + cap > POOL_BYTES:
                 return None   # the receiver holds enough already: the ring holds us back
-            keep = sum(o.cap for o in self._pool) + cap <= POOL_BYTES
+            keep = sum(o.cap for o in self._pool) + sum(self._making) + cap <= POOL_BYTES
             if time.monotonic() < self._no_room_until:
                 return None
-            try:
-                out = _Out(cap, keep)
-            except OSError:
-                self._no_room_until = time.monotonic() + IDLE_SECONDS
-                return None
+        if self._notify is not None:   # the receiver makes one for its answer meanwhile
+            self._notify(hint(cap), True)
+        try:
+            out = _Out(cap, keep)
+        except OSError:
+            self._no_room_until = time.monotonic() + IDLE_SECONDS
+            return None
+        with self._lock:
             self._pool.append(out)
             self._lend(out)
         _trimmer.watch(self)
         return out
+
+    def _wait_locked(self, n: int, deadline: float) -> bool:
+        """Wait a little for a fitting segment to come back or be made; whether to look
+        again (False: make one now)."""
+        now = time.monotonic()
+        if any(n <= c <= 2 * n + _ROUND for c in self._making):
+            return self._changed.wait(_PREPARE_WAIT) or True
+        if now >= deadline or not any(o.fits(n) for o in self._pool):
+            return False
+        self._changed.wait(min(1e-4, deadline - now))   # the receiver stores, not notifies
+        return True
+
+    def prepare(self, cap: int) -> None:
+        """Make a segment of ``cap`` bytes in the background, unless the pool has one that
+        fits or has no room for it (the peer's hint that a frame that large will follow)."""
+        if cap <= 0 or cap % _ROUND:
+            return
+        with self._lock:
+            if self._closed or cap in self._making or any(o.fits(cap) for o in self._pool):
+                return
+            if sum(o.cap for o in self._pool) + sum(self._making) + cap > POOL_BYTES:
+                return
+            self._making.append(cap)
+        threading.Thread(target=self._make, args=(cap,), name="pydist-shm-prepare",
+                         daemon=True).start()
+
+    def _make(self, cap: int) -> None:
+        try:
+            out: _Out | None = _Out(cap, True)
+        except OSError:
+            out = None
+        with self._lock:
+            self._making.remove(cap)
+            if out is not None and not self._closed:
+                self._pool.append(out)
+            elif out is not None:
+                out.drop()
+                out = None
+            self._changed.notify_all()
+        if out is not None:
+            _trimmer.watch(self)
+            with self._lock:
+                idle = out in self._pool and not self._lent(out)
+            if idle:   # not taken meanwhile by a sender, who announces it itself
+                self._announce(out, locked=False)
 
     def _lend(self, out: _Out) -> _Out:
         out.words[LENT] = 1   # read back only by this side, after the receiver clears it
@@ -203,17 +309,20 @@ class BigOut:
         keep = []
         for out in self._pool:
             stale = not out.keep or (idle and now - out.used > IDLE_SECONDS)
-            if stale and not self._lent(out):
+            # One announced stays until the receiver has opened it (it may not read for a
+            # while), so that an announcement it reads names a segment still there.
+            waiting = not out.fresh and not out.words[OPENED]
+            if stale and not waiting and not self._lent(out):
                 out.drop()
             else:
                 keep.append(out)
         self._pool = keep
 
     def trim(self) -> bool:
-        """Drop segments given back and idle; whether any remain."""
+        """Drop segments given back and idle; whether any remain (or are being made)."""
         with self._lock:
             self._trim_locked(time.monotonic())
-            return bool(self._pool)
+            return bool(self._pool or self._making)
 
     def stats(self) -> tuple[int, int]:
         """(segments, bytes) in the pool."""
@@ -232,101 +341,14 @@ class BigOut:
             time.sleep(0.005)
 
     def close(self) -> None:
-        """Drop every segment and remove any name the receiver never opened. Idempotent."""
+        """Drop every segment and remove any name the receiver never opened (one being made
+        is dropped once made). Idempotent."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, []
+            self._changed.notify_all()
         for out in pool:
             out.drop()
-
-
-class _In:
-    """The receiver's mapping of one of the sender's segments."""
-
-    __slots__ = ("segment", "words", "data", "cap")
-
-    def __init__(self, name: str, cap: int) -> None:
-        self.cap = cap
-        self.segment = seg.Segment.attach(name, [], HEADER + cap)
-        self.segment.unlink()   # opened: the name has done its job
-        view = memoryview(self.segment.buf)
-        self.words = view[:HEADER].cast("Q")
-        self.data = view[HEADER:HEADER + cap]
-        if self.words[MAGIC] != _MAGIC or self.words[CAPACITY] != cap:
-            self.drop()
-            raise seg.SegmentError(f"large-frame segment {name} has a bad header")
-        self.words[OPENED] = 1
-
-    def drop(self) -> None:
-        # Frames still alive keep the mapping alive; it goes with the last of them.
-        self.segment.close()
-
-
-def _give_back(locked: _Locked, words: memoryview) -> None:
-    """The last view of a received frame died: the sender may fill its segment again."""
-    try:
-        locked.store(words, LENT, 0)
-    except Exception:  # the connection is gone, and the segment with it
-        pass
-
-
-class BigIn:
-    """The receiving side: descriptors turned into frames that are views of the segment."""
-
-    def __init__(self, mutex: Any = None) -> None:
-        self._locked = _Locked(mutex)
-        self._lock = threading.Lock()
-        self._maps: dict[str, _In] = {}
-        self._closed = False
-
-    @staticmethod
-    def length(desc: memoryview | bytes) -> int:
-        """The frame length a descriptor announces (0 for a malformed one)."""
-        return _DESC.unpack(desc)[2] if len(desc) == DESC_SIZE else 0
-
-    def open(self, desc: memoryview | bytes, limit: int) -> memoryview:
-        """The frame a descriptor stands for; SegmentError/ValueError for a bad one."""
-        if len(desc) != DESC_SIZE:
-            raise ValueError(f"a large-frame descriptor has {DESC_SIZE} bytes, not {len(desc)}")
-        raw, cap, length = _DESC.unpack(desc)
-        name = raw.rstrip(b"\0").decode("ascii", "replace")
-        if not seg.valid_name(name):
-            raise ValueError(f"large-frame descriptor names {name!r}, not a pydist segment")
-        if length > cap or length > limit or cap > limit + _ROUND:
-            raise ValueError(f"large-frame descriptor announces {length} bytes in a segment of "
-                             f"{cap}, over the limit of {limit}")
-        with self._lock:
-            if self._closed:
-                raise ValueError("the connection is closed")
-            m = self._maps.get(name)
-            fresh = m is None or m.cap != cap
-            if fresh:
-                m = self._maps[name] = _In(name, cap)
-        if fresh:
-            _trimmer.watch(self)
-        # A fresh exporter per frame: every view of the frame, and every array decoded from
-        # it, refers to it, so it dies with the last of them (memoryviews and PickleBuffers
-        # do not: their slices refer to the mapping itself). One ctypes type per capacity.
-        lease = (ctypes.c_ubyte * m.cap).from_buffer(m.data)
-        weakref.finalize(lease, _give_back, self._locked, m.words)
-        return memoryview(lease).cast("B")[:length]
-
-    def trim(self) -> bool:
-        """Drop mappings of segments the sender retired; whether any remain."""
-        with self._lock:
-            for name, m in list(self._maps.items()):
-                if m.words[RETIRED]:
-                    del self._maps[name]
-                    m.drop()
-            return bool(self._maps)
-
-    def close(self) -> None:
-        """Drop every mapping (frames still alive keep theirs). Idempotent."""
-        with self._lock:
-            self._closed = True
-            maps, self._maps = self._maps, {}
-        for m in maps.values():
-            m.drop()
 
 
 class _Trimmer:
@@ -366,6 +388,11 @@ class _Trimmer:
 
 
 _trimmer = _Trimmer()
+
+
+def trimmer() -> _Trimmer:
+    """This process's trimmer (a fresh one after a fork)."""
+    return _trimmer
 
 
 def _forget_after_fork() -> None:

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import sys
 import threading
 import time
+from typing import Sequence
 
-__all__ = ["receive_buffer", "LARGE", "POOL_BYTES", "IDLE_SECONDS", "pool_stats"]
+from .. import transport
+
+__all__ = ["receive_buffer", "LARGE", "POOL_BYTES", "IDLE_SECONDS", "pool_stats", "byte_views",
+           "skip"]
 
 LARGE = 1 << 20
 POOL_BYTES = 256 << 20
 IDLE_SECONDS = 5.0
 _ROUND = 1 << 16  # pooled sizes are rounded up to this, so near sizes share a buffer
+_SMALL = 4096  # bytes parts up to this size are sent as they are, without a memoryview
 _MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0) | getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -144,3 +150,41 @@ def receive_buffer(n: int) -> memoryview:
 def pool_stats() -> tuple[int, int]:
     """(buffers, bytes) the pool holds now, in use or idle."""
     return _POOL.stats()
+
+
+# -- the parts of a frame being sent ---------------------------------------------------------------
+def skip(parts: list, n: int) -> list:
+    """``parts`` without their first ``n`` bytes."""
+    out = []
+    for part in parts:
+        size = len(part)
+        if n >= size:
+            n -= size
+            continue
+        out.append(memoryview(part)[n:] if n else part)
+        n = 0
+    return out
+
+
+def byte_views(parts: Sequence[transport.Buffer]) -> tuple[list, int]:
+    """1-D byte views of ``parts`` and their total size, checked before anything is sent."""
+    views, total = [], 0
+    for part in parts:
+        if type(part) is bytes:
+            n = len(part)
+            if n <= _SMALL:  # slicing a small bytes is cheap: no view needed
+                if n:
+                    views.append(part)
+                    total += n
+                continue
+        view = memoryview(part)
+        if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous or view.format != "B":
+            try:
+                view = pickle.PickleBuffer(view).raw()  # any C- or Fortran-contiguous buffer
+            except BufferError as exc:
+                i = next(i for i, p in enumerate(parts) if p is part)
+                raise ValueError(f"frame part {i} is not a contiguous buffer: {exc}") from None
+        if view.nbytes:
+            views.append(view)
+            total += view.nbytes
+    return views, total

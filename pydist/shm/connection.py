@@ -21,31 +21,26 @@ of one process. A large frame lands in memory that is reused once nothing refers
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import struct
 import threading
 import weakref
 from threading import get_ident
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
 from ..wire import codec
 from . import segment as seg
-from .bigbuf import DESC_SIZE
-from .bigbuf import FLAG as _BIG
-from .bigbuf import BigIn
-from .bigbuf import ends as big_ends
-from .bigbuf import threshold as big_threshold
-from .buffers import receive_buffer
+from .bigbuf import DESC_SIZE, FLAG as _BIG, threshold as big_threshold
+from .bigin import BigIn, ends as big_ends
+from .buffers import byte_views as _byte_views, receive_buffer, skip as _skip
 from .layout import make_ends
 from .wait import LinkState, spin_mode
 
 __all__ = ["ShmTransport", "peer_creds"]
 
 _PEERCRED = getattr(socket, "SO_PEERCRED", None)
-_SMALL = 4096  # bytes parts up to this size are written as they are, without a memoryview
 
 
 def peer_creds(sock: socket.socket) -> tuple[int, int]:
@@ -84,7 +79,7 @@ class ShmTransport:
         self._tx, self._rx = make_ends(segment, 0 if dialer else 1, self._state,
                                        spin_mode(spin, same_process), tso, peer_cpus)
         self._big_min = big_threshold()  # larger frames skip the ring (bigbuf.py)
-        self._big_out, self._big_in = big_ends(segment, dialer, tso)
+        self._big_out, self._big_in = big_ends(segment, dialer, tso, _notifier(weakref.ref(self)))
         self._big_next = False  # the frame being read is a descriptor
         self._send_lock = threading.Lock()
         self._close_lock = threading.Lock()
@@ -130,7 +125,10 @@ class ShmTransport:
                 big = None
                 try:
                     if total >= self._big_min:
-                        big = self._stage_big(views, total)
+                        try:
+                            big = self._stage_big(views, total)
+                        finally:  # notices sent meanwhile are whole frames, not this one's
+                            start = tx.position
                     if big is not None:
                         tx.write(big)
                         tx.flush()
@@ -193,17 +191,22 @@ class ShmTransport:
         try:
             if state.closed:
                 state.check()
-            if self._ready is None:
-                try:
-                    self._next_frame()
-                except TransportError as exc:
-                    self._after_error(exc, "receive")
-                    raise
-            frame, self._ready = self._ready, None
-            if self._big_next:
+            while True:
+                if self._ready is None:
+                    try:
+                        self._next_frame()
+                    except TransportError as exc:
+                        self._after_error(exc, "receive")
+                        raise
+                frame, self._ready = self._ready, None
+                if not self._big_next:
+                    return frame
                 self._big_next = False
-                return self._open_big(frame)
-            return frame
+                big = self._open_big(frame)
+                if not isinstance(big, int):
+                    return big
+                if big:  # a hint: the peer sent a frame this large; our answer may be too
+                    self._big_out.prepare(big)
         finally:
             self._receiving = False
             if state.closed:
@@ -273,9 +276,12 @@ class ShmTransport:
             raise self._break(f"no memory for a frame of {length} bytes "
                               f"from {self._peer}") from None
 
-    def _open_big(self, desc: memoryview) -> memoryview:
-        """The large frame a descriptor stands for: a view of the sender's segment."""
+    def _open_big(self, desc: memoryview) -> memoryview | int:
+        """The large frame a descriptor stands for, a view of the sender's segment; for a
+        notice, what ``BigIn.open`` says."""
         length = BigIn.length(desc)
+        if length == 0 and self.max_frame <= transport.HELLO_MAX_FRAME:
+            return 0   # a notice before large frames may come: nothing to do
         if length > self.max_frame or self.max_frame <= transport.HELLO_MAX_FRAME:
             raise self._break(f"frame of {length} bytes announced, over the limit of "
                               f"{self.max_frame} bytes (from {self._peer}, in a segment)")
@@ -283,6 +289,23 @@ class ShmTransport:
             return self._big_in.open(desc, self.max_frame)
         except (OSError, ValueError) as exc:
             raise self._break(f"bad large-frame descriptor from {self._peer}: {exc}") from None
+
+    def _notice(self, desc: bytes, locked: bool) -> bool:
+        """Send a notice (``bigbuf.py``) if the ring has room for it now; whether it went.
+        ``locked``: the caller holds the send lock (else it is taken here)."""
+        if not locked and not self._send_lock.acquire(timeout=1.0):
+            return False
+        try:
+            if self._state.closed or self._state.broken is not None:
+                return False
+            return self._tx.try_write_frame([desc], len(desc), _BIG | len(desc))
+        except TransportError:
+            return False
+        finally:
+            if not locked:
+                self._send_lock.release()
+                if self._state.closed:
+                    self._release_if_idle()
 
     def _finish_frame(self, parts: list, start: int, exc: BaseException) -> None:
         """Write the rest of a frame (``parts``, its header first) an exception interrupted
@@ -384,6 +407,15 @@ class ShmTransport:
 
 
 
+def _notifier(ref: weakref.ref) -> Callable[[bytes, bool], bool]:
+    """``ShmTransport._notice`` of the transport ``ref`` names, if it is still alive (the
+    pools must not keep their transport alive)."""
+    def notify(desc: bytes, locked: bool) -> bool:
+        t = ref()
+        return t is not None and t._notice(desc, locked)
+    return notify
+
+
 def _post(sem: object) -> None:
     try:
         sem.release()  # type: ignore[attr-defined]
@@ -410,40 +442,3 @@ def _watch(sock: socket.socket, ref: weakref.ref) -> None:
     owner = ref()
     if owner is not None:
         owner._lifeline_ended()
-
-
-def _skip(parts: list, n: int) -> list:
-    """``parts`` without their first ``n`` bytes."""
-    out = []
-    for part in parts:
-        size = len(part)
-        if n >= size:
-            n -= size
-            continue
-        out.append(memoryview(part)[n:] if n else part)
-        n = 0
-    return out
-
-
-def _byte_views(parts: Sequence[transport.Buffer]) -> tuple[list, int]:
-    """1-D byte views of ``parts`` and their total size, checked before anything is sent."""
-    views, total = [], 0
-    for part in parts:
-        if type(part) is bytes:
-            n = len(part)
-            if n <= _SMALL:  # slicing a small bytes is cheap: no view needed
-                if n:
-                    views.append(part)
-                    total += n
-                continue
-        view = memoryview(part)
-        if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous or view.format != "B":
-            try:
-                view = pickle.PickleBuffer(view).raw()  # any C- or Fortran-contiguous buffer
-            except BufferError as exc:
-                i = next(i for i, p in enumerate(parts) if p is part)
-                raise ValueError(f"frame part {i} is not a contiguous buffer: {exc}") from None
-        if view.nbytes:
-            views.append(view)
-            total += view.nbytes
-    return views, total

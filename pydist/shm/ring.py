@@ -103,9 +103,10 @@ class RingWriter(_End):
         """A cheap hint that the consumer has closed (no fence: a stale answer is harmless)."""
         return self._ctl[READER_CLOSED] != 0
 
-    def try_write_frame(self, parts: Sequence[Bytes], total: int) -> bool:
-        """Fast path: write a length header and ``parts`` (``total`` bytes) and publish them,
-        if they fit in the contiguous free space now; False (nothing written) otherwise."""
+    def try_write_frame(self, parts: Sequence[Bytes], total: int, word: int | None = None) -> bool:
+        """Fast path: write a length header (``word`` if given, else ``total``) and ``parts``
+        (``total`` bytes) and publish them, if they fit in the contiguous free space now;
+        False (nothing written) otherwise."""
         n = _HEADER_SIZE + total
         head = self._head
         idx = head & self._mask
@@ -115,7 +116,7 @@ class RingWriter(_End):
         if self._cap - (head - self._tail) < n and self._refresh() < n:
             return False
         data = self._data
-        _pack_header(data, idx, total)
+        _pack_header(data, idx, total if word is None else word)
         pos = idx + _HEADER_SIZE
         for part in parts:
             k = len(part)

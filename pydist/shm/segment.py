@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import posix_ipc
 
-__all__ = ["PREFIX", "NamePlan", "Segment", "SegmentError", "new_name", "unlink_names",
+__all__ = ["PREFIX", "NamePlan", "Segment", "SegmentError", "SegmentGone", "new_name", "unlink_names",
            "valid_name"]
 
 PREFIX = "/pydist-"
@@ -40,6 +40,10 @@ _CREATE_ATTEMPTS = 8
 
 class SegmentError(OSError):
     """A shared-memory object or semaphore is missing, unsafe, or not what was promised."""
+
+
+class SegmentGone(SegmentError):
+    """The shared-memory object named is not there (never was, or its name was removed)."""
 
 
 def new_name() -> str:
@@ -264,7 +268,7 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory(shm_name, 0)
         except posix_ipc.ExistentialError as exc:
-            raise SegmentError(f"shared-memory object {shm_name} is gone: {exc}") from None
+            raise SegmentGone(f"shared-memory object {shm_name} is gone: {exc}") from None
         sems: list[posix_ipc.Semaphore] = []
         try:
             st = os.fstat(shm.fd)
