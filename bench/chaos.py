@@ -15,7 +15,10 @@ The invariant, checked for every operation: its right value, or the right except
 ``ProcessExitedException`` (bare, or inside a ``RemoteException``) naming a worker the chaos
 hit, or the ``RemoteException`` of a call that raises; a ``remote_do`` whose worker was hit
 may be lost. A wrong value, any other exception, or an operation still running after
-``HANG`` seconds is a violation. Afterwards every reference table (master and live workers)
+``HANG`` seconds is a violation. A drop-in whose worker the chaos killed as it ran its
+initializer is broken, as the standard library's pools are: its ``BrokenProcessPool``, caused
+by a ``ProcessExitedException`` naming that worker, is the right exception, and the run
+replaces the drop-in and goes on. Afterwards every reference table (master and live workers)
 must be back where it started, and once the workers are removed, no process and no
 ``/dev/shm`` entry of pydist may be left.
 
@@ -259,6 +262,8 @@ class Run:
         self.cluster = Cluster(pd, workers, transport)
         self.ex = pd.Executor(max_workers=1, transport=transport)
         self.pool = pd.Pool(1)
+        self.dropin_lock = threading.Lock()
+        self.retired: list[Any] = []   # drop-ins broken by the chaos, replaced, closed at the end
         self.next_x = iter(range(0, 1 << 62, 16))
         self.x_lock = threading.Lock()
 
@@ -281,7 +286,8 @@ class Run:
                     break
             name = rng.choices(names, weights)[0]
             x = self._x()
-            extra = {"Executor": {"ex": self.ex}, "Pool": {"pool": self.pool}}.get(name, {})
+            with self.dropin_lock:
+                extra = {"Executor": {"ex": self.ex}, "Pool": {"pool": self.pool}}.get(name, {})
             self.current[i] = (name, time.monotonic())
             try:
                 outcome = fns[name](self.pd, self.cluster, rng, x, **extra) or "ok"
@@ -293,13 +299,37 @@ class Run:
                 continue
             except BaseException as e:   # noqa: BLE001 -- judged below
                 try:
-                    outcome = judge(e, set(self.cluster.hit), x if name == "raise" else None)
+                    outcome = self.broken_dropin(e, *extra.values()) or \
+                        judge(e, set(self.cluster.hit), x if name == "raise" else None)
                 except Violation as v:
                     self.violation(f"{name} (x={x}): {v}")
                     continue
             finally:
                 self.current.pop(i, None)
             self.stats.count(outcome)
+
+    def broken_dropin(self, exc: BaseException, dropin: Any = None) -> str | None:
+        """A drop-in whose worker the chaos killed while it ran its initializer is broken,
+        as the standard library's pools are (the fault matrix holds pydist to that): the right
+        exception, naming the hit worker as its cause. The drop-in is then replaced, so the
+        run goes on; its other operations in flight see the same break."""
+        from concurrent.futures.process import BrokenProcessPool
+        if dropin is None or not isinstance(exc, BrokenProcessPool) or \
+                isinstance(exc, self.pd.ProcessExitedException):
+            return None
+        cause = exc.__cause__
+        with self.dropin_lock:
+            if any(old is dropin for old in self.retired):
+                return "drop-in broken by a worker killed as it started"
+            if not (isinstance(cause, self.pd.ProcessExitedException)
+                    and cause.worker_id in self.cluster.hit):
+                return None
+            self.retired.append(dropin)
+            if dropin is self.ex:
+                self.ex = self.pd.Executor(max_workers=1, transport=self.cluster.transport)
+            elif dropin is self.pool:
+                self.pool = self.pd.Pool(1)
+        return "drop-in broken by a worker killed as it started"
 
     def violation(self, text: str) -> None:
         self.stats.violate(text)
@@ -380,9 +410,12 @@ class Run:
     def close_and_check(self, master_before: tuple[int, int]) -> list[str]:
         """Shut the drop-ins down, check every table, remove the workers."""
         pd, problems = self.pd, []
-        self.ex.shutdown(wait=True)
-        self.pool.terminate()
-        self.pool.join()
+        for d in [self.ex, self.pool, *self.retired]:
+            if hasattr(d, "submit"):   # an Executor; the rest are Pools
+                d.shutdown(wait=True)
+            else:
+                d.terminate()
+                d.join()
         live = [p for p in self.cluster.live if p in pd.workers()]
         deadline = time.monotonic() + 30
         while True:

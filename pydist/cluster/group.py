@@ -90,6 +90,7 @@ class ProcessGroup:
         self.sending = threading.local()   # .pid: the destination of the message being pickled
         self.on_worker_lost: list[Callable[[int], None]] = []
         self.on_joined: Callable[[], None] | None = None        # set by bootstrap
+        self.exiting = False   # set by ``stop_sending`` when this process begins to exit
 
     # -- identities -----------------------------------------------------------------
     def next_rrid(self) -> RRID:
@@ -153,8 +154,21 @@ class ProcessGroup:
                           if pid != 1 and w.state in (W_CREATED, W_CONNECTED))
 
     # -- sending --------------------------------------------------------------------
+    def stop_sending(self) -> None:
+        """Send nothing more from this process: it is exiting (every later ``send`` raises).
+
+        An exiting worker closes its connections one after another. A call of its own that
+        waits on a peer sees that peer's connection end first and would report the peer's
+        death to its caller, over a connection not yet closed, while the peer lives on. No
+        message leaves once exiting has begun, so the caller learns only that this process
+        is gone, from the end of its own connection.
+        """
+        self.exiting = True
+
     def send(self, pid: int, header: MsgHeader, msg: Message) -> None:
         """Encode and send one message to ``pid`` (errors of pickling propagate)."""
+        if self.exiting:
+            raise ProcessExitedException(self.myid, "is exiting: it sends nothing more")
         w = self.worker(pid)
         tls = self.sending
         outer = getattr(tls, "pid", None), getattr(tls, "counted", None)

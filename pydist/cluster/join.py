@@ -21,7 +21,7 @@ from ..wire.messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMs
                              JoinPGRPMsg, Message, RemoteDoMsg)
 from .dispatch import OpContext, internal_op, start_serving
 from .group import PGRP
-from .peers import W_CONNECTED, Worker, choose_address
+from .peers import W_CONNECTED, W_TERMINATED, Worker, choose_address
 from .values import Failure, unwrap
 from .waiting import call_on_owner
 
@@ -264,6 +264,12 @@ def connect_peer(pid: int) -> None:
             _dial(w)
         else:
             w.connected.clear()
+            # Between the check above and the clear, ``pid`` may have dialed in on its own
+            # (it needed us too), or been reported gone: either set the event we just cleared.
+            if w.state == W_TERMINATED:
+                raise ProcessExitedException(pid, w.detail)
+            if w.state == W_CONNECTED and w.transport is not None:
+                return
             PGRP.send(1, NULL_HEADER, RemoteDoMsg(_ask_to_dial, (pid, PGRP.myid), {}))
             if not w.connected.wait(PEER_CONNECT_TIMEOUT):
                 raise ProcessExitedException(pid, f"did not connect to worker {PGRP.myid} "
@@ -277,6 +283,10 @@ def _peer_record(pid: int) -> Worker:
         return w
     addresses, key = unwrap(call_on_owner(_worker_info, 1, pid))
     with PGRP.lock:
+        # The master may have said meanwhile that ``pid`` is gone (``processes/lifecycle.py``, ``_process_gone``
+        # records that under this lock): a record made now would wait for it in vain.
+        if pid in PGRP.removed:
+            raise ProcessExitedException(pid, PGRP.removed[pid])
         w = PGRP.workers.setdefault(pid, Worker(pid))
     w.addresses, w.host_key = tuple(addresses), key
     return w

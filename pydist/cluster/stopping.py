@@ -49,6 +49,7 @@ def exit_worker(code: int = 0) -> None:
     """Close every connection and listener, flush output and end the process now."""
     if not _exit_lock.acquire(blocking=False):
         return
+    PGRP.stop_sending()   # before any close: see ``ProcessGroup.stop_sending``
     for listener in list(PGRP.listeners):
         try:
             listener.close()

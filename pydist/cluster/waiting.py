@@ -55,10 +55,12 @@ def wait_value(rv: RemoteValue, timeout: float | None, what: object = "the value
             inbox.pump(rv.ready)
             ok = rv.ready() or rv.wait(None)
         else:
+            # The connection may end a moment before the death is recorded (the reader
+            # first asks the process handle how it ended): wait out the rest of the timeout
+            # for that, rather than report a timeout that did not happen.
             deadline = None if timeout is None else time.monotonic() + timeout
-            ok = inbox.wait(rv.ready, timeout)
-            if not ok:   # the connection ended: its reader is failing the waiters (or has)
-                ok = rv.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            ok = inbox.wait(rv.ready, timeout) or rv.wait(
+                None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
         if blocked:
             runner.exit_blocking()   # type: ignore[union-attr]

@@ -136,7 +136,7 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
         sys.stdin.close()
     threading.Thread(target=_join_watchdog, name="pydist-join-watchdog", daemon=True).start()
     if lease > 0:
-        from ..cluster.lease import watch   # its cost only where a lease is kept (remote workers)
+        from ..cluster.lease import watch  # its cost only where a lease is kept (remote workers)
         watch(lease, _joined, exit_worker)
     runner.run_main_loop(_master_inbox)
     exit_worker(0)

@@ -329,12 +329,13 @@ PGRP.on_worker_lost.append(_tell_others)
 
 @internal_op
 def _process_gone(ctx: OpContext, pid: int) -> None:
-    w = PGRP.workers.get(pid)
+    with PGRP.lock:   # looked up and recorded at once: join._peer_record checks under it
+        w = PGRP.workers.get(pid)
+        if w is None:
+            PGRP.removed.setdefault(pid, "has exited (the master says)")
     if w is not None:
         PGRP.worker_lost(w, "has exited (the master says)")
     else:
-        with PGRP.lock:
-            PGRP.removed.setdefault(pid, "has exited (the master says)")
         PGRP.drop_client(pid)
 
 
