@@ -375,12 +375,12 @@ def pydist_features() -> dict[str, Any]:
     except Exception as e:   # a broken tree must not stop the peers' figures
         return {"error": f"pydist not importable: {type(e).__name__}: {e}"}
     return {
-        "pmap": _pydist_feature(["pydist:pmap", "pydist.pmap:pmap"]),
-        "WorkerPool": _pydist_feature(["pydist:WorkerPool", "pydist.workerpool:WorkerPool"]),
+        "pmap": _pydist_feature(["pydist:pmap", "pydist.pools.pmap:pmap"]),
+        "WorkerPool": _pydist_feature(["pydist:WorkerPool", "pydist.pools.workerpool:WorkerPool"]),
         "ProcessPoolExecutor": _pydist_feature(["pydist:ProcessPoolExecutor", "pydist:Executor",
-                                                "pydist.executor:ProcessPoolExecutor",
-                                                "pydist.executor:Executor"]),
-        "Pool": _pydist_feature(["pydist:Pool", "pydist.pool:Pool"]),
+                                                "pydist.dropin.executor:ProcessPoolExecutor",
+                                                "pydist.dropin.executor:Executor"]),
+        "Pool": _pydist_feature(["pydist:Pool", "pydist.dropin.pool:Pool"]),
     }
 
 

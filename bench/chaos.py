@@ -72,8 +72,8 @@ def relay(w2: int, x: int) -> int:
 def tables() -> tuple[int, int]:
     """(values owned here, reference handles held here), after a garbage collection."""
     gc.collect()
-    from pydist.cluster import PGRP
-    from pydist.remoteref import _handles
+    from pydist.cluster.group import PGRP
+    from pydist.refs.remoteref import _handles
     return len(PGRP.refs), len(_handles)
 
 
@@ -358,7 +358,7 @@ class Run:
                 except LookupError:
                     continue
             self.cluster.mark_hit(victim)
-            w = pd.cluster.PGRP.workers.get(victim)
+            w = pd.cluster.group.PGRP.workers.get(victim)
             ospid = getattr(w, "ospid", None)
             try:
                 if kind == "rmprocs":

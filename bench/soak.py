@@ -85,8 +85,8 @@ def tally() -> tuple[int, int]:
 
 def table_sizes() -> dict[str, int]:
     """How many owned values, reference handles and reply waiters this process holds."""
-    from pydist.cluster import PGRP
-    from pydist.remoteref import _handles
+    from pydist.cluster.group import PGRP
+    from pydist.refs.remoteref import _handles
     return {"refs": len(PGRP.refs), "handles": len(_handles), "waiting": len(PGRP.waiting)}
 
 
@@ -245,7 +245,7 @@ def ring_direction(pd: Any, pid: int, size: int, count: int, outbound: bool) -> 
 
 
 def soak_ring(pd: Any, gib: float) -> bool:
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     from pydist.shm.layout import DEFAULT_CAPACITY
     sizes = ring_sizes()
     say(f"== ring: {gib:g} GiB over one shm connection (ring capacity {DEFAULT_CAPACITY >> 20} "
@@ -318,7 +318,7 @@ def channel_kinds(pd: Any, a: int, b: int) -> list[Callable[[int], Any]]:
 def churn(kinds: list[Callable[[int], Any]], n: int, batch: int = 1000) -> int:
     """Make ``n`` references in batches held together, then drop each batch; the largest
     number of handles this process held at once."""
-    from pydist.remoteref import _handles
+    from pydist.refs.remoteref import _handles
     peak = 0
     for lo in range(0, n, batch):
         held = [kinds[i % len(kinds)](i) for i in range(lo, min(lo + batch, n))]

@@ -205,7 +205,7 @@ def test_12_tasks_batched_with_a_crash_run_again_alone(ex):
 def test_13_processes_are_worker_handles(ex, pool):
     ex.submit(T.sq, 1).result(timeout=WAIT)
     procs = list(ex._processes.values())
-    assert procs and all(isinstance(p, pydist.executor.WorkerProcess) for p in procs)
+    assert procs and all(isinstance(p, pydist.dropin.executor.WorkerProcess) for p in procs)
     assert ex.submit(T.pid).result(timeout=WAIT) in ex._processes
     assert set(pool.map(T.pid, range(40), 1)) <= {p.pid for p in pool._pool}
     assert all(p.is_alive() for p in pool._pool)

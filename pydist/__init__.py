@@ -16,62 +16,75 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # what each name is; at run time its module loads on first use (below)
-    from .cluster import WorkerState, myid, nprocs, nworkers, procs, worker_state, workers
-    from .control import addprocs, cluster_cookie, interrupt, rmprocs
+    from .arrays.sharedarray import (SharedArray, indexpids, localindices, sdata, shared_ones,
+                                     shared_zeros)
+    from .cluster.group import cluster_cookie
+    from .cluster.membership import (myid, nprocs, nworkers, procs, worker_id_from_socket,
+                                     worker_state, workers)
+    from .cluster.peers import WorkerConfig, WorkerState
+    from .dropin.executor import Executor, ProcessPoolExecutor
+    from .dropin.pool import Pool
     from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
                          ProcessExitedException, RemoteException)
-    from .managers.base import ClusterManager, WorkerConfig, default_addprocs_params
+    from .managers.base import ClusterManager, default_addprocs_params
     from .managers.forkclient import set_worker_preload
     from .managers.local import LocalManager
-    from .managers.ssh import SSHManager
     from .managers.slurm import SlurmManager
-    from .managers.elastic import ElasticManager
-    from .messages import RRID
-    from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
-    from .remoteref import AbstractRemoteRef, Future, RemoteChannel, channel_from_id, remoteref_id
-    from .channel import Channel
-    from .macros import ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn, spawnat
-    from .bootstrap import init_worker, process_messages, start_worker
-    from .workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool,
-                             remote)
-    from .pmap import pmap
-    from .progress import progress
-    from .logforward import forward_logging
-    from .api import close, fetch, isready, put, take, wait, worker_id_from_socket
+    from .managers.ssh import SSHManager
+    from .pools.pmap import pmap
+    from .pools.progress import progress
+    from .pools.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
+                                   default_worker_pool, remote)
+    from .processes.bootstrap import init_worker, process_messages, start_worker
+    from .processes.elastic import ElasticManager
+    from .processes.lifecycle import addprocs, interrupt, rmprocs
+    from .processes.logforward import forward_logging
+    from .refs.channel import Channel
+    from .refs.generic import close, fetch, isready, put, take, wait
+    from .refs.macros import (ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn,
+                              spawnat)
+    from .refs.remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+    from .refs.remotechannel import RemoteChannel, channel_from_id
+    from .refs.remoteref import AbstractRemoteRef, Future, remoteref_id
+    from .wire.messages import RRID
 
 __version__ = "0.1.0"
 
 # ``import pydist`` loads none of its modules: each public name loads its module on first
 # use, so a program, and a worker, pays only for what its first calls need.
 _MODULES: dict[str, tuple[str, ...]] = {
-    ".cluster": ("WorkerState", "myid", "nprocs", "nworkers", "procs", "worker_state", "workers"),
-    ".control": ("addprocs", "cluster_cookie", "interrupt", "rmprocs"),
+    ".cluster.peers": ("WorkerState", "WorkerConfig"),
+    ".cluster.membership": ("myid", "nprocs", "nworkers", "procs", "worker_state", "workers",
+                            "worker_id_from_socket"),
+    ".cluster.group": ("cluster_cookie",),
+    ".processes.lifecycle": ("addprocs", "interrupt", "rmprocs"),
     ".errors": ("AuthenticationError", "CapturedException", "InvalidStateException", "LaunchError",
                 "ProcessExitedException", "RemoteException"),
-    ".managers.base": ("ClusterManager", "WorkerConfig", "default_addprocs_params"),
+    ".managers.base": ("ClusterManager", "default_addprocs_params"),
     ".managers.forkclient": ("set_worker_preload",),
     ".managers.local": ("LocalManager",),
     ".managers.ssh": ("SSHManager",),
     ".managers.slurm": ("SlurmManager",),
-    ".managers.elastic": ("ElasticManager",),
-    ".messages": ("RRID",),
-    ".remotecall": ("remote_do", "remotecall", "remotecall_fetch", "remotecall_wait"),
-    ".remoteref": ("AbstractRemoteRef", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"),
-    ".channel": ("Channel",),
-    ".macros": ("ANY", "distributed", "everywhere", "fetchfrom", "remotecall_eval", "spawn",
-                "spawnat"),
-    ".bootstrap": ("init_worker", "process_messages", "start_worker"),
-    ".workerpool": ("AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool",
-                    "remote"),
-    ".pmap": ("pmap",),
-    ".progress": ("progress",),
-    ".logforward": ("forward_logging",),
-    ".api": ("close", "fetch", "isready", "put", "take", "wait", "worker_id_from_socket"),
-    ".executor": ("Executor", "ProcessPoolExecutor"),
-    ".pool": ("Pool",),
+    ".processes.elastic": ("ElasticManager",),
+    ".wire.messages": ("RRID",),
+    ".refs.remotecall": ("remote_do", "remotecall", "remotecall_fetch", "remotecall_wait"),
+    ".refs.remoteref": ("AbstractRemoteRef", "Future", "remoteref_id"),
+    ".refs.remotechannel": ("RemoteChannel", "channel_from_id"),
+    ".refs.channel": ("Channel",),
+    ".refs.macros": ("ANY", "distributed", "everywhere", "fetchfrom", "remotecall_eval", "spawn",
+                     "spawnat"),
+    ".processes.bootstrap": ("init_worker", "process_messages", "start_worker"),
+    ".pools.workerpool": ("AbstractWorkerPool", "CachingPool", "WorkerPool", "clear",
+                          "default_worker_pool", "remote"),
+    ".pools.pmap": ("pmap",),
+    ".pools.progress": ("progress",),
+    ".processes.logforward": ("forward_logging",),
+    ".refs.generic": ("close", "fetch", "isready", "put", "take", "wait"),
+    ".dropin.executor": ("Executor", "ProcessPoolExecutor"),
+    ".dropin.pool": ("Pool",),
     # numpy is imported only by a program that uses SharedArrays
-    ".sharedarray": ("SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
-                     "shared_ones"),
+    ".arrays.sharedarray": ("SharedArray", "sdata", "localindices", "indexpids", "shared_zeros",
+                            "shared_ones"),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 

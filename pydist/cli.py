@@ -21,8 +21,9 @@ import time
 from typing import Any, Callable, Sequence
 
 import pydist as pd
-from .bootstrap import worker_main
+
 from . import transport as _transport
+from .processes.bootstrap import worker_main
 
 __all__ = ["main", "info", "bench"]
 

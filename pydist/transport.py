@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
-from .codec import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
-from .errors import TransportClosed, TransportBroken
+from .errors import TransportBroken, TransportClosed
+from .wire.codec import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
 
 __all__ = [
     "Buffer", "Transport", "Listener", "register_scheme", "connect", "listen", "schemes",

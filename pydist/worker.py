@@ -2,5 +2,5 @@
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from pydist.bootstrap import worker_main
+    from pydist.processes.bootstrap import worker_main
     worker_main()

@@ -12,8 +12,8 @@ import time
 
 import pydist as pd
 from pydist import transport as _transport
-from pydist.cluster import PGRP
-from pydist.join import authenticate
+from pydist.cluster.group import PGRP
+from pydist.cluster.join import authenticate
 
 
 def show(label: str, text: object) -> None:

@@ -318,7 +318,7 @@ if first:
         time.sleep(60)
     if fault == "unpicklable":
         sys.modules["pydist"] = None
-from pydist.bootstrap import worker_main
+from pydist.processes.bootstrap import worker_main
 worker_main(sys.argv[3:])
 """
 

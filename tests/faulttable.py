@@ -36,7 +36,7 @@ LAUNCH_TEXT = {"exception": "ValueError: fault-matrix: addprocs",
                "os_exit": "before it was ready: it exited with status 3",
                "segfault": "before it was ready: it was killed by SIGSEGV",
                "sigkill": "before it was ready: it was killed by SIGKILL",
-               "unpicklable": "No module named 'pydist.bootstrap'"}
+               "unpicklable": "No module named 'pydist.processes'"}
 UNPICKLABLE_TEXT = {"pickle_call": "cannot pickle '_thread.lock' object",
                     "unpickle_call": "No module named 'faultkit_master_only'",
                     "pickle_result": "cannot pickle '_thread.lock' object",

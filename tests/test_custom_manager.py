@@ -140,7 +140,7 @@ def test_custom_manager_lifecycle(dial_myself):
 
 
 def pd_worker(pid: int):
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     return PGRP.workers.get(pid)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import pydist as pd
 from pydist import transport as _transport
-from pydist.codec import Handshake
+from pydist.wire.codec import Handshake
 from pydist.errors import TransportError
 from slurmlab import SlurmLab, _processes_in_netns
 from testkit import wait_until
@@ -181,8 +181,8 @@ def test_a_worker_started_by_hand_on_another_node_joins(lab, tmp_path):
         worker.stdin.write((pd.cluster_cookie() + "\\n").encode())
         worker.stdin.close()
         [pid] = pd.addprocs(em, 1, timeout=60)
-        listens = list(pd.cluster.PGRP.workers[pid].config.addresses)
-        peer = pd.remotecall_fetch(lambda: pd.cluster.PGRP.workers[1].transport.peer, pid)
+        listens = list(pd.cluster.group.PGRP.workers[pid].config.addresses)
+        peer = pd.remotecall_fetch(lambda: pd.cluster.group.PGRP.workers[1].transport.peer, pid)
         total = pd.remotecall_fetch(sum, pid, range(1000))
         pd.rmprocs(pid, waitfor=30)
         print("RESULT " + json.dumps(dict(listens=listens, peer=peer, total=total,

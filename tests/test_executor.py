@@ -17,8 +17,8 @@ import pytest
 from concurrent.futures.process import BrokenProcessPool
 
 import pydist as pd
-from pydist.executor import WorkerProcess
-from pydist.funccache import _cache
+from pydist.dropin.records import WorkerProcess
+from pydist.pools.funccache import _cache
 
 from testkit import live_children, subprocess_env, wait_until
 
@@ -285,7 +285,7 @@ def test_initializer_failure_breaks_the_executor(transport):
 
 # -- using a given pool -------------------------------------------------------------------------------------
 def test_executor_on_given_workers(fresh):
-    from pydist.workerpool import WorkerPool
+    from pydist.pools.workerpool import WorkerPool
     pids = fresh(2)
     pool = WorkerPool(pids)
     given = {WorkerProcess(p).pid for p in pids}
@@ -349,7 +349,7 @@ def test_lambda_is_shipped_once_and_let_go(executor):
 
 
 def test_workers_use_the_transport_asked_for(executor, transport):
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     executor.submit(sq, 1).result(timeout=WAIT)
     for p in executor._processes.values():
         assert PGRP.workers[p.worker_id].config.transport == transport

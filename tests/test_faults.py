@@ -96,7 +96,7 @@ def test_answers_sent_just_before_a_death_reach_their_waiters(fresh, sender):
 def _cut_and_stop() -> None:
     """On a worker, in a call: end its connection to the master, then stop (not exit) this
     process."""
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     time.sleep(0.3)         # the master waits for the call by then
     PGRP.workers[1].transport.abort()
     os.kill(os.getpid(), signal.SIGSTOP)
@@ -181,10 +181,10 @@ def start_standalone_worker(cookie: str) -> tuple[subprocess.Popen, list[str]]:
 
 def test_wrong_cookie_is_refused_before_anything_is_unpickled(tmp_path):
     from pydist import transport
-    from pydist.codec import encode_message
+    from pydist.wire.codec import encode_message
     from pydist.errors import AuthenticationError, TransportError
-    from pydist.join import authenticate
-    from pydist.messages import NULL_HEADER, RemoteDoMsg
+    from pydist.cluster.join import authenticate
+    from pydist.wire.messages import NULL_HEADER, RemoteDoMsg
     canary = tmp_path / "canary"
     proc, addresses = start_standalone_worker("right-cookie-0123456789")
     try:

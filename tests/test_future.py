@@ -10,7 +10,7 @@ import pydist as pd
 from testkit import wait_until
 
 def count_refs() -> int:
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     return len(PGRP.refs)
 
 
@@ -19,7 +19,7 @@ def owned_refs(pid: int) -> int:
 
 
 def held_refs(rrids: list) -> int:
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     return sum(1 for r in rrids if r in PGRP.refs)
 
 
@@ -146,15 +146,15 @@ def test_a_passed_reference_keeps_the_value_alive(cluster):
 
 
 def _stash(fut):
-    import tests_stash  # noqa: F401  (the box lives in a module on the worker)
-    key = len(tests_stash.box)
-    tests_stash.box[key] = fut
+    import worker_box  # noqa: F401  (the box lives in a module on the worker)
+    key = len(worker_box.box)
+    worker_box.box[key] = fut
     return key
 
 
 def _unstash(key):
-    import tests_stash
-    return tests_stash.box.pop(key).fetch(timeout=10)
+    import worker_box
+    return worker_box.box.pop(key).fetch(timeout=10)
 
 
 def megabyte() -> bytes:

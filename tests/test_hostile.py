@@ -10,9 +10,9 @@ import pytest
 
 import pydist as pd
 from pydist import transport
-from pydist.cluster import PGRP
+from pydist.cluster.group import PGRP
 from pydist.errors import AuthenticationError, TransportError
-from pydist.join import authenticate
+from pydist.cluster.join import authenticate
 
 
 def tcp_address(pid: int) -> tuple[str, int]:
@@ -69,7 +69,7 @@ def test_lying_length_after_the_hello_is_refused_before_allocating(length):
 
 
 def test_hello_truncated_at_every_offset_is_refused(fresh):
-    from pydist.codec import Handshake, frame_header
+    from pydist.wire.codec import Handshake, frame_header
     (a,) = fresh(1)
     host, port = tcp_address(a)
     first = Handshake("not-the-cookie", "dial").first_frame()

@@ -117,7 +117,7 @@ def _keep(*refs) -> int:
 def _owned() -> int:
     import gc
     gc.collect()
-    return len(pd.cluster.PGRP.refs)
+    return len(pd.cluster.group.PGRP.refs)
 
 
 def test_a_dead_client_is_forgotten_by_every_owner(fresh):

@@ -1,76 +1,209 @@
-"""The layer arrows of docs/design.md: a module imports only its own layer and those below."""
+"""The layer arrows of docs/design.md, read from every import in the package.
+
+Every ``import`` and ``from ... import`` counts: at module level, inside a function, under
+``if TYPE_CHECKING``. Each folder (and each module at the top of the package) belongs to one
+layer; a module may import its own layer and those below, never above. Between modules there
+is no cycle at all, and no module takes a private name (``_x``) from another folder.
+"""
 from __future__ import annotations
 
 import ast
 import pathlib
+import sys
+from dataclasses import dataclass
 
 import pydist
 
 PACKAGE = pathlib.Path(pydist.__file__).parent
 
-# Module (dotted, relative to pydist) -> layer. A folder's entry covers its modules.
-LAYERS = {
-    "errors": 0, "messages": 0,
-    "codec": 1, "serialize": 1,
-    "transport": 2, "shm": 2, "net": 2, "testing": 2,
-    "executor": 4, "pool": 4, "dropin": 4,
-    "__init__": 5, "cli": 5, "__main__": 5,
-}
-DEFAULT_LAYER = 3          # the cluster layer: everything else
-STDLIB_ONLY = {"errors", "messages"}
+# Bottom to top. A name is a module at the top of the package or a folder (all its modules).
+LAYERS: list[tuple[str, ...]] = [
+    ("errors",),                                # L0 the vocabulary of failures
+    ("wire",),                                  # L1 messages, pickling, frames, the hello
+    ("transport", "net", "shm", "testing"),     # L2 moving frames of bytes
+    ("cluster",),                               # L3 the process group and its connections
+    ("refs",),                                  # L4 Future, RemoteChannel, remotecall
+    ("managers",),                              # L5 how workers are launched
+    ("processes",),                             # L6 addprocs/rmprocs, a worker's start
+    ("pools",),                                 # L7 worker pools, pmap
+    ("arrays",),                                # L8 shared arrays
+    ("dropin",),                                # L9 the standard-library drop-ins
+    ("__init__", "__main__", "cli", "worker"),  # L10 the package's face and commands
+]
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+STDLIB_ONLY = ("errors", "wire.messages")
 
 
-def layer_of(module: str) -> int:
+@dataclass(frozen=True)
+class Import:
+    source: str        # the importing module, dotted below pydist ("cluster.join")
+    target: str        # the imported module ("refs.remoteref"), or "__init__" for pydist
+    name: str | None   # the name taken from it, if any
+    line: int
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1]) if parts[-1] == "__init__" and len(parts) > 1 else ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def folder(module: str) -> str:
+    """The folder a module lives in ("" for the top of the package)."""
+    path = MODULES[module]
+    return ".".join(path.relative_to(PACKAGE).parent.parts)
+
+
+def layer(module: str) -> int:
     head = module.split(".")[0]
-    return LAYERS.get(module, LAYERS.get(head, DEFAULT_LAYER))
+    return LAYER_OF.get(module, LAYER_OF.get(head, -1))
 
 
-def pydist_imports(path: pathlib.Path) -> tuple[list[str], list[str]]:
-    """(pydist modules imported, other top-level packages imported) by the file at ``path``."""
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    package = list(rel.parts[:-1])
-    inner, outer = [], []
-    for node in ast.walk(ast.parse(path.read_text())):
+def _resolve(module: str, dotted: str) -> str:
+    """``pydist.<dotted>`` as a module of MODULES: a submodule if there is one, else its package."""
+    return dotted if dotted in MODULES else (dotted.rpartition(".")[0] or "__init__")
+
+
+def imports(module: str, text: str | None = None) -> list[Import]:
+    """Every import of a pydist module by ``module`` (its file, or ``text`` in its place),
+    wherever in the file it stands."""
+    path = MODULES[module]
+    package = module.split(".") if path.name == "__init__.py" and module != "__init__" else \
+        module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text() if text is None else text)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
-                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
-                names = [target] if node.module else [".".join([*base, a.name]) for a in node.names]
-                inner.extend(n for n in names if n)
-            elif node.module and node.module.startswith("pydist"):
-                inner.append(node.module.removeprefix("pydist").lstrip(".") or "__init__")
-            elif node.module:
-                outer.append(node.module.split(".")[0])
+                where = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and (node.module == "pydist" or node.module.startswith("pydist.")):
+                where = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:
+                dotted = ".".join([*where, alias.name])
+                if dotted in MODULES:          # from pydist.x import submodule
+                    found.append(Import(module, dotted, None, node.lineno))
+                else:
+                    found.append(Import(module, ".".join(where) or "__init__", alias.name,
+                                        node.lineno))
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("pydist."):
-                    inner.append(alias.name.removeprefix("pydist."))
-                else:
-                    outer.append(alias.name.split(".")[0])
-    return inner, outer
+                if alias.name == "pydist" or alias.name.startswith("pydist."):
+                    dotted = alias.name.removeprefix("pydist").lstrip(".")
+                    found.append(Import(module, _resolve(module, dotted) if dotted else "__init__",
+                                        None, node.lineno))
+    return found
 
 
-def modules() -> list[pathlib.Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+def all_imports() -> list[Import]:
+    return [i for m in sorted(MODULES) for i in imports(m)]
+
+
+def upward(found: list[Import]) -> list[str]:
+    return [f"{i.source} (L{layer(i.source)}) imports {i.name or 'the module'} from {i.target} "
+            f"(L{layer(i.target)}), line {i.line}"
+            for i in found if layer(i.target) > layer(i.source)]
+
+
+def cycles(found: list[Import]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for i in found:
+        if i.target != i.source:
+            graph[i.source].add(i.target)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    result: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                result.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return result
+
+
+def private_across_folders(found: list[Import]) -> list[str]:
+    return [f"{i.source} takes {i.name} from {i.target}, line {i.line}" for i in found
+            if i.name and i.name.startswith("_") and not i.name.startswith("__")
+            and folder(i.source) != folder(i.target)]
+
+
+def test_every_module_has_a_layer():
+    assert not [m for m in MODULES if layer(m) < 0]
 
 
 def test_every_import_points_down_or_sideways():
-    wrong = []
-    for path in modules():
-        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-        name = name.removesuffix(".__init__") if name != "__init__" else name
-        mine = layer_of(name)
-        inner, _ = pydist_imports(path)
-        for target in inner:
-            if layer_of(target) > mine:
-                wrong.append(f"{name} (L{mine}) imports {target} (L{layer_of(target)})")
+    wrong = upward(all_imports())
     assert not wrong, "\n".join(wrong)
 
 
+def test_no_import_cycle():
+    found = cycles(all_imports())
+    assert not found, "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_no_private_name_crosses_a_folder():
+    wrong = private_across_folders(all_imports())
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checks_see_what_they_must():
+    """Imports inside functions and under TYPE_CHECKING are in the graph, and each check
+    fires on a planted case."""
+    text = ("from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from ..refs import remoteref\n"
+            "def f():\n    from ..refs.remotecall import remotecall_fetch\n"
+            "    import pydist.wire.codec\n    from .. import cluster_cookie\n")
+    found = imports("cluster.values", text)
+    assert [(i.target, i.name) for i in found] == [
+        ("refs.remoteref", None), ("refs.remotecall", "remotecall_fetch"), ("wire.codec", None),
+        ("__init__", "cluster_cookie")]
+    assert len(upward(found)) == 3
+    planted = [Import("cluster.group", "refs.remotecall", "remotecall_fetch", 1),
+               Import("refs.remotecall", "cluster.group", "PGRP", 1),
+               Import("refs.remotecall", "cluster.dispatch", "_hidden", 1),
+               Import("cluster.join", "cluster.dispatch", "_same_folder", 1)]
+    assert upward(planted) == [
+        "cluster.group (L3) imports remotecall_fetch from refs.remotecall (L4), line 1"]
+    assert cycles(planted) == [["cluster.group", "refs.remotecall"]]
+    assert private_across_folders(planted) == [
+        "refs.remotecall takes _hidden from cluster.dispatch, line 1"]
+
+
 def test_vocabulary_needs_only_the_standard_library():
-    import sys
     for name in STDLIB_ONLY:
-        inner, outer = pydist_imports(PACKAGE / f"{name}.py")
-        third_party = [m for m in outer if m not in sys.stdlib_module_names and m != "__future__"]
+        found = imports(name)
+        assert all(layer(i.target) == 0 for i in found), f"{name} imports {found}"
+        tree = ast.parse(MODULES[name].read_text())
+        outer = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names}
+        outer |= {n.module.split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and not n.level and n.module}
+        third_party = sorted(m for m in outer if m not in sys.stdlib_module_names
+                             and m != "__future__")
         assert not third_party, f"{name} imports {third_party}"
-        assert all(layer_of(m) == 0 for m in inner), f"{name} imports {inner}"

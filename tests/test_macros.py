@@ -8,7 +8,7 @@ import time
 import pytest
 
 import pydist as pd
-from pydist.macros import splitrange
+from pydist.refs.macros import splitrange
 
 
 def test_spawnat_and_fetchfrom(cluster):

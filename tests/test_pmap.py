@@ -10,8 +10,8 @@ import time
 import pytest
 
 import pydist as pd
-from pydist.pmap import pmap
-from pydist.workerpool import CachingPool, WorkerPool, default_worker_pool
+from pydist.pools.pmap import pmap
+from pydist.pools.workerpool import CachingPool, WorkerPool, default_worker_pool
 
 from testkit import Unloadable, wait_until
 
@@ -308,7 +308,7 @@ def test_batch_elements_retry_one_by_one(cluster):
 
 
 def test_auto_batch_size():
-    from pydist.pmap import _auto_batch
+    from pydist.pools.mapper import _auto_batch
     assert _auto_batch(10, 2) == 1 and _auto_batch(600, 2) == 100 and _auto_batch(60, 2) == 10
 
 

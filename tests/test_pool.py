@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 import pydist as pd
-from pydist.pool import _default_chunksize
+from pydist.dropin.pool import _default_chunksize
 
 from testkit import live_children, wait_until
 

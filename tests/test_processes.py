@@ -57,7 +57,7 @@ def test_workers_start_in_cwd_with_env(fresh, tmp_path, transport):
 
 def test_transport_is_recorded(fresh, transport):
     (p,) = fresh(1)
-    from pydist.cluster import PGRP
+    from pydist.cluster.group import PGRP
     assert PGRP.workers[p].config.transport == transport
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pydist import serialize
+from pydist.wire import serialize
 from pydist.errors import SerializationError
-from pydist.serialize import PICKLE_PROTOCOL, dumps, loads
+from pydist.wire.serialize import PICKLE_PROTOCOL, dumps, loads
 
 REPO = Path(serialize.__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_main_function_loads_in_another_process(tmp_path):
     out = tmp_path / "f.pkl"
     make = (
         "import sys\n"
-        "from pydist.serialize import dumps\n"
+        "from pydist.wire.serialize import dumps\n"
         "def cube(x):\n    return x ** 3\n"
         "data, bufs = dumps((cube, (3,), {}))\n"
         "assert not bufs\n"

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import pydist as pd
-from pydist import sharedmap
+from pydist.arrays import sharedmap
 from pydist.errors import SerializationError
 from pydist.shm import segment as seg
 from pydist.shm.segment import SegmentError
@@ -218,7 +218,7 @@ def test_hostile_names_owners_sizes_and_views_are_refused(cluster):
         theirs.close()
     assert pd.remotecall_fetch(sharedmap.table_size, cluster[0]) == 0
     S = pd.SharedArray(16, np.uint8)
-    from pydist.sharedarray import _rebuild
+    from pydist.arrays.sharedarray import _rebuild
     ref = S._ref.mapping
     with pytest.raises(ValueError, match="reaches outside|does not fit"):
         _rebuild(ref.name, 1, ref.rrid, ref.pids, 8, (16,), (1,), "|u1")

@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from pydist import codec, transport
+from pydist import transport
+from pydist.wire import codec
 from pydist.errors import TransportBroken
 from pydist.shm import bigbuf, segment as seg
 from pydist.shm import transport as shm

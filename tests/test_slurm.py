@@ -21,7 +21,7 @@ from slurmlab import SlurmLab
 HEADER = """\
 import json, os, socket, subprocess, sys, time
 import pydist as pd
-from pydist.cluster import PGRP
+from pydist.cluster.group import PGRP
 def report(**kw):
     print("RESULT " + json.dumps(kw), flush=True)
 def squeue():
@@ -63,7 +63,7 @@ def test_inside_an_allocation_one_worker_per_task(slurm, transport):
         secs = time.monotonic() - t
         same = [p for p in pd.procs(pids[0]) if p not in (1, pids[0])][0]
         def peer_kind(q):   # a call from one worker to another, and the transport it used
-            from pydist.cluster import PGRP as here
+            from pydist.cluster.group import PGRP as here
             pd.remotecall_fetch(pd.myid, q)
             return type(here.workers[q].transport).__module__
         configs = {{p: [PGRP.workers[p].config.job_id, PGRP.workers[p].config.step_id,

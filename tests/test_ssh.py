@@ -20,7 +20,7 @@ import pytest
 
 import pydist as pd
 from testkit import subprocess_env, wait_until
-from pydist.cluster import PGRP
+from pydist.cluster.group import PGRP
 from pydist.errors import LaunchError
 from pydist.managers.ssh import SSHManager, parse_machine
 from sshlab import SSHLab

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import pydist as pd
-from pydist.values import PUSH_LIMIT
+from pydist.cluster.values import PUSH_LIMIT
 from testkit import subprocess_env, wait_until
 
 STEP = 30.0
@@ -18,7 +18,7 @@ STEP = 30.0
 
 def test_import_pydist_loads_only_the_package():
     code = ("import sys, pydist; print(sorted(m for m in sys.modules if m.startswith('pydist')));"
-            "pydist.remotecall; import pydist.pmap, pydist.remotecall;"
+            "pydist.remotecall; import pydist.pools.pmap, pydist.refs.remotecall;"
             "print(callable(pydist.pmap), callable(pydist.remotecall))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=subprocess_env(), timeout=STEP)

@@ -9,7 +9,8 @@ import pydist as pd
 
 
 def peers_connected() -> list[int]:
-    from pydist.cluster import PGRP, W_CONNECTED
+    from pydist.cluster.group import PGRP
+    from pydist.cluster.peers import W_CONNECTED
     return sorted(p for p, w in PGRP.workers.items() if p != 1 and w.state == W_CONNECTED)
 
 

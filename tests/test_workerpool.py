@@ -14,8 +14,8 @@ import time
 import pytest
 
 import pydist as pd
-from pydist.cluster import PGRP
-from pydist.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
+from pydist.cluster.group import PGRP
+from pydist.pools.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
                                default_worker_pool, remote)
 
 from testkit import subprocess_env, wait_until
@@ -204,7 +204,7 @@ def test_a_user_defined_pool_works_with_calls(cluster):
     p = QueuePool(cluster)
     assert pd.remotecall_fetch(pd.myid, p) in cluster
     assert p.free.qsize() == 2 and cluster[0] in p
-    from pydist.pmap import pmap
+    from pydist.pools.pmap import pmap
     assert pmap(lambda x: x + 1, range(100), pool=p) == list(range(1, 101))
 
 
@@ -313,8 +313,8 @@ def test_empty_default_pool_lends_process_1(transport):
     lends process 1 when it has no worker, before any worker and after the last one left."""
     script = textwrap.dedent(f"""
         import os, pydist as pd
-        from pydist.workerpool import default_worker_pool, remote
-        from pydist.pmap import pmap
+        from pydist.pools.workerpool import default_worker_pool, remote
+        from pydist.pools.pmap import pmap
         def check():
             dp = default_worker_pool()
             assert len(dp) == 0 and dp.workers() == [] and dp.isready(), dp.workers()
@@ -343,7 +343,7 @@ def test_interrupted_take_gives_the_worker_back(transport):
     (local pool, and a pool owned by a worker). In a master of its own: it gets SIGINT."""
     script = textwrap.dedent(f"""
         import os, signal, threading, time, pydist as pd
-        from pydist.workerpool import WorkerPool
+        from pydist.pools.workerpool import WorkerPool
         a, b = pd.addprocs(2, transport={transport!r})
         def interrupted(pool):
             threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGINT)).start()

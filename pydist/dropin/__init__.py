@@ -1,6 +1,5 @@
-"""The machinery behind the standard-library drop-ins (``executor.py``, ``pool.py``).
-
-Layer 4, as the two fronts: built on the public cluster API only. One idea a module:
+"""The standard-library drop-ins: ``executor.py`` (``Executor``, ``ProcessPoolExecutor``) and
+``pool.py`` (``Pool``), and the machinery only they need. One idea a module:
 
 * ``worker_side.py``: what runs on the workers (batches, the gate that lets a batch be
   taken back, the initializer) and what travels to them and back;

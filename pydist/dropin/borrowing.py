@@ -27,8 +27,8 @@ import threading
 import time
 from typing import Any
 
-from ..cluster import PGRP
-from ..workerpool import AbstractWorkerPool
+from ..cluster.group import PGRP
+from ..pools.workerpool import AbstractWorkerPool
 from .records import _Worker
 
 

@@ -20,10 +20,10 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ..control import rmprocs
-from ..funccache import _drop_caches
-from ..remotecall import remote_do
-from ..workerpool import CachingPool
+from ..processes.lifecycle import rmprocs
+from ..pools.funccache import drop_caches
+from ..refs.remotecall import remote_do
+from ..pools.workerpool import CachingPool
 from .futures import _copy_exc, _settling
 from .worker_side import _gate_drop
 
@@ -154,7 +154,7 @@ class _Closer:
             except Exception:
                 pass
         if not isinstance(core.pool, CachingPool):
-            _drop_caches(core.fcache.key, core.fcache.reset(), None, True, False)
+            drop_caches(core.fcache.key, core.fcache.reset(), None, True, False)
 
     def terminate(self, why: str) -> None:
         """Stop now (``Pool.terminate``): unfinished tasks fail, workers are removed."""

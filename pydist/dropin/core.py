@@ -6,7 +6,7 @@ shared state objects (``state.py``: the lifecycle ``flags``, the task queue ``ta
 and its parts, each the one owner of its own state (composition, one module each):
 
 * ``dispatcher`` (``dispatching.py``): pending tasks out to the workers in batches,
-  replies back in; owns the learnt pace (``pydist/pace.py``, shared with ``pmap``);
+  replies back in; owns the learnt pace (``pools/pace.py``, shared with ``pmap``);
 * ``staff`` (``staffing.py``): the worker records; workers started on demand, lost and
   replaced, retired;
 * ``stealer`` (``stealing.py``): batches taken back from behind a long task;
@@ -31,9 +31,9 @@ import weakref
 from concurrent.futures.process import _RemoteTraceback
 from typing import Any, Callable
 
-from ..cluster import PGRP
-from ..funccache import _FunctionCache
-from ..workerpool import AbstractWorkerPool, CachingPool
+from ..cluster.group import PGRP
+from ..pools.funccache import FunctionCache
+from ..pools.workerpool import AbstractWorkerPool, CachingPool
 from .borrowing import _Borrower
 from .closing import _Closer, _live
 from .dispatching import _Dispatcher
@@ -57,7 +57,7 @@ class _OwnWorkers(CachingPool):
         super().__init__()
 
     def _init_handle(self) -> None:
-        self._fcache = _FunctionCache(self._ref.rrid, weak=True,
+        self._fcache = FunctionCache(self._ref.rrid, weak=True,
                                       main_by_reference=self._main_by_reference)
 
     def enlist(self, pids: list[int]) -> None:
@@ -99,8 +99,8 @@ class _Core:
         # starts (pushed as they start, dropped as they go). Functions ship once per worker
         # through the pool's cache (a private one for a given pool that has none).
         self.pool: AbstractWorkerPool = pool if pool is not None else _OwnWorkers(self.main is not None)
-        self.fcache: _FunctionCache = (self.pool._fcache if isinstance(self.pool, CachingPool)   # type: ignore[attr-defined]
-                                       else _FunctionCache(PGRP.next_rrid(), weak=True))
+        self.fcache: FunctionCache = (self.pool._fcache if isinstance(self.pool, CachingPool)   # type: ignore[attr-defined]
+                                       else FunctionCache(PGRP.next_rrid(), weak=True))
         # -- the parts --
         self.dispatcher = _Dispatcher(self)
         self.staff = _Staff(self)

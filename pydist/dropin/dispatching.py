@@ -4,7 +4,7 @@
 started): under the lock it picks the worker with the most room and moves a batch of
 pending tasks to its outbox (``_pick``), then sends outside the lock (``_flush``), each
 worker's outbox in order. How much a worker may hold (``cap``) follows the time a task
-takes there and the round trip, both learnt from replies (``pydist/pace.py``, the pacing
+takes there and the round trip, both learnt from replies (``pools/pace.py``, the pacing
 ``pmap`` uses too).
 
 A reply completes its tasks' sinks on the thread that read it (``on_reply``). A batch
@@ -21,12 +21,12 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, Iterable
 
-from ..destinations import pickling_ahead
+from ..cluster.destinations import pickling_ahead
 from ..errors import ProcessExitedException, SerializationError
-from ..funccache import _is_cache_miss, drop_dead
-from ..pace import Pace
-from ..values import Failure
-from ..workerpool import _start
+from ..pools.funccache import drop_dead, is_cache_miss
+from ..pools.pace import Pace
+from ..cluster.values import Failure
+from ..pools.abstract import start_call
 from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
@@ -238,7 +238,7 @@ class _Dispatcher:
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
                 raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
-            _, done = _start(w.pid, run, args, _NO_KWARGS, keep=False)   # type: ignore[arg-type]
+            _, done = start_call(w.pid, run, args, _NO_KWARGS, keep=False)   # type: ignore[arg-type]
         except SerializationError as e:   # the function itself cannot be pickled
             self._unsendable(w, batch, e)
             return False
@@ -285,7 +285,7 @@ class _Dispatcher:
                     self.requeue(batch.tasks, solo=True)
                     self.dispatch()
                 return
-            if _is_cache_miss(value):
+            if is_cache_miss(value):
                 # The pool's cache was cleared (``clear``) as the batch went: ship it again.
                 core.fcache.forget_worker(w.pid)   # type: ignore[arg-type]
                 if self._answered(w, batch):

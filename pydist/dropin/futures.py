@@ -14,10 +14,10 @@ import sys
 import threading
 from typing import Any, Callable
 
-from ..cluster import PGRP
+from ..cluster.group import PGRP
 from ..errors import RemoteException
-from ..remoteref import _may_pump
-from ..values import Failure
+from ..cluster.waiting import may_pump
+from ..cluster.values import Failure
 
 
 _WAITING = ("PENDING", "RUNNING")
@@ -38,7 +38,7 @@ def pump_for(sink: Any, done: Callable[[], bool]) -> None:
             continue
         w = PGRP.workers.get(pid)
         inbox = getattr(w, "inbox", None)
-        if inbox is None or inbox.ended or not _may_pump():
+        if inbox is None or inbox.ended or not may_pump():
             return
         inbox.pump(lambda: done() or sink.pid != pid)
         if sink.pid == pid:

@@ -13,22 +13,27 @@ import collections
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from .mapfeed import _Feed
 from .records import _NO_KWARGS, _Task
 from .results import TimeoutError
 from .worker_side import CALL, CHUNK
 
-if TYPE_CHECKING:
-    from ..pool import Pool
+
+class _PoolParts(Protocol):
+    """What an iterator uses of the ``Pool`` that made it."""
+
+    _core: Any          # the pool's executor core (core.py)
+    _processes: int
+    _feeds: Any         # the feeds the pool's close submits to the end
 
 
 class IMapIterator:
     """The iterator ``imap`` returns: results in order; ``next(timeout)`` raises
     ``multiprocessing.TimeoutError``; the input is read a bounded window ahead."""
 
-    def __init__(self, pool: "Pool", func: Callable[..., Any], iterable: Iterable[Any],
+    def __init__(self, pool: _PoolParts, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: int) -> None:
         self._pool = pool
         self._chunked = chunksize > 1
@@ -107,7 +112,7 @@ class _Arrival:
 class IMapUnorderedIterator:
     """The iterator ``imap_unordered`` returns: results as they come."""
 
-    def __init__(self, pool: "Pool", func: Callable[..., Any], iterable: Iterable[Any],
+    def __init__(self, pool: _PoolParts, func: Callable[..., Any], iterable: Iterable[Any],
                  chunksize: int) -> None:
         self._core = pool._core
         self._func = func

@@ -36,13 +36,13 @@ import multiprocessing.queues  # noqa: F401  (the classes pickled here)
 import multiprocessing.sharedctypes as sharedctypes
 import multiprocessing.synchronize as synchronize
 import sys
+from collections import ChainMap
 from multiprocessing import resource_sharer, resource_tracker
 from multiprocessing.reduction import ForkingPickler
-from collections import ChainMap
 from typing import Any, Callable
 
 from ..errors import SerializationError
-from ..serialize import dumps, dumps_with
+from ..wire.serialize import dumps, dumps_with
 
 __all__ = ["check_shared", "dumps_shared", "tracker_handle"]
 

@@ -15,7 +15,7 @@ import multiprocessing
 import multiprocessing.pool
 from typing import Any
 
-from ..cluster import PGRP
+from ..cluster.group import PGRP
 from .mainscript import check_not_importing_main
 
 __all__ = ["in_task", "nested_executor", "nested_pool"]

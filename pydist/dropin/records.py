@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..cluster import PGRP
+from ..cluster.group import PGRP
 
 _NO_KWARGS: dict = {}
 

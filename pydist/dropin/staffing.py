@@ -29,13 +29,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..cluster import PGRP, W_TERMINATED
-from ..control import addprocs, rmprocs
-from ..destinations import Limits, pickling_ahead
+from ..cluster.group import PGRP
+from ..cluster.peers import W_TERMINATED
+from ..processes.lifecycle import addprocs, rmprocs
+from ..cluster.destinations import Limits, pickling_ahead
 from ..errors import ProcessExitedException, SerializationError
-from ..output import wait_relayed
-from ..remotecall import remotecall
-from ..serialize import dumps
+from ..cluster.output import wait_relayed
+from ..refs.remotecall import remotecall
+from ..wire.serialize import dumps
 from .closing import _live
 from .futures import _unwrap
 from .mainscript import main_code

@@ -13,8 +13,8 @@ import time
 from functools import partial
 from typing import Any
 
-from ..values import Failure
-from ..workerpool import _start
+from ..cluster.values import Failure
+from ..pools.abstract import start_call
 from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke
@@ -64,7 +64,7 @@ class _Stealer:
                 self.timer.start()
         for w, seqs in victims:
             try:
-                _, done = _start(w.pid, _revoke, (core.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
+                _, done = start_call(w.pid, _revoke, (core.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
             except Exception:
                 continue
             done.add_callback(partial(self._revoked_safely, w))

@@ -31,12 +31,13 @@ import threading
 import time
 from typing import Any, Callable
 
-from ..cluster import PGRP
-from ..dispatch import OpContext, capture, internal_op
+from ..cluster.dispatch import OpContext, capture, internal_op
+from ..cluster.group import PGRP
+from ..cluster.output import printed, wait_relayed
+from ..cluster.stopping import exit_worker
+from ..cluster.values import Failure
 from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, SerializationError
-from ..output import printed, wait_relayed
-from ..serialize import dumps, loads
-from ..values import Failure
+from ..wire.serialize import dumps, loads
 from .mainscript import _load_main
 
 CALL, CHUNK, STARCHUNK = 0, 1, 2     # how a task calls its function (see _run_batch)
@@ -123,7 +124,6 @@ def _load_calls(packed: _Packed) -> Any:
     except SystemExit as e:
         # Unpickling the arguments asked the process to exit: it does, as a
         # multiprocessing worker would (the task fails with ProcessExitedException).
-        from ..bootstrap import exit_worker
         exit_worker(e.code if isinstance(e.code, int) else 1)
         raise
     except BaseException as e:
@@ -253,7 +253,7 @@ def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any
     if authkey is not None:
         multiprocessing.current_process().authkey = authkey
     if tracker is not None:
-        from multiprocessing import resource_tracker   # only programs that use one pay
+        from multiprocessing import resource_tracker  # only programs that use one pay
         resource_tracker._resource_tracker._fd = tracker.detach()
     if main is not None:
         _load_main(*main)

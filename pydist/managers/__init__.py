@@ -1,19 +1,33 @@
-"""Cluster managers: how workers are launched, connected, interrupted and killed."""
+"""Cluster managers: how workers are launched, connected, interrupted and killed.
+
+* ``base.py``: ``ClusterManager`` (Julia's), ``default_addprocs_params``, the contact line;
+* ``params.py``: the keywords every ``addprocs`` shares, checked before anything starts;
+* ``local.py``: ``LocalManager``, workers on this host (``forkclient.py``: started by the
+  worker server, ``processes/forkserver.py``);
+* ``ssh.py``: ``SSHManager`` (``machines.py`` the host specs, ``sshcommand.py`` the remote
+  command, ``sshsession.py`` one ssh process per host);
+* ``slurm.py``: ``SlurmManager`` (``slurmjob.py``: the ``srun`` job step);
+* ``dialback.py``: workers that dial the master (Slurm tasks, elastic workers).
+
+A worker's ``WorkerConfig`` is the cluster layer's (``cluster/peers.py``); the
+``ElasticManager``, which joins workers by calling ``addprocs`` itself, lives beside
+``addprocs`` (``processes/elastic.py``). Built on the cluster layer and the transports.
+"""
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # each loads on first use: a local cluster never needs the SSH modules
-    from .base import ClusterManager, WorkerConfig, default_addprocs_params
+    from ..cluster.peers import WorkerConfig
+    from .base import ClusterManager, default_addprocs_params
     from .local import LocalManager
-    from .ssh import SSHManager
     from .slurm import SlurmManager
-    from .elastic import ElasticManager
+    from .ssh import SSHManager
 
-_LAZY = {"ClusterManager": ".base", "WorkerConfig": ".base", "default_addprocs_params": ".base",
-         "LocalManager": ".local", "SSHManager": ".ssh",
-         "SlurmManager": ".slurm", "ElasticManager": ".elastic"}
+_LAZY = {"ClusterManager": ".base", "WorkerConfig": "..cluster.peers",
+         "default_addprocs_params": ".base", "LocalManager": ".local", "SSHManager": ".ssh",
+         "SlurmManager": ".slurm"}
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +38,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["ClusterManager", "WorkerConfig", "default_addprocs_params", "LocalManager",
-           "SSHManager", "SlurmManager", "ElasticManager"]
+           "SSHManager", "SlurmManager"]

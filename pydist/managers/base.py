@@ -12,50 +12,17 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..errors import LaunchError
+from .. import transport as _transport
+from ..cluster.peers import WorkerConfig, choose_address
+from ..cluster.stopping import request_exit, send_interrupt
 from ..net.address import format_tcp_url
+from ..transport import Transport
 
-if TYPE_CHECKING:
-    from ..transport import Transport
-
-__all__ = ["WorkerConfig", "ClusterManager", "default_addprocs_params", "parse_contact_line",
-           "CONTACT_PREFIX", "choose_address", "TRANSPORTS"]
+__all__ = ["ClusterManager", "default_addprocs_params", "parse_contact_line", "CONTACT_PREFIX"]
 
 CONTACT_PREFIX = "PYDIST_WORKER"
-TRANSPORTS = ("auto", "shm", "tcp")
-
-
-@dataclass
-class WorkerConfig:
-    """What a manager knows about one worker (Julia's ``WorkerConfig``), plus ``transport``.
-
-    ``addresses`` holds the URLs the worker listens on, as its contact line gave them.
-    """
-
-    exename: str | None = None
-    exeflags: tuple = ()
-    host: str | None = None
-    port: int | None = None
-    sshflags: tuple = ()
-    max_parallel: int | None = None
-    connect_at: Any = None
-    process: Any = None
-    ospid: int | None = None
-    environ: dict | None = None
-    ident: Any = None
-    connect_idents: list | None = None
-    enable_threaded_blas: bool | None = None
-    count: int | None = None
-    bind_addr: str | None = None
-    tunnel: bool | None = None
-    multiplex: bool | None = None
-    userdata: Any = None
-    transport: str = "auto"
-    addresses: tuple = ()
-    io: Any = field(default=None, repr=False)   # the worker's output stream, if the manager has it
 
 
 def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict[str, Any]:
@@ -85,22 +52,6 @@ def parse_contact_line(line: str) -> tuple[str, ...] | None:
     return tuple(words[2:])
 
 
-def choose_address(addresses: tuple[str, ...], transport: str, where: str = "") -> str:
-    """Pick the address to dial for ``transport`` ("auto" prefers shared memory)."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
-    if not addresses:
-        raise LaunchError(f"worker {where} gave no address to dial: its WorkerConfig needs "
-                          f"addresses (from its contact line) or host and port")
-    by_scheme = {a.partition("://")[0]: a for a in addresses}
-    order = {"auto": ("shm", "tcp"), "shm": ("shm",), "tcp": ("tcp",)}[transport]
-    for scheme in order:
-        if scheme in by_scheme:
-            return by_scheme[scheme]
-    raise LaunchError(f"worker {where} offers no {transport} address (it offered {list(addresses)}); "
-                      f"try transport='tcp'")
-
-
 class ClusterManager(abc.ABC):
     """Starts and stops workers for ``addprocs`` (Julia's ``ClusterManager``)."""
 
@@ -125,12 +76,10 @@ class ClusterManager(abc.ABC):
         """Hear of a worker event: ``"register"``, ``"deregister"``, ``"interrupt"``,
         ``"finalize"``. The default interrupts through the cluster connection."""
         if op == "interrupt":
-            from ..control import send_interrupt
             send_interrupt(pid)
 
-    def connect(self, pid: int, config: WorkerConfig) -> "Transport":
+    def connect(self, pid: int, config: WorkerConfig) -> Transport:
         """Open the master's transport to worker ``pid`` (per ``config.transport``)."""
-        from .. import transport as _transport
         addresses = tuple(config.addresses)
         if not addresses and config.host and config.port:   # a Julia-style manager's config
             addresses = (format_tcp_url(config.host, int(config.port)),)
@@ -140,7 +89,6 @@ class ClusterManager(abc.ABC):
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Make worker ``pid`` exit: ask it, then terminate its process if it lingers."""
-        from ..control import request_exit
         request_exit(pid)
         proc = config.process
         if proc is not None and hasattr(proc, "wait"):

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import transport as _transport
+from ..cluster.join import HELLO_TIMEOUT, authenticate
 from ..errors import AuthenticationError, DecodeError, TransportError
-from ..join import HELLO_TIMEOUT, authenticate
 from ..net.address import format_tcp_url, parse_tcp_url
 
 __all__ = ["Arrival", "DialIn", "dial_master", "route_to", "read_cookie_file", "write_cookie_file", "CONTACT_LIMIT",

@@ -1,4 +1,4 @@
-"""The master's side of the worker server (``forkserver.py``): which launches fork, the
+"""The master's side of the worker server (``processes/forkserver.py``): which launches fork, the
 one server per master, and ``ForkedProcess``, a forked worker seen as a ``Popen``.
 
 A local worker is forked by the server when the request asks for nothing a fork cannot
@@ -143,7 +143,7 @@ class _Server:
         self.exits: dict[int, int] = {}           # exits reported before their fork's reply
         self.stdlib: set[str] = set()             # standard modules it was asked to import
         self.gone = False
-        cmd = [sys.executable, "-m", "pydist.managers.forkserver", str(theirs.fileno()), *preload]
+        cmd = [sys.executable, "-m", "pydist.processes.forkserver", str(theirs.fileno()), *preload]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), cwd=cwd, env=env,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

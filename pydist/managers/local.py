@@ -18,9 +18,11 @@ import subprocess
 import threading
 from typing import Any
 
+from ..cluster.group import cluster_cookie
+from ..cluster.output import Relay, check_output
+from ..cluster.peers import WorkerConfig
 from ..errors import LaunchError, describe_exit
-from ..output import Relay, check_output
-from .base import ClusterManager, WorkerConfig, parse_contact_line
+from .base import ClusterManager, parse_contact_line
 from .forkclient import check_preload, fork_refusal, fork_worker
 from .params import scrub
 
@@ -53,7 +55,6 @@ class LocalManager(ClusterManager):
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: Any) -> None:
         """Start the processes, then announce each as its contact line arrives, in order."""
-        from .. import cluster_cookie
         cookie = cluster_cookie()
         procs = [self._spawn(params, cookie) for _ in range(self.np)]
         errors = []

@@ -39,12 +39,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import lease as _lease
-from ..cluster import PGRP, W_CONNECTED
-from ..control import cluster_cookie, request_exit
+from ..cluster import lease as _lease
+from ..cluster.group import PGRP, cluster_cookie
+from ..cluster.peers import W_CONNECTED, WorkerConfig
+from ..cluster.stopping import request_exit
 from ..errors import LaunchError
 from ..net.address import format_tcp_url, parse_tcp_url
-from .base import ClusterManager, WorkerConfig
+from .base import ClusterManager
 from .dialback import Arrival, DialIn, route_to
 from .slurmjob import HOPELESS_REASONS, SrunJob, slurm_query
 

@@ -17,7 +17,7 @@ One ssh session per worker runs, in the remote login shell (POSIX quoting)::
    machine is bounded in time: a host that does not answer is a ``LaunchError`` naming it,
    while the other hosts' workers join), then relays the rest of the session's output,
    prefixed with the worker's id.
-4. The master renews each worker's heartbeat lease (``pydist.lease``) so that a worker
+4. The master renews each worker's heartbeat lease (``cluster/lease.py``) so that a worker
    whose master vanished without closing its connections exits on its own.
 5. ``kill`` asks the worker to exit, then closes the session's input (the lifeline), then
    SIGKILLs the worker on its host (over a new ssh command) if it still runs, and ends the
@@ -43,14 +43,16 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .. import lease as _lease
+from ..cluster import lease as _lease
+from ..cluster.group import cluster_cookie
+from ..cluster.peers import WorkerConfig
+from ..cluster.stopping import request_exit
 from ..errors import LaunchError
 from ..net.address import parse_tcp_url
-from .base import ClusterManager, WorkerConfig
+from .base import ClusterManager
 from .machines import Machine, parse_machine
 from .sshcommand import LAUNCH_TIMEOUT, _Options, _remote_command
-from .sshsession import (_BY_PID, _GRACE, _Session, _await_contact, _relay, _run_ssh,
-                         _send_cookie)
+from .sshsession import _BY_PID, _GRACE, _await_contact, _relay, _run_ssh, _send_cookie, _Session
 
 __all__ = ["SSHManager", "Machine", "parse_machine", "LAUNCH_TIMEOUT", "CONNECT_TIMEOUT"]
 
@@ -111,7 +113,6 @@ class SSHManager(ClusterManager):
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: Any) -> None:
         """Launch every machine at once; each is bounded by ``launch_timeout``."""
-        from ..control import cluster_cookie
         opts = _Options.from_params(params)
         cookie = cluster_cookie()
         errors: list[str] = []
@@ -294,7 +295,6 @@ class SSHManager(ClusterManager):
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Ask the worker to exit; then close its ssh session (the lifeline) and end ssh."""
-        from ..control import request_exit
         _lease.forget(pid)
         request_exit(pid)
         session = self._session(config)

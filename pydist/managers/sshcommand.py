@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from .. import lease as _lease
+from ..cluster import lease as _lease
 from .machines import Machine
 
 LAUNCH_TIMEOUT = 60.0      # the whole launch of one machine: ssh, interpreter start, contact line

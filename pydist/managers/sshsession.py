@@ -14,18 +14,16 @@ import subprocess
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import transport as _transport
-from ..cluster import PGRP, W_CONNECTED
+from ..cluster.group import PGRP
+from ..cluster.peers import W_CONNECTED, WorkerConfig
 from ..errors import LaunchError, TransportError
 from ..net.address import format_tcp_url, parse_tcp_url
-from .base import WorkerConfig, parse_contact_line
+from .base import parse_contact_line
 from .machines import Machine
 from .sshcommand import _Options
-
-if TYPE_CHECKING:
-    from .ssh import SSHManager
 
 _GRACE = 5.0               # for a worker asked to exit, before its session is closed
 _LIFELINE_WAIT = 2.0       # for a worker whose session's input was closed, before SIGKILL
@@ -38,10 +36,19 @@ def _free_local_port() -> int:
 
 
 # -- one worker's ssh session ---------------------------------------------------------------
+class _Owner(Protocol):
+    """What a session needs of the ``SSHManager`` that started it."""
+
+    def _ssh_argv(self, m: Machine, opts: _Options, *options: str,
+                  remote: str = "") -> list[str]: ...
+
+    def _forget(self, session: _Session) -> None: ...
+
+
 class _Session:
     """The ssh client of one worker, its tunnel (if any) and how it ends."""
 
-    def __init__(self, manager: "SSHManager", m: Machine, opts: _Options,
+    def __init__(self, manager: _Owner, m: Machine, opts: _Options,
                  proc: subprocess.Popen) -> None:
         self.manager, self.machine, self.opts, self.proc = manager, m, opts, proc
         self.pid: int | None = None

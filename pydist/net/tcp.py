@@ -34,8 +34,9 @@ import struct
 import threading
 from typing import Sequence
 
-from .. import codec, transport
+from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
+from ..wire import codec
 from .address import format_tcp_url, parse_tcp_url
 
 __all__ = ["TcpTransport", "TcpListener", "connect_tcp"]

@@ -28,12 +28,18 @@ import weakref
 from threading import get_ident
 from typing import Callable, Sequence
 
-from .. import codec, transport
+from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
+from ..wire import codec
 from . import segment as seg
-from .bigbuf import DESC_SIZE, FLAG as _BIG, threshold as big_threshold
-from .bigin import BigIn, ends as big_ends
-from .buffers import byte_views as _byte_views, receive_buffer, skip as _skip
+from .bigbuf import DESC_SIZE
+from .bigbuf import FLAG as _BIG
+from .bigbuf import threshold as big_threshold
+from .bigin import BigIn
+from .bigin import ends as big_ends
+from .buffers import byte_views as _byte_views
+from .buffers import receive_buffer
+from .buffers import skip as _skip
 from .layout import make_ends
 from .wait import LinkState, spin_mode
 

@@ -21,8 +21,8 @@ import struct
 from ..errors import TransportBroken
 from . import segment as seg
 from .fence import LockedFence, TsoFence, tso_by_default
-from .ring import CTL_SIZE, WRITER_CPU, RingReader, RingWriter
 from .placement import Placement
+from .ring import CTL_SIZE, WRITER_CPU, RingReader, RingWriter
 from .wait import LinkState, Waiter
 
 __all__ = ["DEFAULT_CAPACITY", "MAX_CAPACITY", "DATA_OFFSET", "SEMS_PER_RING", "SEM_COUNT",

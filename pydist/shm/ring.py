@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..codec import FRAME_HEADER as _FRAME
 from ..errors import TransportBroken, TransportClosed
+from ..wire.codec import FRAME_HEADER as _FRAME
 from .buffers import LARGE, receive_buffer
 from .fence import Fence, LockedFence, TsoFence, tso_by_default
 from .wait import WAIT_TIMEOUT, LinkState, SpinPolicy, Waiter
