@@ -16,16 +16,20 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:   # what each name is; at run time its module loads on first use (below)
-    from .arrays.sharedarray import (SharedArray, indexpids, localindices, sdata, shared_ones,
-                                     shared_zeros)
+    from .arrays.sharedarray import SharedArray, indexpids, localindices, sdata, shared_ones, shared_zeros
     from .cluster.group import cluster_cookie
-    from .cluster.membership import (myid, nprocs, nworkers, procs, worker_id_from_socket,
-                                     worker_state, workers)
+    from .cluster.membership import myid, nprocs, nworkers, procs, worker_id_from_socket, worker_state, workers
     from .cluster.peers import WorkerConfig, WorkerState
     from .dropin.executor import Executor, ProcessPoolExecutor
     from .dropin.pool import Pool
-    from .errors import (AuthenticationError, CapturedException, InvalidStateException, LaunchError,
-                         ProcessExitedException, RemoteException)
+    from .errors import (
+        AuthenticationError,
+        CapturedException,
+        InvalidStateException,
+        LaunchError,
+        ProcessExitedException,
+        RemoteException,
+    )
     from .managers.base import ClusterManager, default_addprocs_params
     from .managers.forkclient import set_worker_preload
     from .managers.local import LocalManager
@@ -33,16 +37,14 @@ if TYPE_CHECKING:   # what each name is; at run time its module loads on first u
     from .managers.ssh import SSHManager
     from .pools.pmap import pmap
     from .pools.progress import progress
-    from .pools.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
-                                   default_worker_pool, remote)
+    from .pools.workerpool import AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool, remote
     from .processes.bootstrap import init_worker, process_messages, start_worker
     from .processes.elastic import ElasticManager
     from .processes.lifecycle import addprocs, interrupt, rmprocs
     from .processes.logforward import forward_logging
     from .refs.channel import Channel
     from .refs.generic import close, fetch, isready, put, take, wait
-    from .refs.macros import (ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn,
-                              spawnat)
+    from .refs.macros import ANY, distributed, everywhere, fetchfrom, remotecall_eval, spawn, spawnat
     from .refs.remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
     from .refs.remotechannel import RemoteChannel, channel_from_id
     from .refs.remoteref import AbstractRemoteRef, Future, remoteref_id

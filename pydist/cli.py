@@ -18,7 +18,8 @@ import shutil
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pydist as pd
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import concurrent.futures
 import pickle
 import signal
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = [
     "PydistError", "RemoteException", "CapturedException", "ProcessExitedException",

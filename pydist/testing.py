@@ -26,7 +26,8 @@ import threading
 import time
 import traceback
 import tracemalloc
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import transport
 from .errors import TransportBroken, TransportClosed, TransportError
@@ -311,7 +312,7 @@ def check_close_is_idempotent(listen_url: str) -> None:
         assert not (a.closed or b.closed), "a new transport says it is closed"
         for t, calls in ((a, "close close abort close"), (b, "abort abort close")):
             steps = [getattr(t, name) for name in calls.split()]
-            _Task(calls, lambda: [step() for step in steps]).result(WAKE_TIMEOUT)
+            _Task(calls, lambda steps=steps: [step() for step in steps]).result(WAKE_TIMEOUT)
         assert a.closed and b.closed, "closed is False after close()/abort()"
 
 

@@ -13,7 +13,8 @@ the scheme to whatever registered it.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from .errors import TransportBroken, TransportClosed
 from .wire.codec import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME

@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 

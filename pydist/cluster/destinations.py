@@ -18,7 +18,7 @@ later, or never (a batch taken back).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from .group import PGRP
 

@@ -12,14 +12,32 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import (BodyDecodeError, CapturedException, DecodeError, ProcessExitedException,
-                      RemoteException, SerializationError, TransportBroken, TransportClosed)
+from ..errors import (
+    BodyDecodeError,
+    CapturedException,
+    DecodeError,
+    ProcessExitedException,
+    RemoteException,
+    SerializationError,
+    TransportBroken,
+    TransportClosed,
+)
 from ..wire.codec import decode_message
-from ..wire.messages import (NULL_HEADER, NULL_RRID, RRID, CallFetchMsg, CallMsg, CallWaitMsg,
-                             MsgHeader, RemoteDoMsg, ResultMsg)
+from ..wire.messages import (
+    NULL_HEADER,
+    NULL_RRID,
+    RRID,
+    CallFetchMsg,
+    CallMsg,
+    CallWaitMsg,
+    MsgHeader,
+    RemoteDoMsg,
+    ResultMsg,
+)
 from .group import PGRP
 from .inbox import Inbox
 from .peers import W_TERMINATED, Worker

@@ -28,7 +28,8 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from ..wire import serialize

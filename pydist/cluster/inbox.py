@@ -25,7 +25,8 @@ import _signal
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .peers import Worker
@@ -44,8 +45,8 @@ class Inbox:
     how the connection ended (then ``on_end(w, detail)`` is called once).
     """
 
-    def __init__(self, w: "Worker", read_one: Callable[["Worker"], str | None],
-                 on_end: Callable[["Worker", str], None]) -> None:
+    def __init__(self, w: Worker, read_one: Callable[[Worker], str | None],
+                 on_end: Callable[[Worker, str], None]) -> None:
         self.w = w
         self._read = read_one
         self._on_end = on_end

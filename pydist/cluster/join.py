@@ -13,12 +13,18 @@ import threading
 from typing import Any
 
 from .. import transport as _transport
-from ..errors import (AuthenticationError, DecodeError, LaunchError, ProcessExitedException,
-                      TransportError)
+from ..errors import AuthenticationError, DecodeError, LaunchError, ProcessExitedException, TransportError
 from ..transport import DEFAULT_MAX_FRAME, Transport
 from ..wire.codec import Handshake, decode_message, encode_message
-from ..wire.messages import (NULL_HEADER, IdentifySocketAckMsg, IdentifySocketMsg, JoinCompleteMsg,
-                             JoinPGRPMsg, Message, RemoteDoMsg)
+from ..wire.messages import (
+    NULL_HEADER,
+    IdentifySocketAckMsg,
+    IdentifySocketMsg,
+    JoinCompleteMsg,
+    JoinPGRPMsg,
+    Message,
+    RemoteDoMsg,
+)
 from .dispatch import OpContext, internal_op, start_serving
 from .group import PGRP
 from .peers import W_CONNECTED, W_TERMINATED, Worker, choose_address

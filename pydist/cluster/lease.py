@@ -26,8 +26,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from ..errors import ProcessExitedException
 from ..wire.messages import NULL_HEADER, RemoteDoMsg

@@ -24,7 +24,8 @@ import io
 import os
 import sys
 import threading
-from typing import Any, BinaryIO, Callable
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 __all__ = ["OUTPUT_MODES", "check_output", "Relay", "wait_relayed", "install_worker_streams",
            "printed"]
@@ -47,7 +48,7 @@ def check_output(output: Any) -> None:
 
 
 # -- the master's side -----------------------------------------------------------------------------
-_relays: dict[int, "Relay"] = {}          # worker id -> its relay, once registered
+_relays: dict[int, Relay] = {}          # worker id -> its relay, once registered
 _relayed = threading.Condition()          # notified whenever a relay has passed bytes on
 
 

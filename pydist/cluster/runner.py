@@ -22,8 +22,9 @@ import signal
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .inbox import Inbox
@@ -93,7 +94,7 @@ class TaskRunner:
             inbox.notify()
 
     # -- the loops ----------------------------------------------------------------------
-    def run_main_loop(self, main_inbox: Callable[[], "Inbox | None"]) -> None:
+    def run_main_loop(self, main_inbox: Callable[[], Inbox | None]) -> None:
         """Serve calls on the calling (main) thread until ``stop()``; while idle, pump the
         connection ``main_inbox()`` names (once there is one)."""
         self._main_ident = threading.get_ident()
@@ -111,7 +112,7 @@ class TaskRunner:
             except KeyboardInterrupt:
                 continue   # an interrupt that arrived between calls: nothing to interrupt
 
-    def _next_main_task(self, main_inbox: Callable[[], "Inbox | None"]) -> object:
+    def _next_main_task(self, main_inbox: Callable[[], Inbox | None]) -> object:
         if self._mine:
             return self._mine.popleft()
         try:

@@ -31,7 +31,6 @@ from ..cluster.group import PGRP
 from ..pools.workerpool import AbstractWorkerPool
 from .records import _Worker
 
-
 POLL = 0.05      # seconds between rounds of the keeper
 LINGER = 0.1     # seconds an idle borrowed worker is kept, in case more tasks come
 

@@ -20,16 +20,15 @@ import weakref
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from ..processes.lifecycle import rmprocs
 from ..pools.funccache import drop_caches
-from ..refs.remotecall import remote_do
 from ..pools.workerpool import CachingPool
+from ..processes.lifecycle import rmprocs
+from ..refs.remotecall import remote_do
 from .futures import _copy_exc, _settling
 from .worker_side import _gate_drop
 
-
 _global_shutdown = False
-_live: "weakref.WeakSet[Any]" = weakref.WeakSet()    # every _Core not yet stopped
+_live: weakref.WeakSet[Any] = weakref.WeakSet()    # every _Core not yet stopped
 
 
 class _Closer:

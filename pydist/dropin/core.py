@@ -28,8 +28,9 @@ import itertools
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures.process import _RemoteTraceback
-from typing import Any, Callable
+from typing import Any
 
 from ..cluster.group import PGRP
 from ..pools.funccache import FunctionCache
@@ -94,7 +95,7 @@ class _Core:
         self.changed = threading.Condition(self.lock)
         self.flags = _Flags()
         self.tasks = _TaskQueue(self.changed)
-        self.feeds: "weakref.WeakSet[Any]" = weakref.WeakSet()    # Executor.map inputs
+        self.feeds: weakref.WeakSet[Any] = weakref.WeakSet()    # Executor.map inputs
         # The worker set: the given pool, or a CachingPool of the workers this executor
         # starts (pushed as they start, dropped as they go). Functions ship once per worker
         # through the pool's cache (a private one for a given pool that has none).

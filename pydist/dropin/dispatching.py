@@ -17,22 +17,21 @@ tasks.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any, Iterable
+from typing import Any
 
 from ..cluster.destinations import pickling_ahead
+from ..cluster.values import Failure
 from ..errors import ProcessExitedException, SerializationError
+from ..pools.abstract import start_call
 from ..pools.funccache import drop_dead, is_cache_miss
 from ..pools.pace import Pace
-from ..cluster.values import Failure
-from ..pools.abstract import start_call
 from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .worker_side import (CALL, _REVOKED, _Packed, _Results, _run_batch, _run_one,
-                          _Undecodable, inline_ok)
-
+from .worker_side import _REVOKED, CALL, _Packed, _Results, _run_batch, _run_one, _Undecodable, inline_ok
 
 MAX_BATCH = 256          # tasks in one message at most
 MAX_AHEAD = 2048         # tasks in flight per worker at most

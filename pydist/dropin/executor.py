@@ -40,7 +40,8 @@ import multiprocessing
 import os
 import time
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from ..pools.progress import ProgressIterator, check_progress
 from ..pools.workerpool import AbstractWorkerPool
@@ -172,7 +173,7 @@ class Executor(cf.Executor):
         return self._core.staff.processes()
 
     @property
-    def _executor_manager_thread(self) -> "_Stopping | None":
+    def _executor_manager_thread(self) -> _Stopping | None:
         """What ``join()`` waits for the end of a shutdown (the standard library's
         manager thread ends once the workers are gone)."""
         return _Stopping(self._core)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..cluster.group import PGRP
-from ..errors import RemoteException
-from ..cluster.waiting import may_pump
 from ..cluster.values import Failure
-
+from ..cluster.waiting import may_pump
+from ..errors import RemoteException
 
 _WAITING = ("PENDING", "RUNNING")
 _SENT_POLL = 0.02     # seconds between checks of a task not sent yet (it may fail unsent)
@@ -40,7 +40,7 @@ def pump_for(sink: Any, done: Callable[[], bool]) -> None:
         inbox = getattr(w, "inbox", None)
         if inbox is None or inbox.ended or not may_pump():
             return
-        inbox.pump(lambda: done() or sink.pid != pid)
+        inbox.pump(lambda p=pid: done() or sink.pid != p)
         if sink.pid == pid:
             return       # done, or the connection ended
 
@@ -93,7 +93,7 @@ class _Future(cf.Future):
 
     def __await__(self) -> Any:
         """``await future`` in asyncio (as ``asyncio.wrap_future`` gives)."""
-        import asyncio   # only programs that await pay for importing asyncio
+        import asyncio  # only programs that await pay for importing asyncio
         return asyncio.wrap_future(self).__await__()
 
 

@@ -13,7 +13,8 @@ import collections
 import itertools
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from .mapfeed import _Feed
 from .records import _NO_KWARGS, _Task
@@ -44,7 +45,7 @@ class IMapIterator:
         self._done = False
         self._feed.top_up(first=True)
 
-    def __iter__(self) -> "IMapIterator":
+    def __iter__(self) -> IMapIterator:
         return self
 
     def next(self, timeout: float | None = None) -> Any:
@@ -84,7 +85,7 @@ class _Arrival:
 
     __slots__ = ("it", "state", "pid")
 
-    def __init__(self, it: "IMapUnorderedIterator") -> None:
+    def __init__(self, it: IMapUnorderedIterator) -> None:
         self.it = it
         self.state = 0
         self.pid: int | None = None
@@ -166,7 +167,7 @@ class IMapUnorderedIterator:
             self._arrived.append((success, value))
             self._cond.notify()
 
-    def __iter__(self) -> "IMapUnorderedIterator":
+    def __iter__(self) -> IMapUnorderedIterator:
         return self
 
     def next(self, timeout: float | None = None) -> Any:

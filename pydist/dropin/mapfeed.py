@@ -14,7 +14,8 @@ import concurrent.futures as cf
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .futures import pump_for
 from .records import _NO_KWARGS, _Task
@@ -31,7 +32,7 @@ class _Slot:
 
     PENDING, RUNNING, DONE, CANCELLED = 0, 1, 2, 3
 
-    def __init__(self, feed: "_Feed") -> None:
+    def __init__(self, feed: _Feed) -> None:
         self.feed = feed
         self.value: Any = None
         self.exc: BaseException | None = None

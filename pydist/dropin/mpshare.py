@@ -37,9 +37,10 @@ import multiprocessing.sharedctypes as sharedctypes
 import multiprocessing.synchronize as synchronize
 import sys
 from collections import ChainMap
+from collections.abc import Callable
 from multiprocessing import resource_sharer, resource_tracker
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import SerializationError
 from ..wire.serialize import dumps, dumps_with

@@ -20,8 +20,9 @@ import itertools
 import os
 import warnings
 import weakref
+from collections.abc import Callable, Iterable
 from multiprocessing.pool import RemoteTraceback
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..pools.progress import ProgressIterator, check_progress
 from . import nested as _nested
@@ -108,7 +109,7 @@ class Pool:
     def __reduce__(self):
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
-    def __enter__(self) -> "Pool":
+    def __enter__(self) -> Pool:
         self._check_running()
         return self
 
@@ -152,11 +153,12 @@ class Pool:
         core.staff.processes()
 
     # -- single calls ------------------------------------------------------------------------------
-    def apply(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {}) -> Any:
+    # (``kwds={}`` as the standard library's signature has it: it is never mutated)
+    def apply(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {}) -> Any:  # noqa: B006
         """``func(*args, **kwds)`` on a worker; waits for the result."""
         return self.apply_async(func, args, kwds).get()
 
-    def apply_async(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {},
+    def apply_async(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {},  # noqa: B006
                     callback: Callable[[Any], Any] | None = None,
                     error_callback: Callable[[BaseException], Any] | None = None) -> ApplyResult:
         """``func(*args, **kwds)`` on a worker; an ``AsyncResult`` for it."""
@@ -247,7 +249,7 @@ class Pool:
         """
         self._check_running()
         if chunksize < 1:
-            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         if check_progress(progress, "Pool.imap"):
             total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
             it = IMapIterator(self, func, iterable, chunksize)
@@ -262,7 +264,7 @@ class Pool:
         """
         self._check_running()
         if chunksize < 1:
-            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         it = IMapUnorderedIterator(self, func, iterable, chunksize)
         if check_progress(progress, "Pool.imap_unordered"):
             total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .futures import pump_for
 
@@ -40,7 +41,7 @@ class ApplyResult:
 
     def successful(self) -> bool:
         if not self.ready():
-            raise ValueError("{0!r} not ready".format(self))
+            raise ValueError(f"{self!r} not ready")
         return self._success
 
     def wait(self, timeout: float | None = None) -> None:
@@ -98,7 +99,7 @@ class _ChunkSink:
 
     __slots__ = ("result", "index", "pid")
 
-    def __init__(self, result: "MapResult", index: int) -> None:
+    def __init__(self, result: MapResult, index: int) -> None:
         self.result, self.index = result, index
         self.pid: int | None = None
 

@@ -27,14 +27,15 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from ..cluster.group import PGRP
-from ..cluster.peers import W_TERMINATED
-from ..processes.lifecycle import addprocs, rmprocs
 from ..cluster.destinations import Limits, pickling_ahead
-from ..errors import ProcessExitedException, SerializationError
+from ..cluster.group import PGRP
 from ..cluster.output import wait_relayed
+from ..cluster.peers import W_TERMINATED
+from ..errors import ProcessExitedException, SerializationError
+from ..processes.lifecycle import addprocs, rmprocs
 from ..refs.remotecall import remotecall
 from ..wire.serialize import dumps
 from .closing import _live
@@ -43,7 +44,6 @@ from .mainscript import main_code
 from .mpshare import check_shared, dumps_shared, tracker_handle
 from .records import WorkerProcess, _Task, _Worker
 from .worker_side import _init_worker, _Packed
-
 
 _addprocs_lock = threading.Lock()     # one addprocs at a time from the drop-ins
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

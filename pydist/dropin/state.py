@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 from .records import _Task
-
 
 
 class _Flags:

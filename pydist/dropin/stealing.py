@@ -19,7 +19,6 @@ from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke
 
-
 STEAL_AFTER = 0.005      # a batch running this long (and well past its estimate) may be stolen from
 
 

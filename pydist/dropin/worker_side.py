@@ -29,7 +29,8 @@ import logging
 import multiprocessing
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..cluster.dispatch import OpContext, capture, internal_op
 from ..cluster.group import PGRP

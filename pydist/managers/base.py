@@ -25,7 +25,7 @@ __all__ = ["ClusterManager", "default_addprocs_params", "parse_contact_line", "C
 CONTACT_PREFIX = "PYDIST_WORKER"
 
 
-def default_addprocs_params(manager: "ClusterManager | None" = None) -> dict[str, Any]:
+def default_addprocs_params(manager: ClusterManager | None = None) -> dict[str, Any]:
     """The keyword parameters ``addprocs`` passes to ``launch`` unless told otherwise."""
     import sys
     params: dict[str, Any] = {

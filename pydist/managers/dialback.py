@@ -29,8 +29,9 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .. import transport as _transport
 from ..cluster.join import HELLO_TIMEOUT, authenticate

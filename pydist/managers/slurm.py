@@ -141,7 +141,7 @@ class SlurmManager(ClusterManager):
             except queue.Empty:
                 problem = self._problem(job, clock, arrivals, tasks)
                 if problem:
-                    raise LaunchError(self._failure(job, problem, expected, tasks))
+                    raise LaunchError(self._failure(job, problem, expected, tasks)) from None
                 continue
             config = self._config(job, arrival, params)
             expected = expected or int(arrival.info.get("SLURM_NTASKS", "1") or 1)
@@ -151,7 +151,7 @@ class SlurmManager(ClusterManager):
                 launched.append(config)
                 ntfy.notify_all()
 
-    def _problem(self, job: SrunJob, clock: "_LaunchClock", arrivals: queue.SimpleQueue,
+    def _problem(self, job: SrunJob, clock: _LaunchClock, arrivals: queue.SimpleQueue,
                  tasks: set) -> str:
         """Why the launch cannot go on ("" while it can); shows a pending job's state."""
         now = time.monotonic()

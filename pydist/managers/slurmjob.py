@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["SrunJob", "slurm_query", "HOPELESS_REASONS"]
 
@@ -65,7 +65,7 @@ class SrunJob:
     """One running ``srun`` and what is known of its job (ids fill in as workers arrive)."""
 
     def __init__(self, argv: list[str], env: dict[str, str], cookie: str, inside: bool,
-                 worker_id: Callable[["SrunJob", int], object]) -> None:
+                 worker_id: Callable[[SrunJob, int], object]) -> None:
         self.argv = argv
         self.inside = inside              # a step of an existing allocation (not our job)
         self.job_id: str | None = None

@@ -41,7 +41,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..cluster import lease as _lease
 from ..cluster.group import cluster_cookie
@@ -225,7 +226,7 @@ class SSHManager(ClusterManager):
         return self._control_prefix + "%C"
 
     # -- multiplexing: one master connection per host ------------------------------------
-    def _master(self, m: Machine) -> "_Master":
+    def _master(self, m: Machine) -> _Master:
         with self._lock:
             return self._masters.setdefault((m.user, m.host, m.port), _Master())
 

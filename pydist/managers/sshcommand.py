@@ -38,7 +38,7 @@ class _Options:
     threaded_blas: bool
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "_Options":
+    def from_params(cls, params: dict[str, Any]) -> _Options:
         shell = params.get("shell", "posix")
         if shell not in SHELLS:
             raise ValueError(f"shell={shell!r} is not supported; remote commands are quoted "

@@ -32,7 +32,7 @@ import select
 import socket
 import struct
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..cluster.dispatch import run_call
 from ..cluster.group import PGRP
@@ -84,7 +85,7 @@ class AbstractWorkerPool(ABC):
     """
 
     @abstractmethod
-    def push(self, pid: int) -> "AbstractWorkerPool":
+    def push(self, pid: int) -> AbstractWorkerPool:
         """Add worker ``pid`` to the pool (idle)."""
 
     @abstractmethod
@@ -104,7 +105,7 @@ class AbstractWorkerPool(ABC):
         """Whether ``take`` would return at once."""
 
     @abstractmethod
-    def wait(self, timeout: float | None = None) -> "AbstractWorkerPool":
+    def wait(self, timeout: float | None = None) -> AbstractWorkerPool:
         """Block until ``take`` would return at once."""
 
     @abstractmethod

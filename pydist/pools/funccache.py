@@ -16,8 +16,9 @@ from __future__ import annotations
 import threading
 import types
 import weakref
+from collections.abc import Iterable
 from functools import partial
-from typing import Any, Iterable
+from typing import Any
 
 from ..cluster.dispatch import OpContext, internal_op
 from ..cluster.group import PGRP

@@ -12,7 +12,8 @@ import math
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..cluster.dispatch import capture
 from ..cluster.group import PGRP
@@ -21,9 +22,9 @@ from ..errors import ProcessExitedException, SerializationError
 from ..wire import serialize
 from .abstract import AbstractWorkerPool, start_call
 from .funccache import FunctionCache, drop_caches, is_cache_miss
+from .pace import Pace
 from .retries import RetryPolicy
 from .workerpool import CachingPool
-from .pace import Pace
 
 __all__ = ["WINDOW", "SLOW_ELEMENT", "CHUNK_SECONDS", "MAX_CHUNK", "CHUNK_BYTES", "POLL"]
 

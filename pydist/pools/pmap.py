@@ -8,8 +8,9 @@ How the work flows (one ``_Mapper`` per call, driven by the calling thread; ``ma
 2. Workers are taken from the pool (all idle ones, and more as they become free or are
    added) and each is kept busy with up to ``WINDOW`` chunks in flight, so a worker never
    waits for a round trip. While someone else waits for a worker of the same pool, the
-   map hands one back at each poll (keeping one for itself). The function is shipped to each worker once (the CachingPool
-   mechanism; a private cache for this call unless the pool is a CachingPool).
+   map hands one back at each poll (keeping one for itself). The function is shipped to
+   each worker once (the CachingPool mechanism; a private cache for this call unless the
+   pool is a CachingPool).
 3. A chunk is one remote call running ``f`` over several elements and answering each
    element's value or captured failure separately. With ``batch_size=1`` (the default) its
    length is chosen from the time one element takes there: one element at first, then
@@ -27,7 +28,8 @@ How the work flows (one ``_Mapper`` per call, driven by the calling thread; ``ma
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..cluster.dispatch import capture
 from ..cluster.group import PGRP

@@ -21,7 +21,8 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..cluster.dispatch import OpContext, internal_op
 from ..cluster.group import PGRP
@@ -242,9 +243,9 @@ class _PoolState:
 
 
 # -- the states this process owns --------------------------------------------------------------
-_STATES: "weakref.WeakSet[_PoolState]" = weakref.WeakSet()
+_STATES: weakref.WeakSet[_PoolState] = weakref.WeakSet()
 _default_lock = threading.Lock()
-_default: "_PoolState | None" = None
+_default: _PoolState | None = None
 
 
 def _default_state() -> _PoolState:

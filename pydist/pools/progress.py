@@ -12,7 +12,8 @@ import concurrent.futures
 import functools
 import importlib
 import time
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 __all__ = ["progress", "progress_bar", "ProgressIterator"]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = ["RetryPolicy", "Delays", "check_delay"]
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..cluster.group import PGRP
 from ..cluster.values import unwrap
@@ -27,8 +28,7 @@ from ..refs.remoteref import AbstractRemoteRef
 from ..wire.messages import NULL_HEADER, RRID, CallFetchMsg, MsgHeader, RemoteDoMsg
 from .abstract import AbstractWorkerPool
 from .funccache import FunctionCache, _cache_info, drop_caches, drop_later
-from .poolstate import (DEFAULT_POOL_ID, _check_pid, _default_state, _pool_op, _PoolState, _state,
-                        _Waiter)
+from .poolstate import DEFAULT_POOL_ID, _check_pid, _default_state, _pool_op, _PoolState, _state, _Waiter
 
 __all__ = ["AbstractWorkerPool", "WorkerPool", "CachingPool", "default_worker_pool", "clear",
            "remote"]
@@ -50,7 +50,7 @@ def _new_ref(where: int, rrid: RRID, counted: bool) -> _PoolRef:
     return r
 
 
-_handles: "weakref.WeakValueDictionary[RRID, WorkerPool]" = weakref.WeakValueDictionary()
+_handles: weakref.WeakValueDictionary[RRID, WorkerPool] = weakref.WeakValueDictionary()
 
 
 class WorkerPool(AbstractWorkerPool):
@@ -100,7 +100,7 @@ class WorkerPool(AbstractWorkerPool):
         return self._local
 
     # -- the operations --------------------------------------------------------------------------
-    def push(self, pid: int) -> "WorkerPool":
+    def push(self, pid: int) -> WorkerPool:
         st = self._state()
         if st is None:
             self._remote("push", pid)
@@ -175,7 +175,7 @@ class WorkerPool(AbstractWorkerPool):
         st = self._state()
         return self._remote("isready") if st is None else st.ready()
 
-    def wait(self, timeout: float | None = None) -> "WorkerPool":
+    def wait(self, timeout: float | None = None) -> WorkerPool:
         st = self._state()
         if st is None:
             self._remote("wait", timeout)

@@ -11,13 +11,13 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..cluster.dispatch import OpContext, internal_op
 from ..cluster.group import PGRP, cluster_cookie
 from ..cluster.join import join_worker
-from ..cluster.peers import (TRANSPORTS, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker,
-                             WorkerConfig)
+from ..cluster.peers import TRANSPORTS, W_CONNECTED, W_TERMINATED, W_TERMINATING, Worker, WorkerConfig
 from ..cluster.stopping import request_exit, send_interrupt
 from ..errors import LaunchError, ProcessExitedException
 from ..managers.base import ClusterManager, default_addprocs_params

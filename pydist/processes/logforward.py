@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..cluster.group import PGRP
 from ..cluster.membership import workers

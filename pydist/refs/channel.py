@@ -16,7 +16,8 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..cluster.values import Failure, check_timeout, unwrap
 from ..cluster.waiting import blocking_section
@@ -171,7 +172,7 @@ class Channel:
         """The oldest item, without removing it, blocking while there is none."""
         return unwrap(self._block(lambda cb: self.fetch_async(cb, timeout)))
 
-    def wait(self, timeout: float | None = None) -> "Channel":
+    def wait(self, timeout: float | None = None) -> Channel:
         """Block until an item is there (``InvalidStateException`` if closed and empty)."""
         unwrap(self._block(lambda cb: self.fetch_async(cb, timeout, peek=False)))
         return self

@@ -12,8 +12,9 @@ import linecache
 import sys
 import threading
 import zlib
+from collections.abc import Callable, Iterable
 from functools import reduce
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..cluster.dispatch import capture
 from ..cluster.group import PGRP
@@ -127,7 +128,7 @@ def _run_everywhere(fn: Callable[..., Any], args: tuple, kwargs: dict, targets: 
             fn(*args, **kwargs)
         except Exception as e:
             errors.append(capture(e))
-    for p, fut in futures:
+    for _p, fut in futures:
         try:
             fut.wait()
         except (RemoteException, Exception) as e:

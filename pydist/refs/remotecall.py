@@ -7,7 +7,8 @@ taken from it for the duration of the call.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..cluster.dispatch import remote_do_here, run_call
 from ..cluster.group import PGRP

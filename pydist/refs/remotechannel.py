@@ -171,7 +171,7 @@ class RemoteChannel(AbstractRemoteRef):
             return unwrap(wait_value(box, None, f"{self!r}"))
         return unwrap(call_on_owner(op, self.where, self.rrid, *args))
 
-    def put(self, value: Any, timeout: float | None = None) -> "RemoteChannel":
+    def put(self, value: Any, timeout: float | None = None) -> RemoteChannel:
         """Append ``value`` (blocking while full; for ``Channel(0)``, until taken)."""
         check_timeout(timeout)
         self._op(_chan_put, value, timeout)
@@ -187,7 +187,7 @@ class RemoteChannel(AbstractRemoteRef):
         check_timeout(timeout)
         return self._op(_chan_fetch, timeout, True)
 
-    def wait(self, timeout: float | None = None) -> "RemoteChannel":
+    def wait(self, timeout: float | None = None) -> RemoteChannel:
         """Block until an item is there."""
         check_timeout(timeout)
         self._op(_chan_fetch, timeout, False)

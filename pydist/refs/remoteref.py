@@ -35,7 +35,7 @@ __all__ = ["Future", "AbstractRemoteRef", "remoteref_id"]
 
 _UNSET: Any = object()
 BATCH_WINDOW = 0.005   # seconds a del-client notice waits for others to the same owner
-_handles: "weakref.WeakValueDictionary[RRID, AbstractRemoteRef]" = weakref.WeakValueDictionary()
+_handles: weakref.WeakValueDictionary[RRID, AbstractRemoteRef] = weakref.WeakValueDictionary()
 
 
 # -- batched reference-count messages -------------------------------------------------------
@@ -148,7 +148,7 @@ class AbstractRemoteRef:
     where: int
     rrid: RRID
 
-    def _register(self) -> "AbstractRemoteRef":
+    def _register(self) -> AbstractRemoteRef:
         """Return the one handle of this process for ``rrid`` (this one if it is new)."""
         existing = _handles.setdefault(self.rrid, self)
         if existing is not self:
@@ -206,7 +206,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         _handles[self.rrid] = self
 
     @classmethod
-    def _for_call(cls, pid: int, register: bool = True) -> "Future":
+    def _for_call(cls, pid: int, register: bool = True) -> Future:
         """A handle for the result of a call about to be sent to ``pid``.
 
         ``register=False``: not entered in ``_handles`` yet. No other process can name the
@@ -256,7 +256,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         self._pushed = None
         return value
 
-    def put(self, value: Any) -> "Future":
+    def put(self, value: Any) -> Future:
         """Set the value; a Future can be set only once (``InvalidStateException``)."""
         if self._cache is not _UNSET:
             raise InvalidStateException(f"{self!r} can be set only once: it already holds a value")
@@ -277,7 +277,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
             return self._pushed.ready()
         return bool(unwrap(call_on_owner(_isready_ref, self.where, self.rrid)))
 
-    def wait(self, timeout: float | None = None) -> "Future":
+    def wait(self, timeout: float | None = None) -> Future:
         """Block until the value is set; raises the call's ``RemoteException`` if it failed."""
         check_timeout(timeout)
         if self._cache is _UNSET:
@@ -339,7 +339,7 @@ class _UnsetMark:
         return (_unset_mark, ())
 
 
-def _unset_mark() -> "_UnsetMark":
+def _unset_mark() -> _UnsetMark:
     return _UNSET_MARK
 
 

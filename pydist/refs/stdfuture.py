@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures._base import FINISHED, PENDING
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["StdFutureFace"]
 

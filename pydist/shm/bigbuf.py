@@ -58,7 +58,8 @@ import struct
 import threading
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import segment as seg
 

@@ -12,11 +12,27 @@ from __future__ import annotations
 import ctypes
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import segment as seg
-from .bigbuf import (_DESC, _MAGIC, _ROUND, CAPACITY, DESC_SIZE, HEADER, LENT, MADV_POPULATE_READ,
-                     MAGIC, OPENED, RETIRED, BigOut, Locked, populate, trimmer)
+from .bigbuf import (
+    _DESC,
+    _MAGIC,
+    _ROUND,
+    CAPACITY,
+    DESC_SIZE,
+    HEADER,
+    LENT,
+    MADV_POPULATE_READ,
+    MAGIC,
+    OPENED,
+    RETIRED,
+    BigOut,
+    Locked,
+    populate,
+    trimmer,
+)
 from .fence import tso_by_default
 from .layout import SEMS_PER_RING
 

@@ -24,7 +24,7 @@ import pickle
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import transport
 

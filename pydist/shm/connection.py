@@ -25,8 +25,8 @@ import socket
 import struct
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from threading import get_ident
-from typing import Callable, Sequence
 
 from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError

@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Placement", "current_cpu", "allow_moves", "MOVE_AFTER", "MOVE_EVERY", "MOVED"]
 

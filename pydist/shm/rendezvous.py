@@ -35,8 +35,7 @@ from . import handover
 from . import segment as seg
 from .connection import ShmTransport, peer_creds
 from .handover import OK, OPENED, READY, Claim, LineReader
-from .layout import (DEFAULT_CAPACITY, SEM_COUNT, check_capacity, check_header, new_segment,
-                     segment_size)
+from .layout import DEFAULT_CAPACITY, SEM_COUNT, check_capacity, check_header, new_segment, segment_size
 
 __all__ = ["ShmListener", "connect_shm", "shm_pair", "RENDEZVOUS_TIMEOUT"]
 

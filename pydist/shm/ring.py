@@ -23,7 +23,7 @@ correctly on every machine is ``fence.py``'s story.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import TransportBroken, TransportClosed
 from ..wire.codec import FRAME_HEADER as _FRAME

@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import stat
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import posix_ipc
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from threading import get_ident
-from typing import Callable
 
 import posix_ipc
 

@@ -50,7 +50,8 @@ import hmac
 import operator
 import secrets
 import struct
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from ..errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
 from . import serialize

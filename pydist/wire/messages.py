@@ -9,8 +9,9 @@ Only the standard library is imported here (layer L0).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "RRID", "NULL_RRID", "make_rrid", "MsgHeader", "NULL_HEADER", "Message", "CallMsg", "CallFetchMsg",

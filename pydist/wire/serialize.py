@@ -45,7 +45,8 @@ import threading
 import types
 import weakref
 from collections import ChainMap
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..errors import PydistError, SerializationError, set_exception_pickler
 
