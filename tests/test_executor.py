@@ -367,6 +367,20 @@ def test_no_worker_left_after_shutdown(transport):
     assert worker_ospids() <= before
 
 
+def test_a_shut_down_executor_kept_alive_holds_no_reference(transport):
+    # Its worker set (a pool whose state is a reference owned here) is let go at shutdown,
+    # not when the executor object is collected: a program may keep the object long after.
+    from pydist.cluster.group import PGRP
+    gc.collect()
+    before = len(PGRP.refs)
+    ex = pd.ProcessPoolExecutor(1, transport=transport)
+    assert ex.submit(abs, -3).result(timeout=WAIT) == 3
+    assert len(PGRP.refs) > before
+    ex.shutdown(wait=True)
+    assert wait_until(lambda: gc.collect() >= 0 and len(PGRP.refs) <= before, 10), len(PGRP.refs)
+    del ex
+
+
 def test_shutdown_without_wait_cleans_up_later(transport):
     ex = pd.ProcessPoolExecutor(2, transport=transport)
     fs = [ex.submit(sleep_then, 0.3, i) for i in range(4)]

@@ -140,6 +140,7 @@ class _Closer:
                 core.fcache.reset()      # its workers are gone, and their caches with them
             for t in helpers:
                 t.join(35)
+            core.let_go_of_pool()
             _live.discard(core)
             self.stop_done.set()
 

@@ -110,6 +110,13 @@ class _Core:
         self.borrower = _Borrower(self, pool) if pool is not None else None
         _live.add(self)
 
+    def let_go_of_pool(self) -> None:
+        """Once stopped: the pool of the workers this executor started is let go, so that
+        its state on this process is freed now, not when the executor object is collected
+        (a stopped executor may be kept long after). A given pool stays its owner's."""
+        if isinstance(self.pool, _OwnWorkers):
+            self.pool = None    # type: ignore[assignment]   # nothing reads it once stopped
+
     # -- what every part uses --------------------------------------------------------------------
     def finished(self, n: int) -> None:
         """``n`` tasks have their outcome."""
