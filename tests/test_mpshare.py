@@ -4,6 +4,7 @@ initializer logged on the worker as the standard library logs it. Both transport
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import logging
 import logging.handlers
 import multiprocessing
@@ -28,6 +29,10 @@ def sharer_stopped():
 def tracker_stopped():
     """multiprocessing's resource tracker (a process the named semaphores start) too."""
     yield
+    # The module's semaphores, dead but maybe in cycles, are unlinked by their finalizers
+    # first: a stopped tracker unlinks every name still registered, and a finalizer that ran
+    # later would find its name gone.
+    gc.collect()
     resource_tracker._resource_tracker._stop()
 
 
