@@ -34,7 +34,17 @@ from typing import Any
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from ..wire import serialize
 from ..wire.codec import encode_message
-from ..wire.messages import RRID, Message, MsgHeader, make_rrid
+from ..wire.messages import (
+    RRID,
+    CallFetchMsg,
+    CallMsg,
+    CallWaitMsg,
+    Message,
+    MsgHeader,
+    RemoteDoMsg,
+    ResultMsg,
+    make_rrid,
+)
 from .peers import W_CONNECTED, W_CREATED, W_TERMINATED, W_TERMINATING, Worker
 from .runner import TaskRunner
 from .values import Failure, RemoteValue
@@ -365,12 +375,12 @@ def _await_reader(w: Worker, inbox: Any, timeout: float) -> None:
 def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:
     """The pickling error of a message, saying which argument (or the result) failed."""
     parts: list[tuple[str, Any]] = []
-    if hasattr(msg, "args"):
-        parts.append(("the function", msg.f))   # type: ignore[attr-defined]
-        parts += [(f"argument {i + 1}", a) for i, a in enumerate(msg.args)]   # type: ignore[attr-defined]
-        parts += [(f"keyword argument {k!r}", v) for k, v in msg.kwargs.items()]   # type: ignore[attr-defined]
-    elif hasattr(msg, "value"):
-        parts.append(("the result", msg.value))   # type: ignore[attr-defined]
+    if isinstance(msg, (CallMsg, CallFetchMsg, CallWaitMsg, RemoteDoMsg)):
+        parts.append(("the function", msg.f))
+        parts += [(f"argument {i + 1}", a) for i, a in enumerate(msg.args)]
+        parts += [(f"keyword argument {k!r}", v) for k, v in msg.kwargs.items()]
+    elif isinstance(msg, ResultMsg):
+        parts.append(("the result", msg.value))
     for what, obj in parts:
         try:
             serialize.dumps(obj)
