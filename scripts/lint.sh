@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lint: ruff, then mypy --strict, both with the rules of pyproject.toml ([tool.ruff],
-# [tool.mypy]: the package and tests/typing/). Any finding fails, except as said below.
+# [tool.mypy]: the package and tests/typecheck/). Any finding fails, except as said below.
 # Arguments go to ruff (for example --fix).
 PYDIST_EXTRAS=lint
 . "$(dirname "$0")/_venv.sh"

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from ..wire import serialize
@@ -256,6 +256,11 @@ class ProcessGroup:
             return any(p == pid for _, p in self.waiting.values())
 
     # -- owned references ------------------------------------------------------------
+    @overload
+    def lookup_ref(self, rrid: RRID, create: Literal[True] = True) -> RemoteValue: ...
+    @overload
+    def lookup_ref(self, rrid: RRID, create: bool) -> RemoteValue | None: ...
+
     def lookup_ref(self, rrid: RRID, create: bool = True) -> RemoteValue | None:
         """The cell behind ``rrid`` owned here, created on first mention (as Julia does)."""
         with self.lock:
