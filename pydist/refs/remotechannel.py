@@ -42,7 +42,7 @@ def _make_channel(rrid: RRID, factory: Any) -> None:
             raise TypeError(f"a RemoteChannel factory must return a channel (with put, take, fetch, "
                             f"isready), not {type(chan).__name__}")
     with PGRP.lock:
-        PGRP.refs[rrid] = _ChannelRef(chan, rrid.whence)   # type: ignore[assignment]
+        PGRP.refs[rrid] = _ChannelRef(chan, rrid.whence)   # type: ignore[assignment]  # refs is typed for Futures
 
 
 def channel_from_id(rrid: RRID) -> Any:
