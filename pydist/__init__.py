@@ -113,7 +113,7 @@ class _Package(types.ModuleType):
             return    # the submodule stays in sys.modules; the name stays the function's
         super().__setattr__(name, value)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (importlib.import_module, (self.__name__,))   # by name, as a plain module pickles
 
 

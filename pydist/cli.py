@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import importlib.metadata
 import multiprocessing
 import os
@@ -36,8 +37,9 @@ DEPENDENCIES = ("cloudpickle", "posix_ipc", "tqdm")
 def _try_transport(scheme: str) -> str:
     """``"ok"`` if a frame goes both ways over ``scheme`` here, else why not."""
     try:
-        with _transport.listen(f"{scheme}://" + ("127.0.0.1:0" if scheme == "tcp" else "")) as lst:
-            accepted: list = []
+        url = f"{scheme}://" + ("127.0.0.1:0" if scheme == "tcp" else "")
+        with contextlib.closing(_transport.listen(url)) as lst:
+            accepted: list[_transport.Transport] = []
             t = threading.Thread(target=lambda: accepted.append(lst.accept()), daemon=True)
             t.start()
             client = _transport.connect(lst.address, 5.0)

@@ -10,6 +10,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "PydistError", "RemoteException", "CapturedException", "ProcessExitedException",
@@ -84,7 +85,7 @@ class ProcessExitedException(PydistError, BrokenProcessPool):
             text = f"worker {worker_id} {detail}"
         super().__init__(text)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.worker_id, self.detail))
 
 
@@ -96,7 +97,7 @@ class RemoteErrorStandIn(Exception):
         self.type_name = type_name
         self.message = message
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.type_name, self.message))
 
 
@@ -137,7 +138,7 @@ class CapturedException:
     def __str__(self) -> str:
         return self.traceback or f"{type(self.ex).__name__}: {self.ex}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         ex = self.ex
         try:
             blob: bytes | None = _exception_pickler(ex)
@@ -187,7 +188,7 @@ class RemoteException(PydistError):
             return f"{head}\n\nRemote traceback (worker {self.pid}):\n{self.captured.traceback.rstrip()}"
         return head
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.pid, self.captured))
 
 

@@ -27,7 +27,7 @@ import time
 import traceback
 import tracemalloc
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from . import transport
 from .errors import TransportBroken, TransportClosed, TransportError
@@ -46,22 +46,23 @@ STEP_TIMEOUT = 30.0   # connecting, or moving a few megabytes
 BIG_TIMEOUT = 90.0    # moving several `big` frames
 SETTLE = 0.2          # time for a thread to reach its blocking call before we act
 THREAD_PREFIX = "pydist-check-"
+R = TypeVar("R")
 
 
 # -- bounded waiting ----------------------------------------------------------------------
 
-class _Task:
+class _Task(Generic[R]):
     """A call running in a daemon thread, awaited with a deadline."""
 
-    def __init__(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+    def __init__(self, name: str, fn: Callable[..., R], *args: Any) -> None:
         self.name = name
-        self.value: Any = None
+        self.value: R | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, args=(fn, args), name=THREAD_PREFIX + name, daemon=True)
         self._thread.start()
 
-    def _run(self, fn: Callable[..., Any], args: tuple) -> None:
+    def _run(self, fn: Callable[..., R], args: tuple[Any, ...]) -> None:
         try:
             self.value = fn(*args)
         except BaseException as e:  # reported to whoever waits for the task
@@ -78,17 +79,20 @@ class _Task:
             raise AssertionError(f"{self.name!r} did not finish within {timeout} s\n{self._stack()}")
         return self.error
 
-    def result(self, timeout: float) -> Any:
+    def result(self, timeout: float) -> R:
         """The call's value; re-raises its exception; AssertionError on timeout."""
-        if self.wait(timeout) is not None:
-            raise self.error  # type: ignore[misc]
-        return self.value
+        error = self.wait(timeout)
+        if error is not None:
+            raise error
+        return cast(R, self.value)   # set: the call returned
 
     def discard(self) -> None:
         """Give the call a moment to end, and abort the transport it returned, if any."""
         self._thread.join(WAKE_TIMEOUT)
-        if self.done and self.error is None and hasattr(self.value, "abort"):
-            self.value.abort()
+        if self.done and self.error is None:
+            abort = getattr(self.value, "abort", None)
+            if abort is not None:
+                abort()
 
     def _stack(self) -> str:
         frame = sys._current_frames().get(self._thread.ident or -1)
@@ -96,7 +100,7 @@ class _Task:
         return f"stack of thread {self._thread.name}:\n{text}"
 
 
-def _wait_all(tasks: list[_Task], timeout: float) -> list[Any]:
+def _wait_all(tasks: list[_Task[Any]], timeout: float) -> list[Any]:
     """The values of all tasks; the first failure is raised as soon as it happens."""
     deadline = time.monotonic() + timeout
     while not all(t.done for t in tasks):
@@ -112,7 +116,7 @@ def _wait_all(tasks: list[_Task], timeout: float) -> list[Any]:
     return [t.result(0) for t in tasks]
 
 
-def _expect_error(task: _Task, timeout: float, kinds: tuple[type, ...], what: str) -> BaseException:
+def _expect_error(task: _Task[Any], timeout: float, kinds: tuple[type, ...], what: str) -> BaseException:
     """The exception ``task`` ends with, checked to be one of ``kinds`` within ``timeout``."""
     try:
         error = task.wait(timeout)
@@ -180,7 +184,9 @@ def _transfer(src: Transport, dst: Transport, frames: list[list[Any]], what: str
     def receive() -> list[Any]:
         return [keep(dst.recv_frame()) for _ in frames]
 
-    return _wait_all([_Task(f"send {what}", send), _Task(f"receive {what}", receive)], timeout)[1]
+    receiving = _Task(f"receive {what}", receive)
+    _wait_all([_Task(f"send {what}", send), receiving], timeout)
+    return receiving.result(0)
 
 
 # -- ordering, sizes, parts -----------------------------------------------------------------
@@ -221,7 +227,7 @@ def _multipart_cases() -> list[list[Any]]:
     with contextlib.suppress(ImportError):
         import numpy
         matrix = numpy.arange(12_000, dtype=numpy.float64).reshape(100, 120)
-        cases.append([b"np", memoryview(matrix), memoryview(numpy.arange(7, dtype=numpy.int16))])
+        cases.append([b"np", matrix.data, numpy.arange(7, dtype=numpy.int16).data])   # memoryviews
     return cases
 
 
@@ -325,8 +331,11 @@ def check_abort_never_blocks(listen_url: str, *, big: int = BIG, frames: int = 1
     size = max(big, 32 << 20)  # more than any ring or socket buffers
     with _pair(listen_url) as (a, b):
         payload = bytes(size)
-        sending = _Task("sends to a peer that does not read",
-                        lambda: [a.send_frame([payload]) for _ in range(frames)])
+
+        def send_all() -> None:
+            for _ in range(frames):
+                a.send_frame([payload])
+        sending = _Task("sends to a peer that does not read", send_all)
         time.sleep(SETTLE)
         assert not sending.done, (f"{frames} frames of {size} bytes were sent to a peer that "
                                   "reads nothing, without blocking")
@@ -373,7 +382,7 @@ def _peer_main(url: str) -> None:
     t.close()
 
 
-def _start_peer(address: str) -> subprocess.Popen:
+def _start_peer(address: str) -> subprocess.Popen[bytes]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -382,7 +391,7 @@ def _start_peer(address: str) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _accept_from(listener: transport.Listener, child: subprocess.Popen) -> Transport:
+def _accept_from(listener: transport.Listener, child: subprocess.Popen[bytes]) -> Transport:
     """The child's connection; fails at once (with its stderr) if the child exits first."""
     accepting = _Task("accept the child's connection", listener.accept)
     deadline = time.monotonic() + STEP_TIMEOUT

@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, SupportsIndex
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class _SharedRef:
 
     def __init__(self, m: Mapping) -> None:
         self.mapping, self.tokens = m, 0
-        self.base_address = np.frombuffer(m.buf, np.uint8, count=1).__array_interface__["data"][0]
+        self.base_address: int = np.frombuffer(m.buf, np.uint8, count=1).__array_interface__["data"][0]
 
     def __del__(self) -> None:
         if self.tokens:
@@ -63,7 +63,8 @@ class _SharedRef:
         counted = getattr(PGRP.sending, "counted", None) if dest is not None else None
         key = (id(arr), arr.__array_interface__["data"][0], arr.shape, arr.strides)
         if counted is not None and key in counted:
-            return counted[key]
+            sent: bool = counted[key]
+            return sent
         done = sharedmap.note_sent(m.owner, m.rrid, dest)
         if counted is not None:
             counted[key] = done
@@ -161,7 +162,7 @@ class SharedArray(np.ndarray):
             return out[()] if return_scalar else out.view(np.ndarray)
         return out
 
-    def __reduce_ex__(self, protocol: int) -> Any:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         ref = self._ref
         if ref is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
@@ -228,7 +229,7 @@ def _view(ref: _SharedRef, offset: int, shape: tuple[int, ...],
 # -- creation ------------------------------------------------------------------------------
 def _check_shape(shape: Any) -> tuple[int, ...]:
     def is_dim(d: Any) -> bool:
-        return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
+        return isinstance(d, (int, np.integer)) and not isinstance(d, bool) and bool(d >= 0)
     dims = (shape,) if is_dim(shape) else shape
     try:
         dims = tuple(dims)
@@ -239,9 +240,9 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def _check_dtype(dtype: Any) -> np.dtype:
+def _check_dtype(dtype: Any) -> np.dtype[Any]:
     try:
-        dt = np.dtype(dtype)
+        dt: np.dtype[Any] = np.dtype(dtype)
     except TypeError as exc:
         raise TypeError(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
     if dt.hasobject:

@@ -23,6 +23,7 @@ import mmap
 import queue
 import threading
 import weakref
+from typing import Any
 
 from ..cluster.dispatch import OpContext, internal_op
 from ..cluster.group import PGRP
@@ -130,7 +131,7 @@ class OwnedArray:
 def register_owned(rrid: RRID, name: str, pids: tuple[int, ...]) -> None:
     """Record a new SharedArray owned here, held once by this process."""
     with PGRP.lock:
-        PGRP.refs[rrid] = OwnedArray(name, pids, PGRP.myid)  # type: ignore[assignment]
+        PGRP.refs[rrid] = OwnedArray(name, pids, PGRP.myid)  # type: ignore[assignment]  # refs is typed for Futures
 
 
 def count_holder(rrid: RRID, pid: int, n: int) -> bool:
@@ -195,7 +196,7 @@ class _Notices:
     where nothing may block on a connection."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
 
@@ -205,7 +206,7 @@ class _Notices:
         if others:
             self.put(("forget", name, others))
 
-    def put(self, item: tuple) -> None:
+    def put(self, item: tuple[Any, ...]) -> None:
         self._queue.put(item)
         if self._thread is None:
             with self._start:

@@ -62,7 +62,7 @@ def restrict(allowed: Collection[int], refusal: Callable[[int], str]) -> int | N
     ``ValueError(refusal(pid))`` for a message to another process; records the rule when
     pickling ahead. The destination, if known (None otherwise)."""
     tls = PGRP.sending
-    dest = getattr(tls, "pid", None)
+    dest: int | None = getattr(tls, "pid", None)
     if dest is not None:
         if dest not in allowed:
             raise ValueError(refusal(dest))

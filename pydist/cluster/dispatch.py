@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from ..errors import (
     BodyDecodeError,
@@ -67,7 +67,7 @@ def _user_frames(tb: TracebackType | None) -> TracebackType | None:
     return first if tb is None else tb
 
 
-def run_call(f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+def run_call(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run user code; its value, or a ``Failure`` carrying a ``RemoteException``."""
     runner = PGRP._runner
     try:
@@ -120,7 +120,7 @@ class OpContext:
 
 def internal_op(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark ``fn(ctx, *args)`` as an operation run on the reader thread; it must not block."""
-    fn._pydist_op = True  # type: ignore[attr-defined]
+    fn._pydist_op = True  # type: ignore[attr-defined]  # a mark on the function object itself
     return fn
 
 
@@ -216,7 +216,7 @@ def _on_undecodable(w: Worker, e: BodyDecodeError) -> None:
     cause = e.__cause__ or e
     what = "result" if e.kind is ResultMsg else "call"
     failure = Failure(capture(cause, pid=PGRP.myid if e.kind is not ResultMsg else w.id))
-    h = e.header
+    h = cast(MsgHeader, e.header)   # (errors.py, below the messages, cannot name the type)
     if e.kind is ResultMsg:
         PGRP.complete_reply(h.response_oid, failure)
     elif e.kind in (CallMsg, CallWaitMsg):
@@ -271,5 +271,5 @@ def _lost(w: Worker, detail: str) -> None:
 
 def start_serving(w: Worker) -> Inbox:
     """Start reading ``w``'s connection (its pumpers, or a background reader)."""
-    w.inbox = Inbox(w, read_one, _lost)
-    return w.inbox
+    inbox = w.inbox = Inbox(w, read_one, _lost)
+    return inbox

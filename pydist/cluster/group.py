@@ -29,12 +29,22 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 from ..errors import ProcessExitedException, SerializationError, TransportError, describe_exit
 from ..wire import serialize
 from ..wire.codec import encode_message
-from ..wire.messages import RRID, Message, MsgHeader, make_rrid
+from ..wire.messages import (
+    RRID,
+    CallFetchMsg,
+    CallMsg,
+    CallWaitMsg,
+    Message,
+    MsgHeader,
+    RemoteDoMsg,
+    ResultMsg,
+    make_rrid,
+)
 from .peers import W_CONNECTED, W_CREATED, W_TERMINATED, W_TERMINATING, Worker
 from .runner import TaskRunner
 from .values import Failure, RemoteValue
@@ -246,6 +256,11 @@ class ProcessGroup:
             return any(p == pid for _, p in self.waiting.values())
 
     # -- owned references ------------------------------------------------------------
+    @overload
+    def lookup_ref(self, rrid: RRID, create: Literal[True] = True) -> RemoteValue: ...
+    @overload
+    def lookup_ref(self, rrid: RRID, create: bool) -> RemoteValue | None: ...
+
     def lookup_ref(self, rrid: RRID, create: bool = True) -> RemoteValue | None:
         """The cell behind ``rrid`` owned here, created on first mention (as Julia does)."""
         with self.lock:
@@ -365,12 +380,12 @@ def _await_reader(w: Worker, inbox: Any, timeout: float) -> None:
 def _name_unpicklable(msg: Message, pid: int, error: SerializationError) -> SerializationError:
     """The pickling error of a message, saying which argument (or the result) failed."""
     parts: list[tuple[str, Any]] = []
-    if hasattr(msg, "args"):
-        parts.append(("the function", msg.f))   # type: ignore[attr-defined]
-        parts += [(f"argument {i + 1}", a) for i, a in enumerate(msg.args)]   # type: ignore[attr-defined]
-        parts += [(f"keyword argument {k!r}", v) for k, v in msg.kwargs.items()]   # type: ignore[attr-defined]
-    elif hasattr(msg, "value"):
-        parts.append(("the result", msg.value))   # type: ignore[attr-defined]
+    if isinstance(msg, (CallMsg, CallFetchMsg, CallWaitMsg, RemoteDoMsg)):
+        parts.append(("the function", msg.f))
+        parts += [(f"argument {i + 1}", a) for i, a in enumerate(msg.args)]
+        parts += [(f"keyword argument {k!r}", v) for k, v in msg.kwargs.items()]
+    elif isinstance(msg, ResultMsg):
+        parts.append(("the result", msg.value))
     for what, obj in parts:
         try:
             serialize.dumps(obj)

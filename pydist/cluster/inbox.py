@@ -21,7 +21,7 @@ until the frame it needs has been handled by whoever holds it.
 """
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # signal's C half: typeshed has no stub for it
 import signal
 import threading
 import time

@@ -40,7 +40,7 @@ PEER_CONNECT_TIMEOUT = 30.0
 MAX_UNAUTHENTICATED = 64
 
 
-def _with_deadline(t: Transport, seconds: float):
+def _with_deadline(t: Transport, seconds: float) -> threading.Timer:
     """A started timer that aborts ``t`` when ``seconds`` pass (cancel it when done)."""
     timer = threading.Timer(seconds, t.abort)
     timer.daemon = True
@@ -191,6 +191,7 @@ def serve_incoming(t: Transport) -> None:
         if "refused" in str(e):   # a wrong proof is worth a line; a dropped idle socket is not
             print(f"pydist: process {PGRP.myid} refused a connection: {e}", file=sys.stderr)
         return
+    w: Worker | None
     if isinstance(first, JoinPGRPMsg) and PGRP.role == "worker" and 1 not in PGRP.workers:
         w = _adopt(first, t)
     elif isinstance(first, IdentifySocketMsg) and first.from_pid > 1:

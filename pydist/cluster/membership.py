@@ -25,7 +25,8 @@ def myid() -> int:
 def workers() -> list[int]:
     """The ids of all workers (``[1]`` when there are none), ascending."""
     if PGRP.role == "worker":
-        return unwrap(call_on_owner(_ask_master, 1, "workers", None))
+        answer: list[int] = unwrap(call_on_owner(_ask_master, 1, "workers", None))
+        return answer
     ids = PGRP.worker_ids()
     return ids or [1]
 
@@ -33,7 +34,8 @@ def workers() -> list[int]:
 def procs(pid: int | None = None) -> list[int]:
     """Every process id, master included; with ``pid``: those on the same host as ``pid``."""
     if PGRP.role == "worker":
-        return unwrap(call_on_owner(_ask_master, 1, "procs", pid))
+        answer: list[int] = unwrap(call_on_owner(_ask_master, 1, "procs", pid))
+        return answer
     ids = [1, *PGRP.worker_ids()]
     if pid is None:
         return ids

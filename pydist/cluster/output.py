@@ -115,7 +115,10 @@ def _writer(relay: Relay, index: int) -> Callable[[bytes], None]:
     """How stream ``index`` (0 stdout, 1 stderr) of ``relay``'s worker is passed on."""
     name = ("stdout", "stderr")[index]
     if callable(relay.output):
-        return lambda data: data and relay.output(relay.pid, name, data)
+        def call(data: bytes) -> None:
+            if data:
+                relay.output(relay.pid, name, data)
+        return call
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if relay.output == "raw":
         return lambda data: _write_raw(getattr(sys, name), data, decoder)
@@ -186,6 +189,7 @@ class _WorkerStream(io.TextIOWrapper):
     """The worker's ``sys.stdout``/``sys.stderr``: notes that something was written."""
 
     dirty = False
+    raw_file: _CountingFile   # set right after it is made
 
     def write(self, s: str) -> int:
         self.dirty = True
@@ -206,7 +210,7 @@ def install_worker_streams() -> None:
         raw = _CountingFile(fd)
         stream = _WorkerStream(io.BufferedWriter(raw), encoding=encoding, errors=errors,
                                line_buffering=True)
-        stream.raw_file = raw    # type: ignore[attr-defined]
+        stream.raw_file = raw
         try:
             old.flush()
         except (OSError, ValueError):
@@ -229,4 +233,4 @@ def printed() -> tuple[int, int] | None:
             s.flush()
         except (OSError, ValueError):
             pass
-    return (out.raw_file.count, err.raw_file.count)   # type: ignore[attr-defined]
+    return (out.raw_file.count, err.raw_file.count)

@@ -45,17 +45,17 @@ class WorkerConfig:
     """
 
     exename: str | None = None
-    exeflags: tuple = ()
+    exeflags: tuple[str, ...] = ()
     host: str | None = None
     port: int | None = None
-    sshflags: tuple = ()
+    sshflags: tuple[str, ...] = ()
     max_parallel: int | None = None
     connect_at: Any = None
     process: Any = None
     ospid: int | None = None
-    environ: dict | None = None
+    environ: dict[str, str] | None = None
     ident: Any = None
-    connect_idents: list | None = None
+    connect_idents: list[Any] | None = None
     enable_threaded_blas: bool | None = None
     count: int | None = None
     bind_addr: str | None = None
@@ -63,7 +63,7 @@ class WorkerConfig:
     multiplex: bool | None = None
     userdata: Any = None
     transport: str = "auto"
-    addresses: tuple = ()
+    addresses: tuple[str, ...] = ()
     io: Any = field(default=None, repr=False)   # the worker's output stream, if the manager has it
 
 

@@ -17,6 +17,7 @@ On the master, which owns no main thread, the runner is a daemon thread.
 from __future__ import annotations
 
 import ctypes
+import enum
 import queue
 import signal
 import threading
@@ -24,23 +25,29 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from .inbox import Inbox
 
 __all__ = ["TaskRunner"]
 
-_STOP = object()
+Task = Callable[[], object]   # what it returns is dropped
+
+
+class _Stop(enum.Enum):
+    STOP = 0   # put in the queue to end one runner thread
+
+
+_STOP: Final = _Stop.STOP
 _SPARE_POLL = 0.05
-Task = Callable[[], None]
 
 
 class TaskRunner:
     """Runs zero-argument callables submitted by the readers of connections."""
 
     def __init__(self, *, main_thread: bool) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Task | _Stop] = queue.SimpleQueue()
         self._mine: deque[Task] = deque()   # read by the idle main thread: runs there, always
         self._lock = threading.Lock()
         self._runners = 0            # runner threads alive
@@ -112,7 +119,7 @@ class TaskRunner:
             except KeyboardInterrupt:
                 continue   # an interrupt that arrived between calls: nothing to interrupt
 
-    def _next_main_task(self, main_inbox: Callable[[], Inbox | None]) -> object:
+    def _next_main_task(self, main_inbox: Callable[[], Inbox | None]) -> Task | _Stop | None:
         if self._mine:
             return self._mine.popleft()
         try:
@@ -143,6 +150,7 @@ class TaskRunner:
         t.start()
 
     def _thread_loop(self, first: Task | None, spare: bool) -> None:
+        task: Task | _Stop | None
         self._local.runner = True
         if first is not None:
             self._run(first)

@@ -26,7 +26,7 @@ class Failure:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (Failure, (self.exc,))
 
     def __repr__(self) -> str:
@@ -46,7 +46,7 @@ class _Stored:
 
     __slots__ = ()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_stored, ())
 
     def __repr__(self) -> str:

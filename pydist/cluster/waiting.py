@@ -63,8 +63,8 @@ def wait_value(rv: RemoteValue, timeout: float | None, what: object = "the value
             ok = inbox.wait(rv.ready, timeout) or rv.wait(
                 None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
-        if blocked:
-            runner.exit_blocking()   # type: ignore[union-attr]
+        if blocked and runner is not None:   # (blocked: there is a runner)
+            runner.exit_blocking()
     if not ok:
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
     return rv.value

@@ -164,7 +164,8 @@ def route_to(url: str) -> str:
     infos = socket.getaddrinfo(target.host, target.port or 9, family, socket.SOCK_DGRAM)
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect(infos[0][4])
-        return s.getsockname()[0]
+        address: str = s.getsockname()[0]
+        return address
 
 
 def dial_master(url: str, cookie: str, addresses: tuple[str, ...],

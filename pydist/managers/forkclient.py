@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["ForkedProcess", "fork_worker", "fork_refusal", "set_worker_preload",
@@ -73,7 +74,7 @@ def _fixed(env: dict[str, str]) -> dict[str, str]:
             if k.startswith(_FIXED_PREFIXES) or k.endswith(_FIXED_SUFFIXES)}
 
 
-def fork_refusal(exename: str, exeflags: tuple | list, env: dict[str, str]) -> str | None:
+def fork_refusal(exename: str, exeflags: Sequence[str], env: dict[str, str]) -> str | None:
     """Why a worker with this interpreter, flags and environment cannot be forked
     (``None``: it can)."""
     if os.environ.get("PYDIST_WORKER_SERVER", "1") in ("0", "off", "no"):
@@ -112,8 +113,11 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         if not self._done.wait(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)   # type: ignore[arg-type]
-        return self.returncode   # type: ignore[return-value]
+            assert timeout is not None   # (without one, the wait lasts until the end)
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        returncode = self.returncode
+        assert returncode is not None   # (_ended sets it before the event)
+        return returncode
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:     # never signal a pid that may have been reused
@@ -138,7 +142,7 @@ class _Server:
         self.owner = os.getpid()
         self.sock = ours
         self.lock = threading.Lock()              # one request at a time
-        self.replies: queue.Queue[tuple] = queue.Queue()
+        self.replies: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.children: dict[int, ForkedProcess] = {}
         self.exits: dict[int, int] = {}           # exits reported before their fork's reply
         self.stdlib: set[str] = set()             # standard modules it was asked to import
@@ -186,7 +190,7 @@ class _Server:
         if proc is not None:
             proc._ended(returncode)
 
-    def _reply(self, timeout: float) -> tuple:
+    def _reply(self, timeout: float) -> tuple[Any, ...]:
         try:
             return self.replies.get(timeout=timeout)
         except queue.Empty:
@@ -279,7 +283,7 @@ def _master_has() -> list[str]:
 
 def _stdlib_imported(known: set[str]) -> list[str]:
     """Public modules of the standard library imported here and not in ``known``."""
-    stdlib = getattr(sys, "stdlib_module_names", frozenset())
+    stdlib: frozenset[str] = getattr(sys, "stdlib_module_names", frozenset())
     out = []
     for name in list(sys.modules):
         top = name.partition(".")[0]

@@ -23,7 +23,7 @@ from ..cluster.output import Relay, check_output
 from ..cluster.peers import WorkerConfig
 from ..errors import LaunchError, describe_exit
 from .base import ClusterManager, parse_contact_line
-from .forkclient import check_preload, fork_refusal, fork_worker
+from .forkclient import ForkedProcess, check_preload, fork_refusal, fork_worker
 from .params import scrub
 
 __all__ = ["LocalManager"]
@@ -77,7 +77,7 @@ class LocalManager(ClusterManager):
         if errors:
             raise LaunchError("; ".join(errors))
 
-    def _spawn(self, params: dict[str, Any], cookie: str) -> subprocess.Popen:
+    def _spawn(self, params: dict[str, Any], cookie: str) -> subprocess.Popen[bytes] | ForkedProcess:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in (params.get("env") or {}).items()})
         # Make sure the worker finds this very pydist even when it is not installed
@@ -95,11 +95,11 @@ class LocalManager(ClusterManager):
             cmd += ["--bind", "0.0.0.0"]
         if params.get("transport") == "tcp":
             cmd += ["--transports", "tcp"]
-        proc = self._fork(params, cmd, env)
-        if proc is not None:
-            proc.stdin.write((cookie + "\n").encode())
-            proc.stdin.flush()
-            return proc
+        forked = self._fork(params, cmd, env)
+        if forked is not None:
+            forked.stdin.write((cookie + "\n").encode())
+            forked.stdin.flush()
+            return forked
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, cwd=params["dir"], env=env,
@@ -113,7 +113,7 @@ class LocalManager(ClusterManager):
         return proc
 
     @staticmethod
-    def _fork(params: dict[str, Any], cmd: list[str], env: dict[str, str]) -> Any:
+    def _fork(params: dict[str, Any], cmd: list[str], env: dict[str, str]) -> ForkedProcess | None:
         """The worker forked by the worker server (``forkclient``), or ``None`` where a
         fork cannot honour the request and a fresh interpreter must start."""
         if fork_refusal(params["exename"], params["exeflags"], env) is not None:
@@ -160,16 +160,17 @@ def _close_lifeline(config: WorkerConfig) -> None:
         threading.Thread(target=proc.wait, name="pydist-reaper", daemon=True).start()
 
 
-def _await_contact(proc: subprocess.Popen, timeout: float, cookie: str) -> tuple[str, ...]:
+def _await_contact(proc: subprocess.Popen[bytes] | ForkedProcess, timeout: float, cookie: str) -> tuple[str, ...]:
     """Read the worker's output until its contact line; LaunchError if it dies or stalls.
     The output is quoted with the cookie blanked out: an interpreter told to run its
     standard input as a program would print it."""
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     seen: list[str] = []
     result: list[tuple[str, ...]] = []
 
     def read() -> None:
-        for raw in iter(proc.stdout.readline, b""):   # type: ignore[union-attr]
+        for raw in iter(stdout.readline, b""):
             line = raw.decode(errors="replace")
             addresses = parse_contact_line(line)
             if addresses is not None:

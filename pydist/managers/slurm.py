@@ -129,12 +129,12 @@ class SlurmManager(ClusterManager):
         threading.Thread(target=self._watch, args=(job,), name="pydist-srun-watch",
                          daemon=True).start()
 
-    def _collect(self, job: SrunJob, arrivals: queue.SimpleQueue, params: dict[str, Any],
+    def _collect(self, job: SrunJob, arrivals: queue.SimpleQueue[Arrival], params: dict[str, Any],
                  launched: list[WorkerConfig], ntfy: Any) -> None:
         """Announce each task as it dials in, until all have; else a LaunchError."""
         clock = _LaunchClock(time.monotonic())
         expected: int | None = None
-        tasks: set = set()
+        tasks: set[int | None] = set()
         while expected is None or len(tasks) < expected:
             try:
                 arrival = arrivals.get(timeout=0.1)
@@ -151,8 +151,8 @@ class SlurmManager(ClusterManager):
                 launched.append(config)
                 ntfy.notify_all()
 
-    def _problem(self, job: SrunJob, clock: _LaunchClock, arrivals: queue.SimpleQueue,
-                 tasks: set) -> str:
+    def _problem(self, job: SrunJob, clock: _LaunchClock, arrivals: queue.SimpleQueue[Arrival],
+                 tasks: set[int | None]) -> str:
         """Why the launch cannot go on ("" while it can); shows a pending job's state."""
         now = time.monotonic()
         lost = sorted({f"{node} ({what})" for node, failed, what in job.failed if failed - tasks})
@@ -176,7 +176,7 @@ class SlurmManager(ClusterManager):
             return f"the job ran {RUNNING_TIMEOUT:g} s and not every task dialed in"
         return ""
 
-    def _failure(self, job: SrunJob, what: str, expected: int | None, tasks: set) -> str:
+    def _failure(self, job: SrunJob, what: str, expected: int | None, tasks: set[int | None]) -> str:
         code = job.proc.poll()
         joined = f"{len(tasks)} {f'of {expected} ' if expected else ''}workers joined"
         if expected is not None and len(tasks) < expected:

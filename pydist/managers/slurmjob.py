@@ -26,6 +26,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import TextIO
 
 __all__ = ["SrunJob", "slurm_query", "HOPELESS_REASONS"]
 
@@ -231,9 +232,9 @@ def _task_set(text: str) -> set[int]:
     return tasks
 
 
-def _write(stream: object, text: str) -> None:
+def _write(stream: TextIO, text: str) -> None:
     try:
-        stream.write(text if text.endswith("\n") else text + "\n")   # type: ignore[attr-defined]
-        stream.flush()   # type: ignore[attr-defined]
+        stream.write(text if text.endswith("\n") else text + "\n")
+        stream.flush()
     except (ValueError, OSError):
         pass

@@ -93,7 +93,7 @@ class SSHManager(ClusterManager):
         self._sessions: dict[int, _Session] = {}   # id(config) -> session
         tmp = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
         self._control_prefix = os.path.join(tmp, f"pydist-ssh-{secrets.token_hex(8)}-")
-        self._masters: dict[tuple, _Master] = {}   # (user, host, port) -> its master
+        self._masters: dict[tuple[str | None, str, int | None], _Master] = {}   # (user, host, port) -> its master
 
     def __repr__(self) -> str:
         machines = [m.spec if m.count == 1 else (m.spec, m.count) for m in self.machines]

@@ -32,7 +32,8 @@ _LIFELINE_WAIT = 2.0       # for a worker whose session's input was closed, befo
 def _free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 # -- one worker's ssh session ---------------------------------------------------------------
@@ -49,11 +50,11 @@ class _Session:
     """The ssh client of one worker, its tunnel (if any) and how it ends."""
 
     def __init__(self, manager: _Owner, m: Machine, opts: _Options,
-                 proc: subprocess.Popen) -> None:
+                 proc: subprocess.Popen[bytes]) -> None:
         self.manager, self.machine, self.opts, self.proc = manager, m, opts, proc
         self.pid: int | None = None
         self.config: WorkerConfig | None = None       # its ospid is known once it joined
-        self.tunnel: subprocess.Popen | None = None   # the forwarding ssh (without multiplex)
+        self.tunnel: subprocess.Popen[bytes] | None = None   # the forwarding ssh (without multiplex)
         self.forward = ""                              # its -L spec
         self.tunnel_url = ""                           # where the master dials, with a tunnel
         self.remote_url = ""
@@ -150,7 +151,7 @@ PGRP.on_worker_lost.append(_on_worker_lost)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def _run_ssh(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _run_ssh(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run a short ssh command; its output merged; a timeout is exit status -1."""
     try:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -163,7 +164,7 @@ def _run_ssh(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(argv, -1, f"cannot run ssh: {e}")
 
 
-def _send_cookie(proc: subprocess.Popen, cookie: str) -> None:
+def _send_cookie(proc: subprocess.Popen[bytes], cookie: str) -> None:
     assert proc.stdin is not None
     try:
         proc.stdin.write((cookie + "\n").encode())
@@ -172,15 +173,16 @@ def _send_cookie(proc: subprocess.Popen, cookie: str) -> None:
         pass   # ssh already ended: its output says why
 
 
-def _await_contact(proc: subprocess.Popen, m: Machine, deadline: float) -> str:
+def _await_contact(proc: subprocess.Popen[bytes], m: Machine, deadline: float) -> str:
     """Read the session's output until the worker's contact line; ``LaunchError`` naming the
     host if ssh ends first or the deadline passes."""
-    assert proc.stdout is not None
-    lines: queue.SimpleQueue = queue.SimpleQueue()
+    stdout = proc.stdout
+    assert stdout is not None
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
     seen: list[str] = []
 
     def read() -> None:
-        for raw in iter(proc.stdout.readline, b""):   # type: ignore[union-attr]
+        for raw in iter(stdout.readline, b""):
             line = raw.decode(errors="replace")
             lines.put(line)
             if parse_contact_line(line) is not None:
@@ -232,14 +234,14 @@ def _relay(session: _Session) -> None:
     session.finish()
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         return None
 
 
-def _close_stdin(proc: subprocess.Popen) -> None:
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
     try:
         if proc.stdin is not None:
             proc.stdin.close()
@@ -247,7 +249,7 @@ def _close_stdin(proc: subprocess.Popen) -> None:
         pass
 
 
-def _end(proc: subprocess.Popen, grace: float = 2.0) -> None:
+def _end(proc: subprocess.Popen[bytes], grace: float = 2.0) -> None:
     """SIGTERM ``proc`` after ``grace`` s, SIGKILL 2 s later; reap it."""
     if _wait(proc, grace) is not None:
         return
@@ -260,7 +262,7 @@ def _end(proc: subprocess.Popen, grace: float = 2.0) -> None:
             return
 
 
-def _drain(proc: subprocess.Popen) -> str:
+def _drain(proc: subprocess.Popen[bytes]) -> str:
     try:
         return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     except (OSError, ValueError):

@@ -33,6 +33,7 @@ import socket
 import struct
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
@@ -92,10 +93,11 @@ class _SocketState:
                 pass  # not connected, or already reset by the peer
             self._release_if_idle()
 
-    def raise_error(self, fallback: TransportError) -> None:
+    def raise_error(self, fallback: TransportError) -> NoReturn:
         """Raise the recorded reason if there is one (this side closed first), else ``fallback``."""
         self.shut(fallback, linger0=isinstance(fallback, TransportBroken))
-        raise type(self.error)(str(self.error))
+        error = self.error if self.error is not None else fallback   # (shut() has set it)
+        raise type(error)(str(error))
 
     def _release_if_idle(self) -> None:
         if self.error is not None and self._users == 0 and not self._released:
@@ -205,7 +207,7 @@ class TcpTransport:
 
     # -- sending ------------------------------------------------------------------------
 
-    def _send_all(self, bufs: list, total: int) -> None:
+    def _send_all(self, bufs: list[bytes | memoryview], total: int) -> None:
         """Write all ``total`` bytes of ``bufs``, resuming after partial writes without copying.
 
         An exception from a signal handler before the first byte cancels the frame; after it,
@@ -300,12 +302,12 @@ class TcpTransport:
             f"(received {got} of {total} bytes)")
 
 
-def _as_buffers(parts: Sequence[transport.Buffer]) -> tuple[list, int]:
+def _as_buffers(parts: Sequence[transport.Buffer]) -> tuple[list[bytes | memoryview], int]:
     """Flat byte views of ``parts`` (empty ones dropped) and their total length.
 
     Checked before anything is sent, so a bad part cannot leave half a frame on the wire.
     """
-    bufs: list = []
+    bufs: list[bytes | memoryview] = []
     total = 0
     for i, part in enumerate(parts):
         if type(part) is bytes:
@@ -324,11 +326,12 @@ def _as_buffers(parts: Sequence[transport.Buffer]) -> tuple[list, int]:
     return bufs, total
 
 
-def _advance(bufs: list, sent: int) -> list:
+def _advance(bufs: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
     """``bufs`` without their first ``sent`` bytes (a partly sent buffer becomes a view)."""
     i = 0
     while i < len(bufs):
-        n = len(bufs[i]) if type(bufs[i]) is bytes else bufs[i].nbytes
+        buf = bufs[i]
+        n = buf.nbytes if type(buf) is memoryview else len(buf)
         if sent < n:
             break
         sent -= n

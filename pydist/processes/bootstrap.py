@@ -109,7 +109,7 @@ def start_worker(out: TextIO = sys.stdout, cookie: str | None = None, *, close_s
     if stderr_to_stdout and hasattr(out, "fileno"):
         os.dup2(out.fileno(), 2)
     try:
-        out.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+        out.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # a TextIO may lack it: caught
     except (AttributeError, ValueError):
         pass
     if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <worker>` prints every thread's stack

@@ -90,7 +90,7 @@ class _Server:
                     _drain(self.wake_r)
             self.reap()
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: tuple[Any, ...]) -> None:
         self.sock.send(pickle.dumps(msg))
 
     def serve_one(self) -> bool:

@@ -121,7 +121,7 @@ def addprocs(arg: Any = None, n: int | None = None, **kwargs: Any) -> list[int]:
     PGRP.topology, PGRP.lazy = params["topology"], params["lazy"]
     launched: list[WorkerConfig] = []
     ntfy = threading.Condition()
-    outcome: dict[str, BaseException] = {}
+    outcome: dict[str, BaseException | None] = {}   # "error", and "done" once over
 
     def launch() -> None:
         try:
@@ -130,7 +130,7 @@ def addprocs(arg: Any = None, n: int | None = None, **kwargs: Any) -> list[int]:
             outcome["error"] = e
         finally:
             with ntfy:
-                outcome.setdefault("done", None)   # type: ignore[arg-type]
+                outcome.setdefault("done", None)
                 ntfy.notify_all()
 
     threading.Thread(target=launch, name="pydist-launch", daemon=True).start()
@@ -146,7 +146,8 @@ def _wait_for(manager: Any, n: int, kwargs: dict[str, Any]) -> list[int]:
     timeout = kwargs.pop("timeout", None)
     if kwargs:
         raise TypeError(f"addprocs(manager, n) takes only timeout=, not {sorted(kwargs)}")
-    return wait_for(n, timeout)
+    pids: list[int] = wait_for(n, timeout)
+    return pids
 
 
 def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: list[WorkerConfig],
@@ -155,10 +156,10 @@ def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: li
     seen, setups, joined, failures = 0, [], [], []
     sequential = not params["lazy"] or params["topology"] == "custom"
 
-    def setup(w: Worker) -> None:
+    def setup(w: Worker, config: WorkerConfig) -> None:   # (config: w's own)
         try:
             join_worker(w, params)
-            manager.manage(w.id, w.config, "register")   # type: ignore[arg-type]
+            manager.manage(w.id, config, "register")
             joined.append(w.id)
         except BaseException as e:
             failures.append(f"worker {w.id}: {e}")
@@ -176,7 +177,7 @@ def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: li
                 w = Worker(PGRP.next_pid, config, manager)
                 PGRP.next_pid += 1
             PGRP.add_worker(w)
-            th = threading.Thread(target=setup, args=(w,), name=f"pydist-join-{w.id}", daemon=True)
+            th = threading.Thread(target=setup, args=(w, config), name=f"pydist-join-{w.id}", daemon=True)
             th.start()
             if sequential:
                 th.join()
@@ -193,7 +194,7 @@ def _join_launched(manager: ClusterManager, params: dict[str, Any], launched: li
     if error is not None or failures:
         problems = ([f"launch failed: {error}"] if error is not None else []) + failures
         exc = LaunchError("; ".join(problems) + (f" (workers {pids} did join)" if pids else ""))
-        exc.pids = pids   # type: ignore[attr-defined]
+        exc.pids = pids   # type: ignore[attr-defined]  # an extra for the caller: who did join
         raise exc from error
     return pids
 
@@ -236,7 +237,7 @@ def _check_waitfor(waitfor: Any) -> None:
         raise ValueError(f"rmprocs: waitfor must not be negative, not {waitfor!r}")
 
 
-def rmprocs(*pids: Any, waitfor: float | None = None) -> Future | None:
+def rmprocs(*pids: Any, waitfor: float | None = None) -> Future[None] | None:
     """Remove workers; wait up to ``waitfor`` seconds (``None``: until they are gone).
 
     ``waitfor=0`` returns at once a ``Future`` (owned here) that completes when the removal
@@ -269,11 +270,12 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> Future | None:
     # the managers to see the processes exit, so that a return means they are gone.
     for t in killers:
         t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return None
 
 
-def _removal_future(killers: list[threading.Thread]) -> Future:
+def _removal_future(killers: list[threading.Thread]) -> Future[None]:
     """A Future set (to ``None``) once every removal thread has finished."""
-    done = Future()
+    done: Future[None] = Future()
     cell = done._local_cell()
 
     def settle() -> None:

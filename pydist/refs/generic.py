@@ -1,13 +1,29 @@
 """The generic functions of Julia's API: ``fetch``, ``put``, ``take``, ``isready``, ``wait``.
 
 Each calls the method of the same name on its argument; ``fetch`` of anything that is not
-a reference returns the thing itself, as in Julia.
+a reference returns the thing itself, as in Julia. For type checkers, ``fetch`` of a
+``Future[T]`` (or of anything whose ``fetch`` method returns a ``T``) is a ``T``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypeVar, overload
 
 __all__ = ["fetch", "put", "take", "isready", "wait", "close"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Fetchable(Protocol[T_co]):
+    """Anything with a ``fetch(timeout=...)`` method: a Future, a channel."""
+
+    def fetch(self, timeout: float | None = None) -> T_co: ...
+
+
+@overload
+def fetch(x: Fetchable[T], timeout: float | None = None) -> T: ...
+@overload
+def fetch(x: T, timeout: float | None = None) -> T: ...
 
 
 def fetch(x: Any, timeout: float | None = None) -> Any:
@@ -36,7 +52,8 @@ def isready(x: Any) -> bool:
     """Whether ``fetch(x)`` would return without blocking."""
     if not hasattr(x, "isready"):
         raise TypeError(f"isready() needs a Future, a channel or a pool, not {type(x).__name__}")
-    return x.isready()
+    ready: bool = x.isready()
+    return ready
 
 
 def wait(x: Any, timeout: float | None = None) -> Any:

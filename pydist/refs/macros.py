@@ -14,7 +14,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable
 from functools import reduce
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from ..cluster.dispatch import capture
 from ..cluster.group import PGRP
@@ -28,6 +28,8 @@ __all__ = ["ANY", "spawnat", "spawn", "fetchfrom", "everywhere", "distributed", 
            "remotecall_eval"]
 
 ANY = "any"
+P = ParamSpec("P")
+R = TypeVar("R")
 _next = itertools.count()
 _next_lock = threading.Lock()
 
@@ -39,7 +41,7 @@ def _nextproc() -> int:
         return ids[next(_next) % len(ids)]
 
 
-def _resolve(p: Any) -> int:
+def _resolve(p: int | str) -> int:
     if p == ANY:
         return _nextproc()
     if not isinstance(p, int) or isinstance(p, bool):
@@ -48,17 +50,17 @@ def _resolve(p: Any) -> int:
     return p
 
 
-def spawnat(p: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+def spawnat(p: int | str, f: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
     """``@spawnat p f(args...)``: start the call on ``p`` (or ``ANY``); its Future."""
     return remotecall(f, _resolve(p), *args, **kwargs)
 
 
-def spawn(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+def spawn(f: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
     """``@spawn``: ``spawnat(ANY, f, ...)``."""
     return spawnat(ANY, f, *args, **kwargs)
 
 
-def fetchfrom(p: Any, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def fetchfrom(p: int | str, f: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """``@fetchfrom p f(args...)``: run on ``p`` (or ``ANY``) and return the value."""
     return remotecall_fetch(f, _resolve(p), *args, **kwargs)
 
@@ -118,7 +120,8 @@ def _called_as_decorator(f: Callable[..., Any]) -> bool:
     return False
 
 
-def _run_everywhere(fn: Callable[..., Any], args: tuple, kwargs: dict, targets: list[int]) -> None:
+def _run_everywhere(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    targets: list[int]) -> None:
     """Run ``fn`` on every target at once (this process last) and wait for all of them."""
     me = myid()
     futures = [(p, remotecall(fn, p, *args, **kwargs)) for p in targets if p != me]
@@ -225,7 +228,7 @@ def distributed(f: Callable[[Any], Any], iterable: Iterable[Any],
         if not futures:
             raise ValueError("distributed with a reducer needs at least one element")
         return reduce(reducer, [fut.fetch() for fut in futures])
-    done = Future()
+    done: Future[None] = Future()
 
     def wait_all() -> None:
         try:
@@ -233,6 +236,6 @@ def distributed(f: Callable[[Any], Any], iterable: Iterable[Any],
                 fut.wait()
             done.put(None)
         except BaseException as e:
-            PGRP.lookup_ref(done.rrid).try_set(Failure(e))   # type: ignore[union-attr]
+            PGRP.lookup_ref(done.rrid).try_set(Failure(e))
     threading.Thread(target=wait_all, name="pydist-distributed", daemon=True).start()
     return done

@@ -4,11 +4,14 @@ A call to ``myid()`` runs in this process with the same semantics: ``remotecall`
 ``remote_do`` as a task of the local runner, ``remotecall_fetch`` right here.
 ``pid`` may also be a worker pool (anything with ``_remotecall_via``): an idle worker is
 taken from it for the duration of the call.
+
+For type checkers the arguments are checked against ``f``'s parameters, and the result is
+typed by what ``f`` returns: ``remotecall(f, ...)`` is a ``Future[R]`` for ``f`` returning ``R``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from ..cluster.dispatch import remote_do_here, run_call
 from ..cluster.group import PGRP
@@ -19,13 +22,26 @@ from .remoteref import Future
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def _check_callable(f: Any) -> None:
+
+class PoolLike(Protocol):
+    """A worker pool as the calls see it: it runs a call on one of its workers."""
+
+    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...],
+                        kwargs: dict[str, Any], /) -> Any: ...
+
+
+
+
+def _check_callable(f: object) -> None:
     if not callable(f):
         raise TypeError(f"the function to call remotely must be callable, not {type(f).__name__}")
 
 
-def _pool_call(kind: str, f: Callable[..., Any], pool: Any, args: tuple, kwargs: dict) -> Any:
+def _pool_call(kind: str, f: Callable[..., Any], pool: object, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
     via = getattr(pool, "_remotecall_via", None)
     if via is None or isinstance(pool, bool):
         raise TypeError(f"{kind}(f, pid, ...): pid must be a process id (an int) or a worker "
@@ -33,13 +49,13 @@ def _pool_call(kind: str, f: Callable[..., Any], pool: Any, args: tuple, kwargs:
     return via(kind, f, args, kwargs)
 
 
-def remotecall(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall(f: Callable[P, R], pid: int | PoolLike, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
     """Start ``f(*args, **kwargs)`` on ``pid``; a ``Future`` for its result, held there."""
     _check_callable(f)
     if not isinstance(pid, int) or isinstance(pid, bool):
-        return _pool_call("remotecall", f, pid, args, kwargs)
+        return cast("Future[R]", _pool_call("remotecall", f, pid, args, kwargs))
     if pid == PGRP.myid:
-        fut = Future()
+        fut: Future[R] = Future()
         cell = fut._local_cell()
         PGRP.runner.submit(lambda: cell.try_set(run_call(f, args, kwargs)))
         return fut
@@ -56,27 +72,31 @@ def remotecall(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Fu
     return fut
 
 
-def remotecall_fetch(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Any:
+def remotecall_fetch(f: Callable[P, R], pid: int | PoolLike, *args: P.args, **kwargs: P.kwargs) -> R:
     """Run ``f(*args, **kwargs)`` on ``pid`` and return its value (one round trip)."""
+    result: R
     _check_callable(f)
     if not isinstance(pid, int) or isinstance(pid, bool):
-        return _pool_call("remotecall_fetch", f, pid, args, kwargs)
+        result = _pool_call("remotecall_fetch", f, pid, args, kwargs)
+        return result
     if pid == PGRP.myid:
-        return unwrap(run_call(f, args, kwargs))
+        result = unwrap(run_call(f, args, kwargs))
+        return result
     rrid, rv = PGRP.expect_reply(pid)      # send() checks pid (its fast path costs nothing)
     try:
         PGRP.send(pid, MsgHeader(notify_oid=rrid), CallFetchMsg(f, args, kwargs))
         value = wait_value(rv, None, f"the call on process {pid}", via=pid)
     finally:
         PGRP.forget_reply(rrid)
-    return unwrap(value)
+    result = unwrap(value)
+    return result
 
 
-def remotecall_wait(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall_wait(f: Callable[P, R], pid: int | PoolLike, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
     """Like ``remotecall``, but return only once the call has finished there."""
     _check_callable(f)
     if not isinstance(pid, int) or isinstance(pid, bool):
-        return _pool_call("remotecall_wait", f, pid, args, kwargs)
+        return cast("Future[R]", _pool_call("remotecall_wait", f, pid, args, kwargs))
     if pid == PGRP.myid:
         return remotecall(f, pid, *args, **kwargs).wait()
     PGRP.check_pid(pid)
@@ -98,7 +118,7 @@ def remotecall_wait(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) 
     return fut
 
 
-def remote_do(f: Callable[..., Any], pid: Any, *args: Any, **kwargs: Any) -> None:
+def remote_do(f: Callable[P, object], pid: int | PoolLike, *args: P.args, **kwargs: P.kwargs) -> None:
     """Run ``f(*args, **kwargs)`` on ``pid`` for its effect; errors are printed there."""
     _check_callable(f)
     if not isinstance(pid, int) or isinstance(pid, bool):

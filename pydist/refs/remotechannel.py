@@ -42,7 +42,7 @@ def _make_channel(rrid: RRID, factory: Any) -> None:
             raise TypeError(f"a RemoteChannel factory must return a channel (with put, take, fetch, "
                             f"isready), not {type(chan).__name__}")
     with PGRP.lock:
-        PGRP.refs[rrid] = _ChannelRef(chan, rrid.whence)   # type: ignore[assignment]
+        PGRP.refs[rrid] = _ChannelRef(chan, rrid.whence)   # type: ignore[assignment]  # refs is typed for Futures
 
 
 def channel_from_id(rrid: RRID) -> Any:
@@ -201,7 +201,7 @@ class RemoteChannel(AbstractRemoteRef):
         """Close the channel (idempotent)."""
         self._op(_chan_close)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         self._note_sent()
         return (_rebuild_channel, (self.where, self.rrid))
 
@@ -214,4 +214,4 @@ def _rebuild_channel(where: int, rrid: RRID) -> RemoteChannel:
     rc.where, rc.rrid, rc._released = where, rrid, False
     if where == PGRP.myid:
         PGRP.add_client(rrid, where)
-    return rc._register()  # type: ignore[return-value]
+    return rc._register()

@@ -13,6 +13,9 @@ Julia's distributed reference counting does:
 
 Each process keeps at most one handle per reference id (``_handles``), so that a
 reference that travels back and forth is counted once per process.
+
+``Future`` is generic in its value's type for type checkers: ``remotecall(f, ...)`` gives a
+``Future[R]`` when ``f`` returns ``R``, and ``fetch`` of it an ``R``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn, Self, TypeVar, cast
 
 from ..cluster.dispatch import OpContext, internal_op
 from ..cluster.group import PGRP
@@ -32,6 +36,8 @@ from ..wire.messages import RRID, CallFetchMsg, MsgHeader, RemoteDoMsg
 from .stdfuture import StdFutureFace
 
 __all__ = ["Future", "AbstractRemoteRef", "remoteref_id"]
+
+T = TypeVar("T")
 
 _UNSET: Any = object()
 BATCH_WINDOW = 0.005   # seconds a del-client notice waits for others to the same owner
@@ -115,24 +121,24 @@ def _add_clients(ctx: OpContext, rrids: list[RRID], client: int) -> None:
 # -- owner-side operations on a Future's cell --------------------------------------------------
 @internal_op
 def _fetch_ref(ctx: OpContext, rrid: RRID) -> None:
-    PGRP.lookup_ref(rrid).add_callback(ctx.reply)   # type: ignore[union-attr]
+    PGRP.lookup_ref(rrid).add_callback(ctx.reply)
 
 
 @internal_op
 def _wait_ref(ctx: OpContext, rrid: RRID) -> None:
-    PGRP.lookup_ref(rrid).add_callback(   # type: ignore[union-attr]
+    PGRP.lookup_ref(rrid).add_callback(
         lambda v: ctx.reply(v if type(v) is Failure else None))
 
 
 @internal_op
 def _isready_ref(ctx: OpContext, rrid: RRID) -> None:
-    ctx.reply(PGRP.lookup_ref(rrid).ready())   # type: ignore[union-attr]
+    ctx.reply(PGRP.lookup_ref(rrid).ready())
 
 
 @internal_op
 def _put_ref(ctx: OpContext, rrid: RRID, value: Any) -> None:
     try:
-        PGRP.lookup_ref(rrid).set(value)   # type: ignore[union-attr]
+        PGRP.lookup_ref(rrid).set(value)
     except InvalidStateException as e:
         ctx.reply(Failure(e))
         return
@@ -148,12 +154,12 @@ class AbstractRemoteRef:
     where: int
     rrid: RRID
 
-    def _register(self) -> AbstractRemoteRef:
+    def _register(self) -> Self:
         """Return the one handle of this process for ``rrid`` (this one if it is new)."""
         existing = _handles.setdefault(self.rrid, self)
         if existing is not self:
             self._released = True
-        return existing
+        return cast("Self", existing)   # an rrid names one reference, of one kind
 
     def _release(self) -> None:
         if not self._released:
@@ -177,17 +183,18 @@ class AbstractRemoteRef:
             call_on_owner(_add_clients, self.where, [self.rrid], dest)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.rrid == self.rrid   # type: ignore[attr-defined]
+        return type(other) is type(self) and other.rrid == self.rrid
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.rrid))
 
 
-class Future(StdFutureFace, AbstractRemoteRef):
+class Future(StdFutureFace[T], AbstractRemoteRef):
     """A write-once value living on process ``where`` (Julia's ``Future``).
 
     It is also a future in Python's sense (``stdfuture.py``): ``concurrent.futures.wait``
     and ``as_completed`` take it, mixed with standard futures, and asyncio awaits it.
+    ``Future[T]``: a future whose value is a ``T`` (for type checkers; any value at run time).
     """
 
     __slots__ = ("_cache", "_watch", "_pushed")
@@ -197,7 +204,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         PGRP.check_pid(where)
         self.where = where
         self.rrid = PGRP.next_rrid()
-        self._cache = _UNSET
+        self._cache: Any = _UNSET   # the value once known here (a Failure for a failed call)
         self._pushed: RemoteValue | None = None   # where a call's owner announces its result
         self._released = False
         self._watch = None
@@ -206,7 +213,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         _handles[self.rrid] = self
 
     @classmethod
-    def _for_call(cls, pid: int, register: bool = True) -> Future:
+    def _for_call(cls, pid: int, register: bool = True) -> Future[Any]:
         """A handle for the result of a call about to be sent to ``pid``.
 
         ``register=False``: not entered in ``_handles`` yet. No other process can name the
@@ -224,11 +231,11 @@ class Future(StdFutureFace, AbstractRemoteRef):
         return f"Future({self.where}, {self.rrid.whence}, {self.rrid.id})"
 
     def _local_cell(self) -> RemoteValue:
-        return PGRP.lookup_ref(self.rrid)   # type: ignore[return-value]
+        return PGRP.lookup_ref(self.rrid)
 
-    def fetch(self, timeout: float | None = None) -> Any:
+    def fetch(self, timeout: float | None = None) -> T:
         """The value (blocking until set); raises the call's ``RemoteException`` if it failed."""
-        value = self._cache
+        value: T = self._cache
         if value is _UNSET:
             if timeout is not None:
                 check_timeout(timeout)
@@ -243,7 +250,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
                 self._released = True   # the value is cached here now
                 _client_msgs.release(self.where, self.rrid)
         if type(value) is Failure:
-            raise value.exc
+            raise cast(Failure, value).exc
         return value
 
     def _announced(self, timeout: float | None) -> Any:
@@ -256,7 +263,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
         self._pushed = None
         return value
 
-    def put(self, value: Any) -> Future:
+    def put(self, value: T) -> Future[T]:
         """Set the value; a Future can be set only once (``InvalidStateException``)."""
         if self._cache is not _UNSET:
             raise InvalidStateException(f"{self!r} can be set only once: it already holds a value")
@@ -277,7 +284,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
             return self._pushed.ready()
         return bool(unwrap(call_on_owner(_isready_ref, self.where, self.rrid)))
 
-    def wait(self, timeout: float | None = None) -> Future:
+    def wait(self, timeout: float | None = None) -> Future[T]:
         """Block until the value is set; raises the call's ``RemoteException`` if it failed."""
         check_timeout(timeout)
         if self._cache is _UNSET:
@@ -295,14 +302,14 @@ class Future(StdFutureFace, AbstractRemoteRef):
             unwrap(self._cache)
         return self
 
-    def take(self, *args: Any, **kwargs: Any) -> Any:
+    def take(self, *args: Any, **kwargs: Any) -> NoReturn:
         """Always a TypeError: a Future is fetched, not taken (``take`` is for channels)."""
         raise TypeError("take() is for channels; use fetch() on a Future")
 
     def _cached(self) -> bool:
         return self._cache is not _UNSET
 
-    def _when_ready(self, cb: Any) -> None:
+    def _when_ready(self, cb: Callable[[bool], None]) -> None:
         """Call ``cb(failed)`` once the value is cached here (fetched from its owner)."""
         def arrived(value: Any) -> None:
             if self._cache is _UNSET:
@@ -324,7 +331,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
                 PGRP.forget_reply(rrid)
                 rv.try_set(Failure(e))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         _handles.setdefault(self.rrid, self)   # (a call's handle enters the table only now)
         if self._cache is _UNSET:
             self._note_sent()
@@ -335,7 +342,7 @@ class Future(StdFutureFace, AbstractRemoteRef):
 class _UnsetMark:
     """Pickles to a marker meaning 'no cached value'."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_unset_mark, ())
 
 
@@ -346,20 +353,20 @@ def _unset_mark() -> _UnsetMark:
 _UNSET_MARK = _UnsetMark()
 
 
-def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future:
+def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future[Any]:
     existing = _handles.get(rrid)
     if isinstance(existing, Future):
         if cache is not _UNSET_MARK and existing._cache is _UNSET:
             existing._cache = cache
         return existing
-    f = Future.__new__(Future)
+    f: Future[Any] = Future.__new__(Future)
     f.where, f.rrid, f._released, f._watch, f._pushed = where, rrid, False, None, None
     f._cache = _UNSET if cache is _UNSET_MARK else cache
     if f._cache is not _UNSET:
         f._released = True     # a handle with a value needs nothing from the owner
     elif where == PGRP.myid:
         PGRP.add_client(rrid, where)
-    return f._register()  # type: ignore[return-value]
+    return f._register()
 
 
 def remoteref_id(r: AbstractRemoteRef) -> RRID:

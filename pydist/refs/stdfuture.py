@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures._base import FINISHED, PENDING
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 __all__ = ["StdFutureFace"]
 
+T = TypeVar("T")
 _watch_lock = threading.Lock()     # guards the creation of each Future's _Watch
 
 
@@ -36,7 +37,7 @@ class _Watch:
         self.state = PENDING
         self.failed = False
         self.waiters: list[Any] = []
-        self.callbacks: list[Callable[[Any], None]] | None = []
+        self.callbacks: list[Callable[[Any], object]] | None = []
 
     def settle(self, future: Any, failed: bool) -> None:
         """The value has arrived: tell the waiters (under the condition) and the callbacks."""
@@ -55,7 +56,7 @@ class _Watch:
             _run_callback(cb, future)
 
 
-def _run_callback(cb: Callable[[Any], None], future: Any) -> None:
+def _run_callback(cb: Callable[[Any], object], future: Any) -> None:
     try:
         cb(future)
     except Exception:
@@ -63,8 +64,8 @@ def _run_callback(cb: Callable[[Any], None], future: Any) -> None:
             "exception calling callback for %r", future)
 
 
-class StdFutureFace:
-    """Mixin for ``Future``: what ``concurrent.futures`` and asyncio expect of a future.
+class StdFutureFace(Generic[T]):
+    """Mixin for ``Future[T]``: what ``concurrent.futures`` and asyncio expect of a future.
 
     The class using it supplies ``fetch(timeout)``, ``isready()``, a ``_watch`` slot
     (``None`` at first), ``_cached()`` (whether the value is here) and
@@ -74,6 +75,12 @@ class StdFutureFace:
     __slots__ = ()
 
     _watch: _Watch | None
+
+    def fetch(self, timeout: float | None = None) -> T:
+        raise NotImplementedError
+
+    def isready(self) -> bool:
+        raise NotImplementedError
 
     def _cached(self) -> bool:
         raise NotImplementedError
@@ -89,7 +96,7 @@ class StdFutureFace:
             watch = self._watch
             if watch is not None:
                 return watch
-            watch = self._watch = _Watch()
+            watch = self._watch = _Watch()  # type: ignore[misc]  # a slot of the class using this mixin
         self._when_ready(lambda failed: watch.settle(self, failed))
         return watch
 
@@ -107,14 +114,14 @@ class StdFutureFace:
         return self._the_watch().waiters
 
     # -- the concurrent.futures.Future methods ------------------------------------------------
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         """The value (as ``fetch``); raises the call's ``RemoteException`` if it failed."""
-        return self.fetch(timeout)   # type: ignore[attr-defined]
+        return self.fetch(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The call's ``RemoteException`` if it failed, else ``None`` (waits for it)."""
         try:
-            self.fetch(timeout)   # type: ignore[attr-defined]
+            self.fetch(timeout)
         except TimeoutError:
             raise
         except Exception as e:
@@ -123,7 +130,7 @@ class StdFutureFace:
 
     def done(self) -> bool:
         """Whether the value is set (as ``isready``)."""
-        return self._cached() or bool(self.isready())   # type: ignore[attr-defined]
+        return self._cached() or bool(self.isready())
 
     def running(self) -> bool:
         """Whether the value is still to come (a pydist Future is never pending unsent)."""
@@ -137,7 +144,7 @@ class StdFutureFace:
         """A call already sent cannot be taken back: ``False``, as for a running future."""
         return False
 
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Self], object]) -> None:
         """Call ``fn(future)`` once the value is set (at once if it is), on the thread
         that receives it."""
         watch = self._the_watch()
@@ -147,17 +154,17 @@ class StdFutureFace:
                 return
         _run_callback(fn, self)
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, T]:
         """``await future``: the value, without blocking the event loop."""
         import asyncio  # only programs that await pay for importing asyncio
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter: asyncio.Future[T] = loop.create_future()
 
         def deliver() -> None:
             if waiter.done():
                 return
             try:
-                waiter.set_result(self.fetch(0))   # type: ignore[attr-defined]
+                waiter.set_result(self.fetch(0))
             except BaseException as e:
                 waiter.set_exception(e)
 

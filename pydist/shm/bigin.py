@@ -140,11 +140,11 @@ class BigIn:
                 raise ValueError("the connection is closed")
             m = self._maps.get(name)
             fresh = m is None or m.cap != cap
-            if fresh:
+            if m is None or fresh:
                 m = self._maps[name] = _In(name, cap)
         if fresh:
             trimmer().watch(self)
-        return m   # type: ignore[return-value]
+        return m
 
     def trim(self) -> bool:
         """Drop mappings of segments the sender retired; whether any remain."""

@@ -153,9 +153,9 @@ def pool_stats() -> tuple[int, int]:
 
 
 # -- the parts of a frame being sent ---------------------------------------------------------------
-def skip(parts: list, n: int) -> list:
+def skip(parts: Sequence[bytes | memoryview], n: int) -> list[bytes | memoryview]:
     """``parts`` without their first ``n`` bytes."""
-    out = []
+    out: list[bytes | memoryview] = []
     for part in parts:
         size = len(part)
         if n >= size:
@@ -166,9 +166,10 @@ def skip(parts: list, n: int) -> list:
     return out
 
 
-def byte_views(parts: Sequence[transport.Buffer]) -> tuple[list, int]:
+def byte_views(parts: Sequence[transport.Buffer]) -> tuple[list[bytes | memoryview], int]:
     """1-D byte views of ``parts`` and their total size, checked before anything is sent."""
-    views, total = [], 0
+    views: list[bytes | memoryview] = []
+    total = 0
     for part in parts:
         if type(part) is bytes:
             n = len(part)

@@ -27,6 +27,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from threading import get_ident
+from typing import Any
 
 from .. import transport
 from ..errors import DecodeError, TransportBroken, TransportClosed, TransportError
@@ -151,7 +152,7 @@ class ShmTransport:
             if state.closed:
                 self._release_if_idle()
 
-    def _send_slow(self, views: list, total: int) -> None:
+    def _send_slow(self, views: list[bytes | memoryview], total: int) -> None:
         """Stream a frame that does not fit the free contiguous space (under the send lock)."""
         tx = self._tx
         if tx.peer_closed():
@@ -159,7 +160,7 @@ class ShmTransport:
         tx.write([codec.frame_header(total), *views])
         tx.flush()
 
-    def _stage_big(self, views: list, total: int) -> list[bytes] | None:
+    def _stage_big(self, views: list[bytes | memoryview], total: int) -> list[bytes] | None:
         """Copy a large frame into a pooled segment (under the send lock): the descriptor
         frame to send through the ring instead, or None to send the frame itself."""
         if self.max_frame <= transport.HELLO_MAX_FRAME or self._tx.peer_closed():
@@ -204,6 +205,7 @@ class ShmTransport:
                         self._after_error(exc, "receive")
                         raise
                 frame, self._ready = self._ready, None
+                assert frame is not None   # (_next_frame put it there)
                 if not self._big_next:
                     return frame
                 self._big_next = False
@@ -312,7 +314,7 @@ class ShmTransport:
                 if self._state.closed:
                     self._release_if_idle()
 
-    def _finish_frame(self, parts: list, start: int, exc: BaseException) -> None:
+    def _finish_frame(self, parts: Sequence[bytes | memoryview], start: int, exc: BaseException) -> None:
         """Write the rest of a frame (``parts``, its header first) an exception interrupted
         (further such exceptions are held back too), so the stream stays whole; the caller
         then raises ``exc``."""
@@ -411,8 +413,7 @@ class ShmTransport:
             self._release_if_idle()
 
 
-
-def _notifier(ref: weakref.ref) -> Callable[[bytes, bool], bool]:
+def _notifier(ref: weakref.ref[ShmTransport]) -> Callable[[bytes, bool], bool]:
     """``ShmTransport._notice`` of the transport ``ref`` names, if it is still alive (the
     pools must not keep their transport alive)."""
     def notify(desc: bytes, locked: bool) -> bool:
@@ -421,9 +422,9 @@ def _notifier(ref: weakref.ref) -> Callable[[bytes, bool], bool]:
     return notify
 
 
-def _post(sem: object) -> None:
+def _post(sem: Any) -> None:   # a posix_ipc.Semaphore (the package has no type hints)
     try:
-        sem.release()  # type: ignore[attr-defined]
+        sem.release()
     except Exception:  # closed handle: nobody is waiting on it any more
         pass
 
@@ -435,7 +436,7 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-def _watch(sock: socket.socket, ref: weakref.ref) -> None:
+def _watch(sock: socket.socket, ref: weakref.ref[ShmTransport]) -> None:
     """Lifeline watcher: wait for EOF (the peer never writes), then tell the transport."""
     try:
         while sock.recv(64):

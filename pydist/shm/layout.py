@@ -17,6 +17,7 @@ frame is ``codec.frame_header(length)`` then the payload, streamed through a rin
 from __future__ import annotations
 
 import struct
+from typing import TypeVar
 
 from ..errors import TransportBroken
 from . import segment as seg
@@ -39,6 +40,7 @@ SEM_COUNT = 2 * len(SEMS_PER_RING)
 _CTL_OFFSET = 64
 _MAGIC = int.from_bytes(b"PYDSHM02", "little")
 _HEADER = struct.Struct("<QQ")
+_E = TypeVar("_E", RingWriter, RingReader)
 
 
 def segment_size(capacity: int) -> int:
@@ -56,6 +58,7 @@ def check_capacity(capacity: object) -> int:
 
 def check_header(segment: seg.Segment) -> int:
     """The ring capacity the segment's header announces, once it proves sane."""
+    capacity: int
     magic, capacity = _HEADER.unpack_from(segment.buf, 0)
     if magic != _MAGIC or segment_size(check_capacity(capacity)) > segment.size:
         raise TransportBroken(f"shared-memory segment {segment.name} has a bad header")
@@ -95,8 +98,7 @@ def make_ends(segment: seg.Segment, side: int, state: LinkState, spin: str,
     tx_ctl, rx_ctl = ctl(side), ctl(1 - side)
     placement = Placement(tx_ctl, rx_ctl, WRITER_CPU, peer_cpus, may_move=side == 1)
 
-    def end(cls: type, ring: int, ctl_view: memoryview, own: int, peer: int
-            ) -> RingWriter | RingReader:
+    def end(cls: type[_E], ring: int, ctl_view: memoryview, own: int, peer: int) -> _E:
         sems = segment.sems[3 * ring: 3 * ring + 3]
         fence = TsoFence(ctl_view) if use_tso else LockedFence(ctl_view, sems[2], state)
         waiter = Waiter(ctl_view, fence.store_load, own_sem=sems[own], peer_sem=sems[peer],
@@ -106,4 +108,4 @@ def make_ends(segment: seg.Segment, side: int, state: LinkState, spin: str,
     writer = end(RingWriter, side, tx_ctl, 1, 0)
     reader = end(RingReader, 1 - side, rx_ctl, 0, 1)
     view.release()
-    return writer, reader  # type: ignore[return-value]
+    return writer, reader

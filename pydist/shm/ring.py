@@ -89,8 +89,9 @@ class _End:
 class RingWriter(_End):
     """The producer end: ``write(parts)`` streams bytes in, waiting for space as needed."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, ctl: memoryview, data: memoryview, fence: Fence, waiter: Waiter,
+                 state: LinkState) -> None:
+        super().__init__(ctl, data, fence, waiter, state)
         # Both counters start at zero in a fresh segment; never trust the shared copies.
         self._head = self._published = self._tail = 0
 
@@ -185,8 +186,9 @@ class RingWriter(_End):
 class RingReader(_End):
     """The consumer end: ``read_into(dst)`` fills ``dst``, waiting for bytes as needed."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, ctl: memoryview, data: memoryview, fence: Fence, waiter: Waiter,
+                 state: LinkState) -> None:
+        super().__init__(ctl, data, fence, waiter, state)
         self._tail = self._published = self._head = 0
 
     @property

@@ -148,8 +148,8 @@ class Waiter:
             where = 1  # mode "on"
             if self._consult:  # mode "auto": the sending thread, if the peer runs elsewhere
                 where = 0
-                if self._state.sender == get_ident():
-                    where = placement.apart()  # type: ignore[union-attr]
+                if self._state.sender == get_ident() and placement is not None:   # (it is)
+                    where = placement.apart()
             if where == MOVED:
                 policy.reset()  # misses on the old vCPU say nothing about the new one
             budget = policy.budget() if where else 0

@@ -48,10 +48,11 @@ import dataclasses
 import hashlib
 import hmac
 import operator
+import pickle
 import secrets
 import struct
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
 from . import serialize
@@ -82,7 +83,7 @@ def frame_header(length: int) -> bytes:
 
 def parse_frame_header(header: bytes | bytearray | memoryview, limit: int) -> int:
     """The payload length announced by ``header``; ``DecodeError`` if it exceeds ``limit``."""
-    (length,) = FRAME_HEADER.unpack(header)
+    length: int = FRAME_HEADER.unpack(header)[0]
     if length > limit:
         raise DecodeError(f"frame of {length} bytes announced, over the limit of {limit} bytes")
     return length
@@ -106,7 +107,7 @@ _HEAD = struct.Struct("<HBBIQIQQI")
 _PADS = [bytes(n) for n in range(BUFFER_ALIGN)]
 
 
-def _fields_getter(kind: type) -> Callable[[Message], tuple]:
+def _fields_getter(kind: type) -> Callable[[Message], tuple[Any, ...]]:
     """A fast function returning the fields of a message of ``kind`` as a tuple, in order."""
     names = [f.name for f in dataclasses.fields(kind)]
     if len(names) == 1:
@@ -157,12 +158,12 @@ def encode_message(header: MsgHeader, msg: Message) -> list[Buffer]:
     return parts
 
 
-def _raw(pb: object) -> memoryview:
+def _raw(pb: pickle.PickleBuffer) -> memoryview:
     """The bytes of an out-of-band buffer as a flat view; a copy only if not contiguous."""
     try:
-        return pb.raw()  # type: ignore[attr-defined]
+        return pb.raw()
     except BufferError:
-        return memoryview(memoryview(pb).tobytes(order="A"))  # type: ignore[arg-type]
+        return memoryview(memoryview(pb).tobytes(order="A"))
 
 
 def decode_message(frame: Buffer) -> tuple[MsgHeader, Message]:
@@ -279,13 +280,13 @@ class Handshake:
             self._fail("a hello frame arrived after the hello completed")
         data = bytes(_byte_view(frame)[:HELLO_MAX_FRAME + 1])
         if self._peer_nonce is None:
-            self._take_first(data)
-            return _HELLO2 + self._mac(self.role, self.peer_role, self._peer_nonce, self._nonce)
+            peer_role, peer_nonce = self._take_first(data)
+            return _HELLO2 + self._mac(self.role, peer_role, peer_nonce, self._nonce)
         self._take_proof(data)
         return None
 
-    def _take_first(self, data: bytes) -> None:
-        """Check the peer's first frame and remember its role and nonce."""
+    def _take_first(self, data: bytes) -> tuple[str, bytes]:
+        """Check the peer's first frame; remember and return its role and nonce."""
         if data.startswith(_HELLO2):
             self._fail("the peer sent its proof before its first hello frame")
         if not data.startswith(_HELLO1):
@@ -303,6 +304,7 @@ class Handshake:
         if hmac.compare_digest(nonce, self._nonce):
             self._fail("the peer's hello carries this side's own nonce: a reflected hello")
         self.peer_role, self._peer_nonce = _ROLE_NAMES[role], nonce
+        return self.peer_role, nonce
 
     def _take_proof(self, data: bytes) -> None:
         """Check the peer's proof against the mac it must have computed."""

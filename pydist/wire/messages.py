@@ -58,8 +58,8 @@ class CallMsg(Message):
     """Run ``f(*args, **kwargs)`` and store the result under ``header.response_oid``."""
 
     f: Callable[..., Any]
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +67,8 @@ class CallFetchMsg(Message):
     """Run the call and send its result back to ``header.notify_oid``."""
 
     f: Callable[..., Any]
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +76,8 @@ class CallWaitMsg(Message):
     """Run the call, store it under ``response_oid``, then notify ``notify_oid`` (no value)."""
 
     f: Callable[..., Any]
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +85,8 @@ class RemoteDoMsg(Message):
     """Run the call for its effect; errors are printed there, never returned."""
 
     f: Callable[..., Any]
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +115,13 @@ class JoinPGRPMsg(Message):
     """Master to a new worker: your id, the cluster's shape and the peers you know of."""
 
     self_pid: int
-    other_workers: tuple = ()          # ((pid, (address, ...), host_key), ...)
+    other_workers: tuple[tuple[int, tuple[str, ...], str], ...] = ()   # ((pid, (address, ...), host_key), ...)
     topology: str = "all_to_all"
     lazy: bool = True
     enable_threaded_blas: bool = False
-    sys_path: tuple = ()               # the master's sys.path, prepended where missing
+    sys_path: tuple[str, ...] = ()               # the master's sys.path, prepended where missing
     master_host_key: str = ""
-    connect_to: tuple = ()             # peers to dial before answering (non-lazy, custom)
+    connect_to: tuple[int, ...] = ()             # peers to dial before answering (non-lazy, custom)
 
 
 @dataclass(frozen=True, slots=True)

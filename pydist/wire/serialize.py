@@ -45,8 +45,8 @@ import threading
 import types
 import weakref
 from collections import ChainMap
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, MutableMapping
+from typing import Any, cast
 
 from ..errors import PydistError, SerializationError, set_exception_pickler
 
@@ -96,14 +96,15 @@ def _cloudpickle_dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     return out.getvalue(), buffers
 
 
-def dumps_with(obj: Any, reducers: Mapping[type, Any],
+def dumps_with(obj: Any, reducers: MutableMapping[type, Any],
                main_by_reference: bool = False) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """``dumps``, with ``reducers`` (type -> reduce function) consulted before the usual
     ``copyreg`` table, by both picklers."""
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
-    pickler.dispatch_table = ChainMap(reducers, copyreg.dispatch_table)  # type: ignore[arg-type]
+    table: ChainMap[type, Any] = ChainMap(reducers, copyreg.dispatch_table)
+    pickler.dispatch_table = table
     try:
         pickler.dump(obj)
     except Exception:
@@ -115,7 +116,7 @@ def dumps_with(obj: Any, reducers: Mapping[type, Any],
     try:
         base = _main_pickler()   # as in _cloudpickle_dumps: __main__ bound on the receiver
         # The C pickler reads the table when made, and the class sets its own.
-        table = ChainMap(reducers, base.dispatch_table)
+        table = ChainMap(reducers, cast("MutableMapping[type, Any]", base.dispatch_table))
         cls = type("_Pickler", (base,), {"dispatch_table": table})
         cls(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(obj)
     except Exception as e:
@@ -127,19 +128,19 @@ def dumps_with(obj: Any, reducers: Mapping[type, Any],
 
 
 # -- functions of __main__ by value: one namespace on the receiver ------------------------------------
-_pickler: list[type] = []                          # _MainPickler, made on first need
+_pickler: list[type[pickle.Pickler]] = []                          # _MainPickler, made on first need
 _sent: dict[str, tuple[Any, int]] = {}             # sender: global name -> (value or weakref, version)
 _got: dict[str, int] = {}                          # receiver: global name -> version set here
 _versions_lock = threading.Lock()
 _MISSING = object()
 
 
-def _main_pickler() -> type:
+def _main_pickler() -> type[pickle.Pickler]:
     """cloudpickle's Pickler, with ``__main__`` functions bound to the receiver's ``__main__``."""
     if not _pickler:
         import cloudpickle  # on first need: workers that run importable code never load it
 
-        class _MainPickler(cloudpickle.Pickler):
+        class _MainPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no type hints
             # Code keeps its file name (cloudpickle puts "<dynamic-code>"): tracebacks of
             # it elsewhere name the user's file, and show its lines where they can be read.
             dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
@@ -178,7 +179,7 @@ class MainRef:
     def __init__(self, qualname: str) -> None:
         self.qualname = qualname
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (main_attr, (self.qualname,))
 
 
@@ -193,7 +194,7 @@ def main_attr(qualname: str) -> Any:
 class _MainNamespace:
     """Unpickles as the receiver's ``__main__`` namespace."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (main_namespace, ())
 
 
@@ -227,7 +228,7 @@ def _referent(ref: Any) -> Any:
     return ref() if type(ref) is weakref.ref else ref
 
 
-def _source_of(code: Any) -> tuple[str, tuple] | None:
+def _source_of(code: Any) -> tuple[str, tuple[Any, ...]] | None:
     """The source lines of ``code`` when they exist only in this process's ``linecache``
     (a notebook cell, code run by ``everywhere``): sent along, so that tracebacks of the
     function elsewhere show its lines."""
@@ -237,7 +238,7 @@ def _source_of(code: Any) -> tuple[str, tuple] | None:
     return code.co_filename, entry
 
 
-def _set_main_function_state(func: Any, state: tuple) -> None:
+def _set_main_function_state(func: Any, state: tuple[Any, ...]) -> None:
     """Bind a function of the sender's ``__main__`` into ours (see the module's docstring)."""
     from cloudpickle.cloudpickle import _function_setstate  # loaded by the pickle already
     fstate, slots, shared, source = state
@@ -289,7 +290,7 @@ def _missing_global(data: bytes | bytearray | memoryview) -> str | None:
 
 def _globals_of(data: bytes | bytearray | memoryview) -> Iterable[tuple[str, str]]:
     """The (module, name) pairs of a pickle's GLOBAL and STACK_GLOBAL opcodes."""
-    memo: dict[int, Any] = {}
+    memo: dict[object, Any] = {}
     pushed: list[Any] = []
     try:
         for op, arg, _pos in pickletools.genops(bytes(data)):
