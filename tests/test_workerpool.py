@@ -51,7 +51,7 @@ def fail(text="nope"):
 def wait_idle(pool, n, timeout=10.0):
     """Wait until ``n`` workers of ``pool`` are idle; take them and put them back."""
     def all_idle():
-        got = pool._take_some(n)
+        got = pool.take_some(n)
         for p in got:
             pool.put_back(p)
         return len(got) == n

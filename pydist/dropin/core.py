@@ -35,6 +35,7 @@ from typing import Any
 from ..cluster.group import PGRP
 from ..pools.funccache import FunctionCache
 from ..pools.workerpool import AbstractWorkerPool, CachingPool
+from ..wire.messages import RRID
 from .borrowing import _Borrower
 from .closing import _Closer, _live
 from .dispatching import _Dispatcher
@@ -57,15 +58,14 @@ class _OwnWorkers(CachingPool):
         self._main_by_reference = main_by_reference
         super().__init__()
 
-    def _init_handle(self) -> None:
-        self._fcache = FunctionCache(self._ref.rrid, weak=True,
-                                      main_by_reference=self._main_by_reference)
+    def make_function_cache(self, key: RRID) -> FunctionCache:
+        return FunctionCache(key, weak=True, main_by_reference=self._main_by_reference)
 
     def enlist(self, pids: list[int]) -> None:
         """Workers just started: members of the pool, lent to their executor at once."""
         for pid in pids:
             self.push(pid)
-        self._take_some(len(pids))
+        self.take_some(len(pids))
 
 
 class _Core:
@@ -100,7 +100,7 @@ class _Core:
         # starts (pushed as they start, dropped as they go). Functions ship once per worker
         # through the pool's cache (a private one for a given pool that has none).
         self.pool: AbstractWorkerPool = pool if pool is not None else _OwnWorkers(self.main is not None)
-        self.fcache: FunctionCache = (self.pool._fcache if isinstance(self.pool, CachingPool)   # type: ignore[attr-defined]
+        self.fcache: FunctionCache = (self.pool.function_cache if isinstance(self.pool, CachingPool)
                                        else FunctionCache(PGRP.next_rrid(), weak=True))
         # -- the parts --
         self.dispatcher = _Dispatcher(self)

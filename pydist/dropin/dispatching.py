@@ -3,9 +3,9 @@
 ``dispatch`` runs on whichever thread made work possible (a ``submit``, a reply, a worker
 started): under the lock it picks the worker with the most room and moves a batch of
 pending tasks to its outbox (``_pick``), then sends outside the lock (``_flush``), each
-worker's outbox in order. How much a worker may hold (``cap``) follows the time a task
-takes there and the round trip, both learnt from replies (``pools/pace.py``, the pacing
-``pmap`` uses too).
+worker's outbox in order. The choice of worker, how much it may hold (``cap``: from the
+time a task takes there and the round trip, learnt from replies) and when it retires
+(``max_tasks_per_child``) are the scheduling ``pmap`` uses too (``pools/scheduler.py``).
 
 A reply completes its tasks' sinks on the thread that read it (``on_reply``). A batch
 that failed as a whole (it could not be pickled here, or unpickled there, or its results
@@ -28,14 +28,13 @@ from ..errors import ProcessExitedException, SerializationError
 from ..pools.abstract import start_call
 from ..pools.funccache import drop_dead, is_cache_miss
 from ..pools.pace import Pace
+from ..pools.scheduler import most_room, retry_apart, tasks_held
 from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
 from .worker_side import _REVOKED, CALL, _Packed, _Results, _run_batch, _run_one, _Undecodable, inline_ok
 
 MAX_BATCH = 256          # tasks in one message at most
-MAX_AHEAD = 2048         # tasks in flight per worker at most
-AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
 IDLE_CHECK = 0.002       # seconds idle after which a worker's process is checked before a send
 
 
@@ -49,7 +48,7 @@ class _Dispatcher:
     def cap(self) -> int:
         """Tasks a worker may hold: 1 until tasks are measured, then enough to cover the
         round trip (many tiny tasks, one long one)."""
-        return self.pace.hold(AHEAD_TIME, MAX_AHEAD)
+        return tasks_held(self.pace)
 
     # -- submitting ------------------------------------------------------------------------------
     def enqueue(self, tasks: Iterable[_Task], check: bool = True) -> None:
@@ -72,7 +71,7 @@ class _Dispatcher:
             if core.tasks.pending:
                 return False
             for w in core.staff.workers:
-                if (not w.ntasks and w.pid is not None and not w.retiring and not w.gone
+                if (not w.load and w.pid is not None and not w.retiring and not w.gone
                         and not w.unreachable):
                     break
             else:
@@ -84,10 +83,7 @@ class _Dispatcher:
             batch = _Batch([task])
             batch.direct = True
             core.tasks.add_running()
-            w.ntasks = 1
-            w.assigned += 1
-            if core.max_tasks is not None and w.assigned >= core.max_tasks:
-                w.retiring = True
+            w.give(1, core.max_tasks)
             w.seq += 1
             batch.seq = w.seq
             batch.alone = not w.batches
@@ -131,18 +127,7 @@ class _Dispatcher:
         core = self.core
         queue, max_tasks = core.tasks, core.max_tasks
         while queue.pending and not core.flags.broken:
-            cap = self.cap()
-            best, room, avail = None, 0, 0
-            for w in core.staff.workers:
-                if w.retiring or w.gone or w.unreachable:
-                    continue
-                r = cap - w.ntasks
-                if max_tasks is not None:
-                    r = min(r, max_tasks - w.assigned)
-                if r > 0:
-                    avail += 1
-                    if r > room:
-                        best, room = w, r
+            best, room, avail = most_room(core.staff.workers, self.cap(), max_tasks)
             if best is None:
                 return None
             size = min(room, MAX_BATCH, max(1, -(-len(queue.pending) // avail)))
@@ -151,10 +136,7 @@ class _Dispatcher:
                 continue
             batch = _Batch(tasks)
             best.outbox.append(batch)
-            best.ntasks += len(tasks)
-            best.assigned += len(tasks)
-            if max_tasks is not None and best.assigned >= max_tasks:
-                best.retiring = True
+            best.give(len(tasks), max_tasks)
             return best
         return None
 
@@ -267,7 +249,7 @@ class _Dispatcher:
         err = e.__cause__ if isinstance(e, SerializationError) and e.__cause__ is not None else e
         if not self._answered(w, batch):
             return       # its worker died meanwhile, and took care of it
-        if len(batch.tasks) > 1:
+        if retry_apart(len(batch.tasks)):
             self.requeue(batch.tasks, solo=True)
             self.dispatch()
         else:
@@ -322,7 +304,7 @@ class _Dispatcher:
             core.staff.retire(w)
         if retire or core.tasks.pending:    # (a hint: whoever adds to pending dispatches too)
             self.dispatch(grow=retire)
-        if not w.ntasks and any(len(o.batches) > 1 for o in core.staff.workers):   # (a hint)
+        if not w.load and any(len(o.batches) > 1 for o in core.staff.workers):   # (a hint)
             core.stealer.maybe_steal()
 
     def _answered(self, w: _Worker, batch: _Batch) -> bool:
@@ -338,9 +320,7 @@ class _Dispatcher:
                     w.batches.remove(batch)
                 except ValueError:
                     pass
-            w.ntasks -= len(batch.tasks)
-            if not w.ntasks:
-                w.idle_since = time.monotonic()
+            w.answered(len(batch.tasks))
             return True
 
     def _whole_batch_failed(self, w: _Worker, batch: _Batch, exc: BaseException) -> None:
@@ -348,7 +328,7 @@ class _Dispatcher:
         results here): alone, the task fails; together, each is tried alone."""
         if not self._answered(w, batch):
             return
-        if len(batch.tasks) > 1:
+        if retry_apart(len(batch.tasks)):
             self.requeue(batch.tasks, solo=True)
         else:
             self.core.fail_all(batch.tasks, exc)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..cluster.group import PGRP
+from ..pools.scheduler import Slot
 
 _NO_KWARGS: dict = {}
 
@@ -47,25 +48,21 @@ class _Batch:
         self.sending = False     # on its worker's books, its send not finished yet
 
 
-class _Worker:
-    """The executor's record of one worker (``pid`` is ``None`` while it starts)."""
+class _Worker(Slot):
+    """The executor's record of one worker (``pid`` is ``None`` while it starts): its
+    books in the shared scheduling (``pools/scheduler.py``: ``load`` counts the tasks sent
+    or picked and not answered; ``unreachable``, see ``_Staff.lost_in_send``), and the
+    batches that carry its tasks."""
 
-    __slots__ = ("pid", "owned", "batches", "outbox", "ntasks", "assigned", "retiring", "gone",
-                 "unreachable", "send_lock", "seq", "idle_since", "proc")
+    __slots__ = ("owned", "batches", "outbox", "send_lock", "seq", "proc")
 
     def __init__(self, pid: int | None, owned: bool) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self.owned = owned
         self.batches: collections.deque[_Batch] = collections.deque()   # sent, in order
         self.outbox: collections.deque[_Batch] = collections.deque()    # picked, not yet sent
-        self.ntasks = 0          # tasks sent or picked, not yet answered
-        self.assigned = 0        # tasks given to it in its life (max_tasks_per_child)
-        self.retiring = False
-        self.gone = False
-        self.unreachable = False  # a send to it failed: nothing more goes there (see _lost_in_send)
         self.send_lock = threading.Lock()
         self.seq = 0
-        self.idle_since = time.monotonic()
         self.proc: Any = None    # the local process handle, when there is one
 
     def exited(self) -> bool:

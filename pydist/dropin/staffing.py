@@ -108,7 +108,7 @@ class _Staff:
             w.outbox.clear()
             for b in sent + queued:
                 b.settled = True
-            w.ntasks = 0
+            w.load = 0
             doomed: list[_Task] = []
             again: list[_Task] = []
             if core.flags.terminating:
@@ -154,7 +154,7 @@ class _Staff:
         if max_memory is not None and not w.retiring and not w.gone:
             rss = _resident_bytes(w)
             w.retiring = rss is not None and rss > max_memory
-        if not w.retiring or w.ntasks or w.outbox or w.gone:
+        if not w.leaving() or w.outbox:
             return False
         w.gone = True
         if w in self.workers:
@@ -195,8 +195,8 @@ class _Staff:
         if core.eager and not core.flags.shutdown:
             return core.max_workers - have
         # As the standard library does: a task that finds no idle worker starts one.
-        idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
-        queued = len(core.tasks.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
+        idle = sum(1 for w in self.workers if not w.load and not w.retiring)
+        queued = len(core.tasks.pending) + sum(max(0, w.load - 1) for w in self.workers)
         return min(queued - idle, core.max_workers - have)
 
     def grow(self) -> None:

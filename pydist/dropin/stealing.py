@@ -2,9 +2,11 @@
 
 A worker may hold several batches; the oldest runs, the others wait behind it. When a
 worker falls idle with nothing pending, batches waiting behind one that has run well past
-its estimate are asked back (``_revoke`` on that worker); those that had not started are
-taken off its books and dispatched again, so the idle worker runs them. When no batch is
-due yet, a timer (owned here) looks again when the first will be.
+its estimate (``pools/scheduler.py``'s ``overdue``) are asked back (``_revoke`` on that
+worker, the gate its batches pass); those that had not started are taken off its books
+(``Slot.take_back``: they no longer count towards ``max_tasks_per_child``) and dispatched
+again, so the idle worker runs them. When no batch is due yet, a timer (owned here) looks
+again when the first will be.
 """
 from __future__ import annotations
 
@@ -15,11 +17,10 @@ from typing import Any
 
 from ..cluster.values import Failure
 from ..pools.abstract import start_call
+from ..pools.scheduler import overdue
 from .futures import _report
 from .records import _NO_KWARGS, _Task, _Worker
 from .worker_side import _revoke
-
-STEAL_AFTER = 0.005      # a batch running this long (and well past its estimate) may be stolen from
 
 
 class _Stealer:
@@ -34,13 +35,13 @@ class _Stealer:
         task on another worker (those not started yet), so the idle one runs them."""
         core = self.core
         now = time.perf_counter()
-        est = core.dispatcher.pace.per_task or 0.0
+        est = core.dispatcher.pace.per_task
         later: float | None = None
         with core.lock:
             if core.tasks.pending or core.flags.broken or core.flags.terminating:
                 return
             workers = core.staff.workers
-            if not any(not w.ntasks and w.pid is not None and not w.retiring and not w.unreachable
+            if not any(not w.load and w.pid is not None and not w.retiring and not w.unreachable
                        for w in workers):
                 return
             victims = []
@@ -48,7 +49,7 @@ class _Stealer:
                 if w.pid is None or len(w.batches) < 2:
                     continue
                 running = w.batches[0]
-                due = running.sent + max(STEAL_AFTER, 4 * est * len(running.tasks))
+                due = overdue(running.sent, len(running.tasks), est)
                 if now < due:
                     later = due if later is None else min(later, due)
                     continue
@@ -100,11 +101,8 @@ class _Stealer:
                 if b.seq in taken and not b.settled:
                     b.settled = True
                     w.batches.remove(b)
-                    w.ntasks -= len(b.tasks)
-                    w.assigned -= len(b.tasks)
                     moved.extend(b.tasks)
                 b.revoking = False
-            if core.max_tasks is not None and w.assigned < core.max_tasks:
-                w.retiring = False
+            w.take_back(len(moved), core.max_tasks)
             core.tasks.push_front(moved)
         core.dispatcher.dispatch()

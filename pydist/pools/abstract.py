@@ -115,7 +115,7 @@ class AbstractWorkerPool(ABC):
     def __contains__(self, pid: object) -> bool:
         return pid in self.workers()
 
-    # -- hooks used by remotecall and pmap ---------------------------------------------------
+    # -- hooks used by the pool calls and pmap ------------------------------------------------
     def _prepare(self, f: Callable[..., Any], pid: int) -> tuple[Any, Any]:
         """What to send as the function to ``pid``, and a token for ``_settle``."""
         return f, None
@@ -123,8 +123,10 @@ class AbstractWorkerPool(ABC):
     def _settle(self, token: Any, sent: bool) -> None:
         """Told whether the message prepared with ``token`` went out."""
 
-    def _take_some(self, n: int) -> list[int]:
-        """Up to ``n`` idle workers without waiting (never lends process 1)."""
+    # -- taking several workers without waiting (pmap and the drop-ins) ----------------------
+    def take_some(self, n: int) -> list[int]:
+        """Up to ``n`` idle workers, marked busy, without waiting (never lends process 1);
+        each goes back with ``put_back``."""
         out: list[int] = []
         while len(out) < n and len(self) > 0 and self.isready():
             try:
@@ -133,9 +135,11 @@ class AbstractWorkerPool(ABC):
                 break
         return out
 
-    def _poll(self, n: int) -> tuple[list[int], int]:
-        """Up to ``n`` idle workers (as ``_take_some``), and how many takers wait."""
-        return self._take_some(n), 0
+    def poll(self, n: int) -> tuple[list[int], int]:
+        """Up to ``n`` idle workers (as ``take_some``; ``n`` may be 0), and how many takers
+        wait for a worker of the pool (0 if the pool cannot tell): a user holding several
+        workers hands one back while someone waits."""
+        return self.take_some(n), 0
 
     def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Run one of the four remote calls on a worker taken from this pool."""

@@ -6,9 +6,10 @@ How the work flows (one ``_Mapper`` per call, driven by the calling thread; ``ma
    in exactly one place: not yet sent, in a *chunk* on its way to or running on a worker,
    waiting for a retry, or done.
 2. Workers are taken from the pool (all idle ones, and more as they become free or are
-   added) and each is kept busy with up to ``WINDOW`` chunks in flight, so a worker never
+   added) and each is kept busy with a window of chunks in flight, so a worker never
    waits for a round trip. While someone else waits for a worker of the same pool, the
-   map hands one back at each poll (keeping one for itself). The function is shipped to
+   map hands one back at each poll (keeping one for itself). The windows and the handing
+   back are the scheduling the drop-ins use too (``scheduler.py``). The function is shipped to
    each worker once (the CachingPool mechanism; a private cache for this call unless the
    pool is a CachingPool).
 3. A chunk is one remote call running ``f`` over several elements and answering each

@@ -155,16 +155,17 @@ class WorkerPool(AbstractWorkerPool):
             raise
         return unwrap(value)
 
-    def _take_some(self, n: int) -> list[int]:
+    def take_some(self, n: int) -> list[int]:
         st = self._state()
         if st is None:
             return self._remote("take_some", n)
         return st.take_some(n, PGRP.myid)
 
-    def _poll(self, n: int) -> tuple[list[int], int]:
+    def poll(self, n: int) -> tuple[list[int], int]:
         st = self._state()
         if st is None:
-            return tuple(self._remote("poll", n))    # type: ignore[return-value]
+            got, waiting = self._remote("poll", n)
+            return got, waiting
         return st.take_some(n, PGRP.myid), st.waiting()
 
     def __len__(self) -> int:
@@ -245,9 +246,22 @@ class CachingPool(WorkerPool):
         self._init_handle()
 
     def _init_handle(self) -> None:
-        self._fcache = FunctionCache(self._ref.rrid)
-        fin = weakref.finalize(self, drop_later, self._ref.rrid, self._fcache, PGRP.myid)
-        fin.atexit = False
+        self._fcache = self.make_function_cache(self._ref.rrid)
+        if not self._fcache.weak:
+            fin = weakref.finalize(self, drop_later, self._ref.rrid, self._fcache, PGRP.myid)
+            fin.atexit = False
+
+    def make_function_cache(self, key: RRID) -> FunctionCache:
+        """The cache this handle ships functions through, under ``key`` (called once per
+        handle). A subclass may return a weak one (``FunctionCache(key, weak=True)``),
+        which drops each function on the workers once it is collected here."""
+        return FunctionCache(key)
+
+    @property
+    def function_cache(self) -> FunctionCache:
+        """What this process shipped to which worker of the pool (``pmap`` and the drop-ins
+        ship through it too, so a function goes to each worker once)."""
+        return self._fcache
 
     def _prepare(self, f: Callable[..., Any], pid: int) -> tuple[Any, Any]:
         return self._fcache.prepare(f, pid)
@@ -267,7 +281,7 @@ def clear(pool: CachingPool) -> CachingPool:
     """Drop every function cached for ``pool`` on every worker (Julia's ``clear!``)."""
     if not isinstance(pool, CachingPool):
         raise TypeError(f"clear() takes a CachingPool, not {type(pool).__name__}")
-    pids = pool._fcache.reset() | set(pool.workers())
+    pids = pool.function_cache.reset() | set(pool.workers())
     drop_caches(pool._ref.rrid, sorted(pids), None, False, True)
     return pool
 

@@ -1,0 +1,169 @@
+"""Scheduling work on the workers one holds: the service ``pmap`` and the drop-ins share.
+
+Both engines hold some workers for a while (taken from a pool, or, for an executor that
+starts its own, lent by its own pool as they start) and keep each busy with calls in
+flight, so that a worker never waits for a round trip. The units differ (``pmap`` sends
+chunks of elements, a drop-in batches of tasks); the scheduling is the same, and lives
+here:
+
+* **The books of a held worker** (``Slot``): how much it holds now (``load``: calls or
+  tasks sent and not answered), how much it was given in its life (``assigned``), and
+  whether it takes more (``retiring``: it leaves once idle). One owner each: a map's loop,
+  an executor's lock.
+* **Windows** (``most_room``): how much a worker may hold follows the pace learnt from the
+  replies (``pace.py``): ``chunks_in_flight`` for ``pmap`` (chunks sized for a few
+  milliseconds each), ``tasks_held`` for the drop-ins (tasks of any size). The next unit
+  goes to the worker with the most room: the least loaded, first held on a tie.
+* **Recycling** (``Slot.give``): a worker given ``max_tasks`` units in its life retires
+  (``max_tasks_per_child``); units taken back from it (stealing) no longer count.
+* **Sharing the pool** (``yield_one``, ``give_back``): while someone else waits for a
+  worker of the pool, the least loaded of several held workers retires, so it goes back
+  once idle; a worker goes back through the pool's ``put_back``, and a pool whose owner is
+  gone has nothing to take it. Workers are looked for at most every ``POLL`` seconds
+  (``AbstractWorkerPool.poll``), and waited for (``take``) only when none is held, so the
+  pool's other users see a taker waiting.
+* **Stealing** (``overdue``): the calls queued behind one that has run well past the time
+  its tasks should take may be taken back for an idle worker. Only the drop-ins queue
+  several calls of unknown length behind each other, so only they steal (``pmap`` holds
+  one chunk per worker while elements are slow, and shrinks its chunks towards the end).
+* **Retries** of a message that failed as a whole (``retry_apart``): its units are tried
+  again one by one, so that each gets its own outcome. ``pmap``'s retries of a failed
+  element (``retry_delays``) are ``retries.py``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TypeVar
+
+from .abstract import AbstractWorkerPool
+from .pace import Pace
+
+__all__ = ["Slot", "most_room", "yield_one", "give_back", "overdue", "retry_apart",
+           "chunks_in_flight", "tasks_held", "POLL", "WINDOW", "SLOW_ELEMENT", "AHEAD_TIME",
+           "MAX_AHEAD", "STEAL_AFTER"]
+
+POLL = 0.05              # seconds between looks for more free workers
+WINDOW = 3               # pmap: chunks in flight per worker, once element times are known
+SLOW_ELEMENT = 0.02      # pmap: seconds an element takes from which one chunk is in flight
+AHEAD_TIME = 0.002       # drop-ins: seconds of work to keep queued on a worker (at least)
+MAX_AHEAD = 2048         # drop-ins: tasks in flight per worker at most
+STEAL_AFTER = 0.005      # seconds a call runs (at least) before those behind it may be stolen
+
+
+S = TypeVar("S", bound="Slot")
+
+
+class Slot:
+    """The books of one held worker (``pid`` is ``None`` while it starts)."""
+
+    __slots__ = ("pid", "load", "assigned", "retiring", "gone", "unreachable", "idle_since")
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.load = 0             # units sent (or about to be) and not answered
+        self.assigned = 0         # units given to it in its life (max_tasks_per_child)
+        self.retiring = False     # takes no more; leaves once idle
+        self.gone = False         # off the books (dead, retired, given back)
+        self.unreachable = False  # a send to it failed: nothing more goes there
+        self.idle_since = time.monotonic()
+
+    def open(self) -> bool:
+        """Whether it may be given more."""
+        return not (self.retiring or self.gone or self.unreachable)
+
+    def room(self, cap: int, max_tasks: int | None) -> int:
+        """Units it may be given now, holding at most ``cap`` (and ``max_tasks`` in its life)."""
+        r = cap - self.load
+        if max_tasks is not None:
+            r = min(r, max_tasks - self.assigned)
+        return r
+
+    def give(self, n: int, max_tasks: int | None) -> None:
+        """``n`` more units; it retires once given ``max_tasks`` in its life."""
+        self.load += n
+        self.assigned += n
+        if max_tasks is not None and self.assigned >= max_tasks:
+            self.retiring = True
+
+    def answered(self, n: int) -> None:
+        """``n`` of its units are answered (or lost)."""
+        self.load -= n
+        if not self.load:
+            self.idle_since = time.monotonic()
+
+    def leaving(self) -> bool:
+        """Whether it retired and is now idle: it leaves the books (given back, or its
+        process removed)."""
+        return self.retiring and not self.load and not self.gone
+
+    def take_back(self, n: int, max_tasks: int | None) -> None:
+        """``n`` units taken back before they ran (stolen): they count for it no more."""
+        self.load -= n
+        self.assigned -= n
+        if max_tasks is not None and self.assigned < max_tasks:
+            self.retiring = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.pid} load={self.load} assigned={self.assigned}>"
+
+
+def most_room(slots: Iterable[S], cap: int, max_tasks: int | None) -> tuple[S | None, int, int]:
+    """(the open slot with the most room, its room, how many open slots have room): the
+    next unit goes to the least loaded worker, the first held on a tie."""
+    best, room, avail = None, 0, 0
+    for s in slots:
+        if s.retiring or s.gone or s.unreachable:
+            continue
+        r = s.room(cap, max_tasks)
+        if r > 0:
+            avail += 1
+            if r > room:
+                best, room = s, r
+    return best, room, avail
+
+
+def chunks_in_flight(pace: Pace) -> int:
+    """``pmap``'s window: one chunk until an answer says how long elements take, and
+    while they are slow (a second chunk would wait behind the first while another worker
+    may be idle); ``WINDOW`` while they are quick."""
+    return pace.window(SLOW_ELEMENT, WINDOW)
+
+
+def tasks_held(pace: Pace) -> int:
+    """The drop-ins' window: one task until tasks are timed, then enough to cover the
+    round trip (many tiny tasks, one long one)."""
+    return pace.hold(AHEAD_TIME, MAX_AHEAD)
+
+
+def yield_one(slots: Iterable[S], waiting: int) -> S | None:
+    """While ``waiting`` others wait for a worker of the pool, the least loaded of several
+    open slots retires (it goes back once idle); one is always kept. The slot, or None."""
+    if not waiting:
+        return None
+    working = [s for s in slots if not s.retiring and not s.gone]
+    if len(working) < 2:
+        return None
+    s = min(working, key=lambda s: s.load)
+    s.retiring = True
+    return s
+
+
+def give_back(pool: AbstractWorkerPool, pid: int) -> None:
+    """Put ``pid`` back into ``pool``; a pool whose owner is gone takes nothing back."""
+    try:
+        pool.put_back(pid)
+    except Exception:
+        pass
+
+
+def overdue(sent: float, ntasks: int, per_task: float | None) -> float:
+    """When the calls queued behind one sent at ``sent`` (``perf_counter``) with ``ntasks``
+    units may be stolen: once it has run four times its estimate, and ``STEAL_AFTER``."""
+    return sent + max(STEAL_AFTER, 4 * (per_task or 0.0) * ntasks)
+
+
+def retry_apart(nunits: int) -> bool:
+    """A message of ``nunits`` failed as a whole: whether its units are tried again one by
+    one (several), or the failure is its unit's own (one)."""
+    return nunits > 1
