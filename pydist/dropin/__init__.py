@@ -12,7 +12,10 @@
   from behind a long one), ``closing.py`` (shutdown, breaking, interpreter exit),
   ``borrowing.py`` (the workers of a given pool, taken and put back through the pool's
   protocol). The worker set is a pool; functions ship through the pools' function cache
-  (``funccache.py``);
+  (``funccache.py``); the scheduling (windows, recycling, handing workers back, when to
+  steal) is the pools' (``scheduler.py``), shared with ``pmap``: what stays here is the
+  standard library's interface, the batches and their gate on the workers, the worker
+  processes and the initializer;
 * ``mapfeed.py``: ``Executor.map``'s lazily read input;
 * ``results.py``, ``imap.py``: what ``Pool``'s calls return;
 * ``mpshare.py``: multiprocessing's locks, values and queues handed to local workers;

@@ -28,7 +28,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from ..cluster.group import PGRP
 from ..pools.scheduler import POLL, give_back, yield_one
@@ -96,9 +96,10 @@ class _Borrower:
         with core.lock:
             held = sum(1 for w in core.staff.workers if not w.gone)
         if need > 0 and not got and not held:
-            got = self._wait_for_one()
-            if got is None:
+            one = self._wait_for_one()
+            if one is None:
                 return False
+            got = one
         if got:
             self._adopt(got)
         self._give_back_unneeded(waiting)
@@ -174,4 +175,4 @@ class _Borrower:
             if not out:
                 yield_one(core.staff.workers, waiting)
         for w in out:
-            self.give_back(w.pid)      # type: ignore[arg-type]
+            self.give_back(cast(int, w.pid))      # (a borrowed worker's pid is known)

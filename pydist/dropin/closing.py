@@ -87,7 +87,7 @@ class _Closer:
         if owned:
             staff.helper(rmprocs, *owned, waitfor=30)
         for pid in given:
-            core.borrower.give_back(pid)      # type: ignore[union-attr]
+            core.borrower.give_back(pid)
         with core.lock:
             core.changed.notify_all()
 
@@ -191,6 +191,6 @@ def _at_exit() -> None:
 
 
 try:
-    threading._register_atexit(_at_exit)     # type: ignore[attr-defined]
+    threading._register_atexit(_at_exit)     # type: ignore[attr-defined]  # the hook concurrent.futures uses
 except (AttributeError, RuntimeError):
     atexit.register(_at_exit)

@@ -6,7 +6,8 @@ shared state objects (``state.py``: the lifecycle ``flags``, the task queue ``ta
 and its parts, each the one owner of its own state (composition, one module each):
 
 * ``dispatcher`` (``dispatching.py``): pending tasks out to the workers in batches,
-  replies back in; owns the learnt pace (``pools/pace.py``, shared with ``pmap``);
+  replies back in; owns the learnt pace (``pools/pace.py``); schedules as ``pmap`` does
+  (``pools/scheduler.py``);
 * ``staff`` (``staffing.py``): the worker records; workers started on demand, lost and
   replaced, retired;
 * ``stealer`` (``stealing.py``): batches taken back from behind a long task;
@@ -72,7 +73,7 @@ class _Core:
     """Everything an executor owns; the ``Executor`` object is a thin front, so that
     dropping it can shut this down (``weakref.finalize``)."""
 
-    def __init__(self, max_workers: int, initializer: Callable[..., Any] | None, initargs: tuple,
+    def __init__(self, max_workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...],
                  max_tasks: int | None, transport: str, pool: AbstractWorkerPool | None,
                  eager: bool = False, pool_mode: bool = False,
                  tb_class: type = _RemoteTraceback, max_memory: int | None = None) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from ..cluster.destinations import pickling_ahead
 from ..cluster.values import Failure
@@ -127,7 +127,8 @@ class _Dispatcher:
         core = self.core
         queue, max_tasks = core.tasks, core.max_tasks
         while queue.pending and not core.flags.broken:
-            best, room, avail = most_room(core.staff.workers, self.cap(), max_tasks)
+            workers: list[_Worker] = core.staff.workers
+            best, room, avail = most_room(workers, self.cap(), max_tasks)
             if best is None:
                 return None
             size = min(room, MAX_BATCH, max(1, -(-len(queue.pending) // avail)))
@@ -172,7 +173,7 @@ class _Dispatcher:
             if self._answered(w, batch):
                 self.core.fail_all(batch.tasks, e)
 
-    def _payload(self, batch: _Batch, pid: int) -> tuple[Any, tuple]:
+    def _payload(self, batch: _Batch, pid: int) -> tuple[Any, tuple[Any, ...]]:
         """What runs ``batch`` on worker ``pid``, and its arguments after the function. A
         task sent alone to an idle worker skips the revoke gate, and its atom arguments
         travel inline; other arguments are pickled ahead, so a failure to unpickle them there
@@ -189,43 +190,45 @@ class _Dispatcher:
         packed = self._pack([(t.kind, t.args, t.kwargs) for t in tasks], pid)
         return _run_batch, (packed, core.pool_mode, core.key, batch.seq)
 
-    def _pack(self, triples: list, pid: int) -> _Packed:
+    def _pack(self, triples: list[Any], pid: int) -> _Packed:
         with pickling_ahead() as limits:
             data, bufs = dumps_shared(triples, self.core.main is not None)
         limits.check(pid)
         return _Packed(data, *bufs)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:
+        pid = cast(int, w.pid)    # (only a started worker is sent to)
         try:
-            run, rest = self._payload(batch, w.pid)   # type: ignore[arg-type]
+            run, rest = self._payload(batch, pid)
         except BaseException as e:
             self._unsendable(w, batch, e)
             return
         fcache = self.core.fcache
-        g, token = fcache.prepare(batch.tasks[0].fn, w.pid)   # type: ignore[arg-type]
+        g, token = fcache.prepare(batch.tasks[0].fn, pid)
         sent = False
         try:
-            sent = self._start_batch(w, batch, run, (g, *rest))
+            sent = self._start_batch(w, pid, batch, run, (g, *rest))
         finally:
             fcache.settle(token, sent)      # (a thread shipping it too waits for this)
 
-    def _start_batch(self, w: _Worker, batch: _Batch, run: Any, args: tuple) -> bool:
-        """Send ``batch`` to ``w`` as the call ``run(*args)``; whether it went out."""
+    def _start_batch(self, w: _Worker, pid: int, batch: _Batch, run: Any, args: tuple[Any, ...]) -> bool:
+        """Send ``batch`` to ``w`` (worker ``pid``) as the call ``run(*args)``; whether it
+        went out."""
         for t in batch.tasks:
-            mark_sent(t.sink, w.pid)   # type: ignore[arg-type]
+            mark_sent(t.sink, pid)
         batch.sent = time.perf_counter()
         try:
             if batch.alone and time.monotonic() - w.idle_since > IDLE_CHECK and w.exited():
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
-                raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
-            _, done = start_call(w.pid, run, args, _NO_KWARGS, keep=False)   # type: ignore[arg-type]
+                raise ProcessExitedException(pid, "has exited")
+            _, done = start_call(pid, run, args, _NO_KWARGS, keep=False)
         except SerializationError as e:   # the function itself cannot be pickled
             self._unsendable(w, batch, e)
             return False
         except Exception as e:            # the worker is gone (or unusable): the batch never left
             if not isinstance(e, ProcessExitedException):
-                e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
+                e = ProcessExitedException(pid, f"could not be sent a task ({e})")
             if self._answered(w, batch):
                 self.requeue(batch.tasks)
             self.core.staff.lost_in_send(w, e)
@@ -268,7 +271,7 @@ class _Dispatcher:
                 return
             if is_cache_miss(value):
                 # The pool's cache was cleared (``clear``) as the batch went: ship it again.
-                core.fcache.forget_worker(w.pid)   # type: ignore[arg-type]
+                core.fcache.forget_worker(cast(int, w.pid))    # (it answered: it started)
                 if self._answered(w, batch):
                     self.requeue(batch.tasks)
                     self.dispatch()

@@ -20,7 +20,7 @@ from typing import Any
 from ..cluster.group import PGRP
 from ..pools.scheduler import Slot
 
-_NO_KWARGS: dict = {}
+_NO_KWARGS: dict[str, Any] = {}
 
 
 class _Task:
@@ -28,7 +28,7 @@ class _Task:
 
     __slots__ = ("fn", "args", "kwargs", "kind", "sink", "started", "solo")
 
-    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: dict, kind: int, sink: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], kind: int, sink: Any) -> None:
         self.fn, self.args, self.kwargs, self.kind, self.sink = fn, args, kwargs, kind, sink
         self.started = False     # the sink was told it runs
         self.solo = False        # to be sent alone (after a crash or a failed message)
@@ -93,7 +93,8 @@ class WorkerProcess:
     @property
     def exitcode(self) -> int | None:
         if self._proc is not None and hasattr(self._proc, "poll"):
-            return self._proc.poll()
+            code: int | None = self._proc.poll()
+            return code
         return None if self.is_alive() else 0
 
     def is_alive(self) -> bool:

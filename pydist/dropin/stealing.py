@@ -44,9 +44,10 @@ class _Stealer:
             if not any(not w.load and w.pid is not None and not w.retiring and not w.unreachable
                        for w in workers):
                 return
-            victims = []
+            victims: list[tuple[_Worker, int, list[int]]] = []
             for w in workers:
-                if w.pid is None or len(w.batches) < 2:
+                pid = w.pid
+                if pid is None or len(w.batches) < 2:
                     continue
                 running = w.batches[0]
                 due = overdue(running.sent, len(running.tasks), est)
@@ -57,14 +58,14 @@ class _Stealer:
                 if seqs:
                     for b in list(w.batches)[1:]:
                         b.revoking = True
-                    victims.append((w, seqs))
+                    victims.append((w, pid, seqs))
             if not victims and later is not None and self.timer is None:
                 self.timer = threading.Timer(later - now + 0.0005, self._on_timer)
                 self.timer.daemon = True
                 self.timer.start()
-        for w, seqs in victims:
+        for w, pid, seqs in victims:
             try:
-                _, done = start_call(w.pid, _revoke, (core.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
+                _, done = start_call(pid, _revoke, (core.key, seqs), _NO_KWARGS, keep=False)
             except Exception:
                 continue
             done.add_callback(partial(self._revoked_safely, w))

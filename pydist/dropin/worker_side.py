@@ -54,7 +54,7 @@ class _Packed:
     def __init__(self, data: Any, *bufs: Any) -> None:
         self.data, self.bufs = data, bufs
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_Packed, (self.data, *self.bufs))
 
 
@@ -64,12 +64,12 @@ class _Results:
 
     __slots__ = ("values", "elapsed", "pool_mode", "mark")
 
-    def __init__(self, values: list, elapsed: float, pool_mode: bool,
+    def __init__(self, values: list[Any], elapsed: float, pool_mode: bool,
                  mark: tuple[int, int] | None = None) -> None:
         self.values, self.elapsed, self.pool_mode = values, elapsed, pool_mode
         self.mark = mark     # (stdout, stderr) bytes written by the worker, if the tasks printed
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         try:
             data, bufs = dumps(self.values)
         except BaseException:
@@ -85,7 +85,7 @@ class _Results:
         except BaseException as e:
             err = e.__cause__ if isinstance(e, SerializationError) and e.__cause__ else e
         if self.pool_mode:
-            from multiprocessing.pool import MaybeEncodingError
+            from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]  # not in typeshed
             return Failure(MaybeEncodingError(err, value))
         if type(value) is Failure and isinstance(value.exc, RemoteException):
             ex, tb = value.exc.captured.ex, value.exc.captured.traceback
@@ -136,7 +136,7 @@ def _load_calls(packed: _Packed) -> Any:
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
-def inline_ok(args: tuple, kwargs: dict) -> bool:
+def inline_ok(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether ``args`` and ``kwargs`` are atoms only (they cannot fail to unpickle)."""
     atoms = _ATOMS
     for a in args:
@@ -148,7 +148,7 @@ def inline_ok(args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def _run_one(fn: Callable[..., Any], args: tuple, kwargs: dict, packed: _Packed | None,
+def _run_one(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], packed: _Packed | None,
              pool_mode: bool) -> Any:
     """On a worker: one task sent to an idle worker (first in line, so never revoked).
     Its arguments come inline when they are atoms, else in ``packed``. An atom result comes
@@ -255,7 +255,7 @@ def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any
         multiprocessing.current_process().authkey = authkey
     if tracker is not None:
         from multiprocessing import resource_tracker  # only programs that use one pay
-        resource_tracker._resource_tracker._fd = tracker.detach()
+        resource_tracker._resource_tracker._fd = tracker.detach()   # type: ignore[attr-defined]  # not in typeshed
     if main is not None:
         _load_main(*main)
     initializer, initargs = loads(packed.data, packed.bufs)

@@ -4,8 +4,10 @@
 * ``poolstate.py``: a pool's members, idle workers and waiters, kept on its owner;
 * ``funccache.py``: the function cache (a function ships once per worker; the drop-ins
   use its weak form);
-* ``pace.py``: how much work each worker holds, learnt from replies (``pmap`` and the
-  drop-ins);
+* ``scheduler.py``: the scheduling ``pmap`` and the drop-ins share: a held worker's books
+  (``Slot``), windows, recycling, handing workers over to the pool's other users, when
+  calls may be stolen, retrying a failed message apart; ``pace.py``: the task times and
+  round trips learnt from replies, which size the windows;
 * ``workerpool.py``: ``WorkerPool``, ``CachingPool``, ``default_worker_pool``, ``remote``;
 * ``pmap.py``: ``pmap``, its checks and its story; ``mapper.py``: the distributed map
   and the chunks it runs on workers; ``retries.py``: when a failed element is tried again;

@@ -26,7 +26,7 @@ from .funccache import is_cache_miss
 
 
 # -- starting a call with a completion notice -----------------------------------------------
-def start_call(pid: int, f: Callable[..., Any], args: tuple, kwargs: dict,
+def start_call(pid: int, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
            keep: bool) -> tuple[Future | None, RemoteValue]:
     """Start ``f(*args, **kwargs)`` on ``pid``; return ``(future, done)``.
 
@@ -67,7 +67,7 @@ def start_call(pid: int, f: Callable[..., Any], args: tuple, kwargs: dict,
     return fut, done
 
 
-def _run_and_report(f: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _run_and_report(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``remote_do`` through a pool: run for the effect, print a failure here."""
     value = run_call(f, args, kwargs)
     if type(value) is Failure:
@@ -141,7 +141,7 @@ class AbstractWorkerPool(ABC):
         workers hands one back while someone waits."""
         return self.take_some(n), 0
 
-    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one of the four remote calls on a worker taken from this pool."""
         for attempt in (0, 1):
             pid = self.take()

@@ -45,10 +45,10 @@ class _ChunkResult:
 
     __slots__ = ("values", "elapsed", "nfail", "nbytes")
 
-    def __init__(self, values: list, elapsed: float, nfail: int, nbytes: int = 0) -> None:
+    def __init__(self, values: list[Any], elapsed: float, nfail: int, nbytes: int = 0) -> None:
         self.values, self.elapsed, self.nfail, self.nbytes = values, elapsed, nfail, nbytes
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         values, nfail = self.values, self.nfail
         try:
             data, buffers = serialize.dumps(values)
@@ -68,13 +68,13 @@ def _picklable_or_failure(v: Any) -> Any:
     return v
 
 
-def _chunk_result(data: Any, buffers: list, elapsed: float, nfail: int, nbytes: int) -> _ChunkResult:
+def _chunk_result(data: Any, buffers: list[Any], elapsed: float, nfail: int, nbytes: int) -> _ChunkResult:
     return _ChunkResult(serialize.loads(data, buffers), elapsed, nfail, nbytes)
 
 
-def _run_chunk(f: Callable[..., Any], star: bool, items: list) -> _ChunkResult:
+def _run_chunk(f: Callable[..., Any], star: bool, items: list[Any]) -> _ChunkResult:
     """Apply ``f`` to each element, capturing each failure on its own."""
-    out: list = []
+    out: list[Any] = []
     append = out.append
     nfail = 0
     t0 = time.perf_counter()
@@ -96,13 +96,13 @@ def _auto_batch(n: int, nworkers: int) -> int:
 class _Mapper:
     """The state of one distributed pmap; see the module docstring."""
 
-    def __init__(self, f: Callable[..., Any], items: list, star: bool, pool: AbstractWorkerPool,
+    def __init__(self, f: Callable[..., Any], items: list[Any], star: bool, pool: AbstractWorkerPool,
                  batch_size: int | str, policy: RetryPolicy,
                  on_error: Callable[[BaseException], Any] | None, bar: Any) -> None:
         self.f, self.items, self.star, self.pool = f, items, star, pool
         self.policy, self.on_error, self.bar = policy, on_error, bar
         n = len(items)
-        self.results: list = [_MISSING] * n
+        self.results: list[Any] = [_MISSING] * n
         self.left = n                        # elements without a final result
         self.next = 0                        # first element never sent
         self.ready: list[int] = []           # elements to send again (a heap)
@@ -110,8 +110,8 @@ class _Mapper:
         self.singles: list[int] = []         # elements to send one by one
         self.held: dict[int, Slot] = {}      # worker -> its books (load: chunks in flight)
         self.inflight = 0                    # chunks in flight, to held workers or lost ones
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
-        self.fixed = _auto_batch(n, len(pool)) if batch_size == "auto" else batch_size
+        self.done: queue.SimpleQueue[tuple[int, range | list[int], Any, Any]] = queue.SimpleQueue()
+        self.fixed = batch_size if isinstance(batch_size, int) else _auto_batch(n, len(pool))
         self.adaptive = batch_size == 1
         self.pace = Pace()                   # seconds per element there (pace.py)
         self.in_bytes = 0.0                  # pickled bytes of an element, and of an answer
@@ -124,7 +124,7 @@ class _Mapper:
         self.members = pool.workers()
 
     # -- the loop ------------------------------------------------------------------------------------
-    def run(self) -> list:
+    def run(self) -> list[Any]:
         runner = PGRP._runner
         try:
             if runner is None:
@@ -233,7 +233,7 @@ class _Mapper:
 
     def _chunk_len(self) -> int:
         if not self.adaptive:
-            return self.fixed    # type: ignore[return-value]
+            return self.fixed
         per = self.pace.per_task
         if per is None:
             return 1
@@ -256,7 +256,7 @@ class _Mapper:
             return chunk
         return None
 
-    def _elements(self, chunk: range | list[int]) -> list:
+    def _elements(self, chunk: range | list[int]) -> list[Any]:
         if type(chunk) is range:
             return self.items[chunk.start:chunk.stop]
         return [self.items[i] for i in chunk]

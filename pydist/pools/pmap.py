@@ -47,7 +47,7 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
          distributed: bool = True, batch_size: int | str = 1,
          on_error: Callable[[BaseException], Any] | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable[..., Any] | None = None,
-         progress: bool = False) -> list:
+         progress: bool = False) -> list[Any]:
     """``[f(*xs) for xs in zip(*iterables)]``, computed on the workers of ``pool``
     (default: ``default_worker_pool()``), in input order. Julia's ``pmap(f, pool, xs)``
     works too: a worker pool as the first iterable is taken as ``pool``.
@@ -75,7 +75,7 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
             raise TypeError(f"pmap's {name} must be callable, not {type(fn).__name__}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool)):
         raise TypeError(f"batch_size must be an int or 'auto', not {batch_size!r}")
-    if batch_size != "auto" and batch_size < 1:
+    if isinstance(batch_size, int) and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     check_progress(progress, "pmap")
     policy = RetryPolicy(Delays(retry_delays), retry_check)
@@ -89,16 +89,16 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
             pool = default_worker_pool() if pool is None else pool
             if len(pool) == 0 or pool.workers() == [PGRP.myid]:
                 distributed = False      # nothing to distribute to (as Julia does)
-        if not distributed:
+        if not distributed or pool is None:
             return _map_here(f, items, star, policy, on_error, bar)
-        return _Mapper(f, items, star, pool, batch_size, policy, on_error, bar).run()  # type: ignore[arg-type]
+        return _Mapper(f, items, star, pool, batch_size, policy, on_error, bar).run()
     finally:
         if bar is not None:
             bar.close()
 
 
-def _map_here(f: Callable[..., Any], items: list, star: bool, policy: RetryPolicy,
-              on_error: Callable[[BaseException], Any] | None, bar: Any) -> list:
+def _map_here(f: Callable[..., Any], items: list[Any], star: bool, policy: RetryPolicy,
+              on_error: Callable[[BaseException], Any] | None, bar: Any) -> list[Any]:
     """``distributed=False``: every element in this process, in order."""
     out = []
     for i, x in enumerate(items):

@@ -64,7 +64,7 @@ class WorkerPool(AbstractWorkerPool):
         rrid = PGRP.next_rrid()
         st = _PoolState()
         st.push(pids)
-        PGRP.lookup_ref(rrid).set(st)    # type: ignore[union-attr]
+        PGRP.lookup_ref(rrid).set(st)    # type: ignore[union-attr]  # create=True: never None
         self._attach(_new_ref(PGRP.myid, rrid, counted=True), st)
 
     def _init_handle(self) -> None:
@@ -84,7 +84,7 @@ class WorkerPool(AbstractWorkerPool):
         what = "default pool" if self._ref.rrid == DEFAULT_POOL_ID else f"{self._ref.rrid.whence}:{self._ref.rrid.id}"
         return f"<{type(self).__name__} {what}, owned by process {self._ref.where}>"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         if self._ref.rrid == DEFAULT_POOL_ID:
             return (default_worker_pool, ())
         self._ref._note_sent()
@@ -136,7 +136,8 @@ class WorkerPool(AbstractWorkerPool):
             if st.cancel(waiter):
                 raise TimeoutError(f"timed out after {timeout} s waiting for a worker of {self!r}")
             waiter.wait(None)           # handed a worker while giving up: keep it
-        return waiter.value
+        taken: int = waiter.value
+        return taken
 
     def _take_remote(self, timeout: float | None) -> int:
         """``take`` from the owner, which keeps the deadline."""
@@ -151,14 +152,20 @@ class WorkerPool(AbstractWorkerPool):
         try:
             value = wait_value(rv, None, f"a worker of {self!r}", via=where)
         except BaseException:           # interrupted: a worker handed over later goes back
-            rv.add_callback(lambda v: type(v) is int and self.put_back(v))
+            rv.add_callback(self._back_if_handed)
             raise
-        return unwrap(value)
+        pid: int = unwrap(value)
+        return pid
+
+    def _back_if_handed(self, value: Any) -> None:
+        if type(value) is int:
+            self.put_back(value)
 
     def take_some(self, n: int) -> list[int]:
         st = self._state()
         if st is None:
-            return self._remote("take_some", n)
+            got: list[int] = self._remote("take_some", n)
+            return got
         return st.take_some(n, PGRP.myid)
 
     def poll(self, n: int) -> tuple[list[int], int]:
@@ -200,7 +207,7 @@ class WorkerPool(AbstractWorkerPool):
             return pid in st.members
 
 
-def _rebuild_pool(cls: type, where: int, rrid: RRID) -> WorkerPool:
+def _rebuild_pool(cls: type[WorkerPool], where: int, rrid: RRID) -> WorkerPool:
     """A pool arriving in this process: the one handle this process has for it."""
     existing = _handles.get(rrid)
     if existing is not None:
@@ -274,7 +281,8 @@ class CachingPool(WorkerPool):
 
     def _worker_cache_info(self, pid: int) -> tuple[int, int]:
         """(functions unpickled, functions held) in ``pid``'s cache for this pool."""
-        return call_on_owner(_cache_info, pid, self._ref.rrid)
+        info: tuple[int, int] = call_on_owner(_cache_info, pid, self._ref.rrid)
+        return info
 
 
 def clear(pool: CachingPool) -> CachingPool:
@@ -302,7 +310,7 @@ class _Remote:
     def __repr__(self) -> str:
         return f"remote({self.f!r}, {self.pool!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_Remote, (self.f, self.pool))
 
 
