@@ -6,7 +6,7 @@ shared state objects (``state.py``: the lifecycle ``flags``, the task queue ``ta
 and its parts, each the one owner of its own state (composition, one module each):
 
 * ``dispatcher`` (``dispatching.py``): pending tasks out to the workers in batches,
-  replies back in; owns the learnt pace (``pools/pace.py``); schedules as ``pmap`` does
+  replies back in; owns the learnt ``Pace``; schedules as ``pmap`` does
   (``pools/scheduler.py``);
 * ``staff`` (``staffing.py``): the worker records; workers started on demand, lost and
   replaced, retired;

@@ -27,12 +27,12 @@ from ..cluster.values import Failure
 from ..errors import ProcessExitedException, SerializationError
 from ..pools.abstract import start_call
 from ..pools.funccache import drop_dead, is_cache_miss
-from ..pools.pace import Pace
-from ..pools.scheduler import most_room, retry_apart, tasks_held
+from ..pools.scheduler import Pace, most_room, retry_apart, tasks_held
+from ..pools.stealing import REVOKED
 from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .worker_side import _REVOKED, CALL, _Packed, _Results, _run_batch, _run_one, _Undecodable, inline_ok
+from .worker_side import CALL, _Packed, _Results, _run_batch, _run_one, _Undecodable, inline_ok
 
 MAX_BATCH = 256          # tasks in one message at most
 IDLE_CHECK = 0.002       # seconds idle after which a worker's process is checked before a send
@@ -283,7 +283,7 @@ class _Dispatcher:
         elif batch.direct:
             if type(value) is not Failure and type(value) is not tuple:
                 value = ([value], None)      # an atom result, as itself
-        elif type(value) is str and value == _REVOKED:   # a copy, once unpickled
+        elif type(value) is str and value == REVOKED:   # a copy, once unpickled
             return     # taken back earlier; its tasks went elsewhere
         if type(value) is Failure or type(value[0]) is _Undecodable:
             exc = value.exc if type(value) is Failure else value[0].exc

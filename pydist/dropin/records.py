@@ -47,6 +47,11 @@ class _Batch:
         self.direct = False      # one task sent straight to an idle worker (``_run_one``)
         self.sending = False     # on its worker's books, its send not finished yet
 
+    @property
+    def units(self) -> int:
+        """Its tasks (a ``pools/stealing.QueuedCall``)."""
+        return len(self.tasks)
+
 
 class _Worker(Slot):
     """The executor's record of one worker (``pid`` is ``None`` while it starts): its

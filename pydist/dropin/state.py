@@ -6,7 +6,7 @@
   (waiting, on a worker, or being answered); every change goes through its methods, under
   the executor's lock, and ``changed`` is notified when nothing is left unfinished.
 
-The learnt timings are the dispatcher's ``Pace`` (``pools/pace.py``, shared with ``pmap``);
+The learnt timings are the dispatcher's ``Pace`` (``pools/scheduler.py``, shared with ``pmap``);
 each worker's books are its record, a ``pools/scheduler.Slot``.
 
 The worker records are the ``_Staff``'s (``staffing.py``), the borrowed workers the

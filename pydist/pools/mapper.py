@@ -22,9 +22,8 @@ from ..errors import ProcessExitedException, SerializationError
 from ..wire import serialize
 from .abstract import AbstractWorkerPool, start_call
 from .funccache import FunctionCache, drop_caches, is_cache_miss
-from .pace import Pace
 from .retries import RetryPolicy
-from .scheduler import POLL, Slot, chunks_in_flight, give_back, most_room, retry_apart, yield_one
+from .scheduler import POLL, Pace, Slot, chunks_in_flight, give_back, most_room, retry_apart, yield_one
 from .workerpool import CachingPool
 
 __all__ = ["CHUNK_SECONDS", "MAX_CHUNK", "CHUNK_BYTES"]
@@ -113,7 +112,7 @@ class _Mapper:
         self.done: queue.SimpleQueue[tuple[int, range | list[int], Any, Any]] = queue.SimpleQueue()
         self.fixed = batch_size if isinstance(batch_size, int) else _auto_batch(n, len(pool))
         self.adaptive = batch_size == 1
-        self.pace = Pace()                   # seconds per element there (pace.py)
+        self.pace = Pace()                   # seconds per element there (scheduler.py)
         self.in_bytes = 0.0                  # pickled bytes of an element, and of an answer
         self.out_bytes = 0.0
         self.own_cache = not isinstance(pool, CachingPool)

@@ -10,10 +10,14 @@ here:
   tasks sent and not answered), how much it was given in its life (``assigned``), and
   whether it takes more (``retiring``: it leaves once idle). One owner each: a map's loop,
   an executor's lock.
-* **Windows** (``most_room``): how much a worker may hold follows the pace learnt from the
-  replies (``pace.py``): ``chunks_in_flight`` for ``pmap`` (chunks sized for a few
+* **Windows** (``most_room``): how much a worker may hold follows the ``Pace`` learnt
+  from the replies: ``chunks_in_flight`` for ``pmap`` (chunks sized for a few
   milliseconds each), ``tasks_held`` for the drop-ins (tasks of any size). The next unit
   goes to the worker with the most room: the least loaded, first held on a tie.
+* **The pace** (``Pace``): a reply says how long its tasks ran on the worker; a call that
+  was alone on its worker also says how long the round trip took beyond that work.
+  ``Pace`` keeps moving averages of both (the newest sample weighs 0.3 for task times,
+  0.2 for round trips, which change less).
 * **Recycling** (``Slot.give``): a worker given ``max_tasks`` units in its life retires
   (``max_tasks_per_child``); units taken back from it (stealing) no longer count.
 * **Sharing the pool** (``yield_one``, ``give_back``): while someone else waits for a
@@ -22,10 +26,11 @@ here:
   gone has nothing to take it. Workers are looked for at most every ``POLL`` seconds
   (``AbstractWorkerPool.poll``), and waited for (``take``) only when none is held, so the
   pool's other users see a taker waiting.
-* **Stealing** (``overdue``): the calls queued behind one that has run well past the time
-  its tasks should take may be taken back for an idle worker. Only the drop-ins queue
-  several calls of unknown length behind each other, so only they steal (``pmap`` holds
-  one chunk per worker while elements are slow, and shrinks its chunks towards the end).
+* **Stealing** (``stealing.py``): the calls queued behind one that has run well past the
+  time its tasks should take are taken back for an idle worker, through a gate on the
+  worker. Only the drop-ins queue several calls of unknown length behind each other, so
+  only they steal (``pmap`` holds one chunk per worker while elements are slow, and
+  shrinks its chunks towards the end).
 * **Retries** of a message that failed as a whole (``retry_apart``): its units are tried
   again one by one, so that each gets its own outcome. ``pmap``'s retries of a failed
   element (``retry_delays``) are ``retries.py``.
@@ -37,18 +42,48 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from .abstract import AbstractWorkerPool
-from .pace import Pace
 
-__all__ = ["Slot", "most_room", "yield_one", "give_back", "overdue", "retry_apart",
-           "chunks_in_flight", "tasks_held", "POLL", "WINDOW", "SLOW_ELEMENT", "AHEAD_TIME",
-           "MAX_AHEAD", "STEAL_AFTER"]
+__all__ = ["Pace", "Slot", "most_room", "yield_one", "give_back", "retry_apart", "chunks_in_flight",
+           "tasks_held", "POLL", "WINDOW", "SLOW_ELEMENT", "AHEAD_TIME", "MAX_AHEAD"]
 
 POLL = 0.05              # seconds between looks for more free workers
 WINDOW = 3               # pmap: chunks in flight per worker, once element times are known
 SLOW_ELEMENT = 0.02      # pmap: seconds an element takes from which one chunk is in flight
 AHEAD_TIME = 0.002       # drop-ins: seconds of work to keep queued on a worker (at least)
 MAX_AHEAD = 2048         # drop-ins: tasks in flight per worker at most
-STEAL_AFTER = 0.005      # seconds a call runs (at least) before those behind it may be stolen
+
+
+class Pace:
+    """Seconds a task takes on the workers and the round trip beyond it, from replies (one
+    owner each, a map's loop or an executor's dispatcher, so no lock)."""
+
+    __slots__ = ("per_task", "rtt")
+
+    def __init__(self) -> None:
+        self.per_task: float | None = None    # seconds per task (element) there
+        self.rtt = 0.0005                     # seconds of round trip beyond the work
+
+    def learn(self, ntasks: int, elapsed: float, round_trip: float | None = None) -> None:
+        """``ntasks`` ran ``elapsed`` seconds there; ``round_trip``: the time from send to
+        reply beyond that, when the call was alone on its worker."""
+        per = elapsed / ntasks
+        self.per_task = per if self.per_task is None else 0.7 * self.per_task + 0.3 * per
+        if round_trip is not None:
+            self.rtt = 0.8 * self.rtt + 0.2 * min(max(0.0, round_trip), 0.05)
+
+    def window(self, slow: float, deep: int) -> int:
+        """Calls in flight per worker: 1 until timed and for tasks of ``slow`` seconds or
+        more, else ``deep``."""
+        per = self.per_task
+        return 1 if per is None or per >= slow else deep
+
+    def hold(self, ahead: float, most: int) -> int:
+        """Tasks a worker may hold: 1 until timed, then enough for ``ahead`` seconds of
+        work or two round trips, whichever is more (at most ``most`` besides the first)."""
+        per = self.per_task
+        if per is None:
+            return 1
+        return 1 + min(most, int(max(2 * self.rtt, ahead) / max(per, 1e-7)))
 
 
 S = TypeVar("S", bound="Slot")
@@ -155,12 +190,6 @@ def give_back(pool: AbstractWorkerPool, pid: int) -> None:
         pool.put_back(pid)
     except Exception:
         pass
-
-
-def overdue(sent: float, ntasks: int, per_task: float | None) -> float:
-    """When the calls queued behind one sent at ``sent`` (``perf_counter``) with ``ntasks``
-    units may be stolen: once it has run four times its estimate, and ``STEAL_AFTER``."""
-    return sent + max(STEAL_AFTER, 4 * (per_task or 0.0) * ntasks)
 
 
 def retry_apart(nunits: int) -> bool:
