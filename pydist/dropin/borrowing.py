@@ -25,13 +25,12 @@ is only called outside it.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from typing import Any, cast
 
 from ..cluster.group import PGRP
-from ..pools.scheduler import POLL, give_back, yield_one
+from ..pools.scheduler import POLL, give_back, wait_for_one, yield_one
 from ..pools.workerpool import AbstractWorkerPool
 from .records import _Worker
 
@@ -116,13 +115,13 @@ class _Borrower:
                 self.core.closer.break_("Every worker of the given pool has exited, the process pool "
                                  "is not usable anymore", None)
                 return None
-            pid = self.pool.take(timeout=POLL)
-        except (TimeoutError, queue.Empty):
-            return []
+            pid = wait_for_one(self.pool)
         except Exception as e:          # the pool's owner is gone
             self.core.closer.break_(f"The given pool cannot lend workers anymore ({e}); the process "
                              f"pool is not usable anymore", e)
             return None
+        if pid is None:
+            return []
         if pid == PGRP.myid and pid not in self.pool.workers():
             return []        # the default pool lends process 1 while empty: not a worker
         return [pid]

@@ -23,7 +23,7 @@ from ..wire import serialize
 from .abstract import AbstractWorkerPool, start_call
 from .funccache import FunctionCache, drop_caches, is_cache_miss
 from .retries import RetryPolicy
-from .scheduler import POLL, Pace, Slot, chunks_in_flight, give_back, most_room, retry_apart, yield_one
+from .scheduler import POLL, Pace, Slot, chunks_in_flight, give_back, most_room, retry_apart, wait_for_one, yield_one
 from .workerpool import CachingPool
 
 __all__ = ["CHUNK_SECONDS", "MAX_CHUNK", "CHUNK_BYTES"]
@@ -183,12 +183,11 @@ class _Mapper:
         # are done), one per poll, always keeping one for this map.
         yield_one(self.held.values(), waiting)
         if block and not self.held:
-            try:
-                pid = self.pool.take(timeout=POLL)
-            except (TimeoutError, queue.Empty):
+            one = wait_for_one(self.pool)
+            if one is None:
                 self._check_pool_left()
                 return
-            self._hold(pid)
+            self._hold(one)
 
     def _hold(self, pid: int) -> None:
         if pid not in self.held:

@@ -20,7 +20,7 @@ here:
   0.2 for round trips, which change less).
 * **Recycling** (``Slot.give``): a worker given ``max_tasks`` units in its life retires
   (``max_tasks_per_child``); units taken back from it (stealing) no longer count.
-* **Sharing the pool** (``yield_one``, ``give_back``): while someone else waits for a
+* **Sharing the pool** (``yield_one``, ``wait_for_one``, ``give_back``): while someone else waits for a
   worker of the pool, the least loaded of several held workers retires, so it goes back
   once idle; a worker goes back through the pool's ``put_back``, and a pool whose owner is
   gone has nothing to take it. Workers are looked for at most every ``POLL`` seconds
@@ -37,13 +37,14 @@ here:
 """
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Iterable
 from typing import TypeVar
 
 from .abstract import AbstractWorkerPool
 
-__all__ = ["Pace", "Slot", "most_room", "yield_one", "give_back", "retry_apart", "chunks_in_flight",
+__all__ = ["Pace", "Slot", "most_room", "yield_one", "wait_for_one", "give_back", "retry_apart", "chunks_in_flight",
            "tasks_held", "POLL", "WINDOW", "SLOW_ELEMENT", "AHEAD_TIME", "MAX_AHEAD"]
 
 POLL = 0.05              # seconds between looks for more free workers
@@ -182,6 +183,16 @@ def yield_one(slots: Iterable[S], waiting: int) -> S | None:
     s = min(working, key=lambda s: s.load)
     s.retiring = True
     return s
+
+
+def wait_for_one(pool: AbstractWorkerPool) -> int | None:
+    """A worker of ``pool``, waiting ``POLL`` seconds at most as a taker (so that the pool's
+    other users see one waiting and hand one over): its pid, or ``None`` if none came.
+    Other failures (the pool's owner is gone) propagate."""
+    try:
+        return pool.take(timeout=POLL)
+    except (TimeoutError, queue.Empty):    # (a user's pool may say "none" its own way)
+        return None
 
 
 def give_back(pool: AbstractWorkerPool, pid: int) -> None:
