@@ -8,6 +8,9 @@ caller's fetch. A pool may send a stand-in for the function (``_prepare``/``_set
 the stand-in refers to, the call is sent once more (``_forget``).
 
 ``start_call`` is also what ``pmap`` and the executors use to run a call with such a notice.
+They hold several workers at once, taken with ``take_some``/``poll`` (never waiting; ``poll``
+also says how many takers wait, so a holder can hand one over: ``scheduler.py``); a
+subclass may answer them better than the defaults built on the seven operations.
 """
 from __future__ import annotations
 
@@ -80,8 +83,8 @@ class AbstractWorkerPool(ABC):
     """A set of workers and a queue of the idle ones (Julia's ``AbstractWorkerPool``).
 
     Subclasses implement the seven operations; the pool variants of ``remotecall``,
-    ``remotecall_fetch``, ``remotecall_wait`` and ``remote_do`` and ``pmap`` work with
-    any of them.
+    ``remotecall_fetch``, ``remotecall_wait`` and ``remote_do``, ``pmap`` and the drop-ins
+    (``Executor(pool=...)``) work with any of them.
     """
 
     @abstractmethod
