@@ -153,6 +153,50 @@ def private_across_folders(found: list[Import]) -> list[str]:
             and folder(i.source) != folder(i.target)]
 
 
+# -- private members of another folder's objects --------------------------------------------------
+GUARDED = ("pools", "dropin")     # folders whose objects are used from outside by public names only
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_members(module: str, text: str | None = None) -> set[str]:
+    """The private names a module's classes define: methods, and ``self._x`` attributes."""
+    tree = ast.parse(MODULES[module].read_text() if text is None else text)
+    out: set[str] = set()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _private(node.name):
+                out.add(node.name)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                  and isinstance(node.value, ast.Name) and node.value.id == "self"
+                  and _private(node.attr)):
+                out.add(node.attr)
+    return out
+
+
+def _folder_members(name: str) -> set[str]:
+    return set().union(*(private_members(m) for m in MODULES if folder(m) == name))
+
+
+def private_uses(module: str, guarded: dict[str, set[str]], text: str | None = None) -> list[str]:
+    """``x._name`` in ``module`` (``x`` not ``self``/``cls``) where ``_name`` is a private
+    member of a guarded folder's classes and of none of ``module``'s own folder."""
+    own = _folder_members(folder(module))
+    tree = ast.parse(MODULES[module].read_text() if text is None else text)
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)) or node.attr in own:
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            continue
+        for name, members in guarded.items():
+            if name != folder(module) and node.attr in members:
+                found.append(f"{module} uses {node.attr} of an object of {name}/, line {node.lineno}")
+    return found
+
+
 def test_every_module_has_a_layer():
     assert not [m for m in MODULES if layer(m) < 0]
 
@@ -170,6 +214,20 @@ def test_no_import_cycle():
 def test_no_private_name_crosses_a_folder():
     wrong = private_across_folders(all_imports())
     assert not wrong, "\n".join(wrong)
+
+
+def test_other_folders_use_the_pools_and_dropins_by_public_names():
+    guarded = {name: _folder_members(name) for name in GUARDED}
+    wrong = [w for m in sorted(MODULES) for w in private_uses(m, guarded)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_private_member_check_fires():
+    guarded = {"pools": _folder_members("pools")}
+    planted = "def f(pool):\n    return pool._fcache, pool.workers(), pool._poll_owner\n"
+    assert private_uses("dropin.core", guarded, planted) == [
+        "dropin.core uses _fcache of an object of pools/, line 2"]
+    assert private_uses("pools.mapper", guarded, planted) == []     # its own folder's
 
 
 def test_the_checks_see_what_they_must():

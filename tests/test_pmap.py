@@ -69,7 +69,7 @@ def unpickled(key):
 
 def all_idle(pool, n, timeout=10.0):
     def check():
-        got = pool._take_some(n)
+        got = pool.take_some(n)
         for p in got:
             pool.put_back(p)
         return len(got) == n

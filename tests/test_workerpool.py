@@ -15,6 +15,7 @@ import pytest
 
 import pydist as pd
 from pydist.cluster.group import PGRP
+from pydist.pools.funccache import FunctionCache
 from pydist.pools.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
                                default_worker_pool, remote)
 
@@ -51,7 +52,7 @@ def fail(text="nope"):
 def wait_idle(pool, n, timeout=10.0):
     """Wait until ``n`` workers of ``pool`` are idle; take them and put them back."""
     def all_idle():
-        got = pool._take_some(n)
+        got = pool.take_some(n)
         for p in got:
             pool.put_back(p)
         return len(got) == n
@@ -99,6 +100,44 @@ def test_take_waits_for_put_back_and_push(cluster):
     assert not p.isready()
     threading.Timer(0.2, p.put_back, args=(a,)).start()
     assert p.wait(timeout=10) is p and p.isready()
+
+
+def test_take_some_and_poll_tell_a_scheduler_who_waits(cluster):
+    """What pmap and the drop-ins use to hold several workers: idle ones without waiting,
+    and how many takers wait (asked here, on the owner, and from another process)."""
+    a, b = cluster
+    p = WorkerPool([a, b])
+    assert p.poll(0) == ([], 0)
+    assert sorted(p.take_some(5)) == [a, b] and p.take_some(1) == []
+    got: list[int] = []
+    taker = threading.Thread(target=lambda: got.append(p.take(timeout=10)))
+    taker.start()
+    assert wait_until(lambda: p.poll(0) == ([], 1), 5)
+    assert pd.remotecall_fetch(lambda q: q.poll(1), a, p) == ([], 1)     # through the owner
+    p.put_back(a)
+    taker.join(10)
+    assert got == [a] and p.poll(1) == ([], 0)
+    p.put_back(a)
+    p.put_back(b)
+    taken, waiting = pd.remotecall_fetch(lambda q: q.poll(2), a, p)
+    assert sorted(taken) == [a, b] and waiting == 0 and not p.isready()
+    for pid in taken:
+        p.put_back(pid)
+    assert wait_idle(p, 2)
+
+
+def test_a_caching_pool_shows_its_function_cache(cluster):
+    cp = CachingPool(cluster)
+    f = lambda x: x + 1          # noqa: E731 - a closure, by value
+    assert [pd.remotecall_fetch(f, cp, i) for i in range(4)] == [1, 2, 3, 4]
+    assert wait_idle(cp, 2)
+    assert cp.function_cache.shipped_to() == set(cluster) and not cp.function_cache.weak
+
+    class WeakPool(CachingPool):
+        def make_function_cache(self, key):
+            return FunctionCache(key, weak=True)
+    wp = WeakPool(cluster)
+    assert wp.function_cache.weak and pd.remotecall_fetch(f, wp, 1) == 2
 
 
 def test_bad_pool_input(cluster):

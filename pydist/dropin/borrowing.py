@@ -7,7 +7,7 @@ the other way round. One ``_Borrower`` per such executor, with one thread (the
 *keeper*) that lives while the executor holds a worker or has tasks waiting, and on each
 round (every ``POLL`` seconds, or at once when asked to):
 
-1. asks the pool for as many idle workers as the tasks waiting want (``_poll``, which
+1. asks the pool for as many idle workers as the tasks waiting want (``poll``, which
    never waits), and when the executor holds none at all, waits for one (``take``, so
    that whoever holds the pool's workers sees a taker waiting);
 2. runs the initializer on a worker the first time the executor gets it, then hands it
@@ -15,23 +15,25 @@ round (every ``POLL`` seconds, or at once when asked to):
 3. gives workers back: one that has been idle for ``LINGER`` seconds with nothing
    pending, any idle one while another process waits for a worker of the pool, and,
    while someone waits and the executor holds several, one busy worker once its tasks
-   are done (marked ``retiring``: it takes no more, and the executor's ``_retire`` puts
-   it back when its last answer is in).
+   are done (``yield_one``: it retires, and the executor's ``retire`` puts it back when
+   its last answer is in).
 
-The executor's lock guards the records; the pool is only called outside it.
+How often it looks, how it hands workers over and back are the scheduling ``pmap`` uses
+on a pool too (``pools/scheduler.py``); what is the executor's own is the initializer, the
+records, and lingering for more tasks. The executor's lock guards the records; the pool
+is only called outside it.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from ..cluster.group import PGRP
+from ..pools.scheduler import POLL, give_back, wait_for_one, yield_one
 from ..pools.workerpool import AbstractWorkerPool
 from .records import _Worker
 
-POLL = 0.05      # seconds between rounds of the keeper
 LINGER = 0.1     # seconds an idle borrowed worker is kept, in case more tasks come
 
 
@@ -62,10 +64,7 @@ class _Borrower:
 
     def give_back(self, pid: int) -> None:
         """Return one worker to the pool (its record is already off the executor's books)."""
-        try:
-            self.pool.put_back(pid)
-        except Exception:    # the pool's owner is gone: nothing to give back to
-            pass
+        give_back(self.pool, pid)
 
     # -- the keeper ---------------------------------------------------------------------------
     def _keep(self) -> None:
@@ -90,15 +89,16 @@ class _Borrower:
         core = self.core
         need = self._needed()
         try:
-            got, waiting = self.pool._poll(need) if need > 0 else self.pool._poll(0)
+            got, waiting = self.pool.poll(max(need, 0))
         except Exception:      # the pool's owner is gone
             got, waiting = [], 0
         with core.lock:
             held = sum(1 for w in core.staff.workers if not w.gone)
         if need > 0 and not got and not held:
-            got = self._wait_for_one()
-            if got is None:
+            one = self._wait_for_one()
+            if one is None:
                 return False
+            got = one
         if got:
             self._adopt(got)
         self._give_back_unneeded(waiting)
@@ -115,13 +115,13 @@ class _Borrower:
                 self.core.closer.break_("Every worker of the given pool has exited, the process pool "
                                  "is not usable anymore", None)
                 return None
-            pid = self.pool.take(timeout=POLL)
-        except (TimeoutError, queue.Empty):
-            return []
+            pid = wait_for_one(self.pool)
         except Exception as e:          # the pool's owner is gone
             self.core.closer.break_(f"The given pool cannot lend workers anymore ({e}); the process "
                              f"pool is not usable anymore", e)
             return None
+        if pid is None:
+            return []
         if pid == PGRP.myid and pid not in self.pool.workers():
             return []        # the default pool lends process 1 while empty: not a worker
         return [pid]
@@ -160,7 +160,7 @@ class _Borrower:
         with core.lock:
             live = [w for w in core.staff.workers if not w.gone and not w.retiring]
             for w in live:
-                if w.ntasks or w.outbox:
+                if w.load or w.outbox:
                     continue
                 if core.tasks.pending and not waiting:
                     continue
@@ -171,8 +171,7 @@ class _Borrower:
             for w in out:
                 w.gone = True
                 core.staff.workers.remove(w)
-            busy = [w for w in core.staff.workers if not w.gone and not w.retiring]
-            if waiting and not out and len(busy) > 1:
-                min(busy, key=lambda w: w.ntasks).retiring = True
+            if not out:
+                yield_one(core.staff.workers, waiting)
         for w in out:
-            self.give_back(w.pid)      # type: ignore[arg-type]
+            self.give_back(cast(int, w.pid))      # (a borrowed worker's pid is known)

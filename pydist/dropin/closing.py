@@ -21,11 +21,11 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ..pools.funccache import drop_caches
+from ..pools.stealing import drop_gate
 from ..pools.workerpool import CachingPool
 from ..processes.lifecycle import rmprocs
 from ..refs.remotecall import remote_do
 from .futures import _copy_exc, _settling
-from .worker_side import _gate_drop
 
 _global_shutdown = False
 _live: weakref.WeakSet[Any] = weakref.WeakSet()    # every _Core not yet stopped
@@ -87,7 +87,7 @@ class _Closer:
         if owned:
             staff.helper(rmprocs, *owned, waitfor=30)
         for pid in given:
-            core.borrower.give_back(pid)      # type: ignore[union-attr]
+            core.borrower.give_back(pid)
         with core.lock:
             core.changed.notify_all()
 
@@ -150,7 +150,7 @@ class _Closer:
         core = self.core
         for pid in pids:
             try:
-                remote_do(_gate_drop, pid, core.key)
+                remote_do(drop_gate, pid, core.key)
             except Exception:
                 pass
         if not isinstance(core.pool, CachingPool):
@@ -191,6 +191,6 @@ def _at_exit() -> None:
 
 
 try:
-    threading._register_atexit(_at_exit)     # type: ignore[attr-defined]
+    threading._register_atexit(_at_exit)     # type: ignore[attr-defined]  # the hook concurrent.futures uses
 except (AttributeError, RuntimeError):
     atexit.register(_at_exit)

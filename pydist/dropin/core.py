@@ -6,7 +6,8 @@ shared state objects (``state.py``: the lifecycle ``flags``, the task queue ``ta
 and its parts, each the one owner of its own state (composition, one module each):
 
 * ``dispatcher`` (``dispatching.py``): pending tasks out to the workers in batches,
-  replies back in; owns the learnt pace (``pools/pace.py``, shared with ``pmap``);
+  replies back in; owns the learnt ``Pace``; schedules as ``pmap`` does
+  (``pools/scheduler.py``);
 * ``staff`` (``staffing.py``): the worker records; workers started on demand, lost and
   replaced, retired;
 * ``stealer`` (``stealing.py``): batches taken back from behind a long task;
@@ -35,6 +36,7 @@ from typing import Any
 from ..cluster.group import PGRP
 from ..pools.funccache import FunctionCache
 from ..pools.workerpool import AbstractWorkerPool, CachingPool
+from ..wire.messages import RRID
 from .borrowing import _Borrower
 from .closing import _Closer, _live
 from .dispatching import _Dispatcher
@@ -57,22 +59,21 @@ class _OwnWorkers(CachingPool):
         self._main_by_reference = main_by_reference
         super().__init__()
 
-    def _init_handle(self) -> None:
-        self._fcache = FunctionCache(self._ref.rrid, weak=True,
-                                      main_by_reference=self._main_by_reference)
+    def make_function_cache(self, key: RRID) -> FunctionCache:
+        return FunctionCache(key, weak=True, main_by_reference=self._main_by_reference)
 
     def enlist(self, pids: list[int]) -> None:
         """Workers just started: members of the pool, lent to their executor at once."""
         for pid in pids:
             self.push(pid)
-        self._take_some(len(pids))
+        self.take_some(len(pids))
 
 
 class _Core:
     """Everything an executor owns; the ``Executor`` object is a thin front, so that
     dropping it can shut this down (``weakref.finalize``)."""
 
-    def __init__(self, max_workers: int, initializer: Callable[..., Any] | None, initargs: tuple,
+    def __init__(self, max_workers: int, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...],
                  max_tasks: int | None, transport: str, pool: AbstractWorkerPool | None,
                  eager: bool = False, pool_mode: bool = False,
                  tb_class: type = _RemoteTraceback, max_memory: int | None = None) -> None:
@@ -100,7 +101,7 @@ class _Core:
         # starts (pushed as they start, dropped as they go). Functions ship once per worker
         # through the pool's cache (a private one for a given pool that has none).
         self.pool: AbstractWorkerPool = pool if pool is not None else _OwnWorkers(self.main is not None)
-        self.fcache: FunctionCache = (self.pool._fcache if isinstance(self.pool, CachingPool)   # type: ignore[attr-defined]
+        self.fcache: FunctionCache = (self.pool.function_cache if isinstance(self.pool, CachingPool)
                                        else FunctionCache(PGRP.next_rrid(), weak=True))
         # -- the parts --
         self.dispatcher = _Dispatcher(self)

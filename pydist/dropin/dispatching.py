@@ -3,9 +3,9 @@
 ``dispatch`` runs on whichever thread made work possible (a ``submit``, a reply, a worker
 started): under the lock it picks the worker with the most room and moves a batch of
 pending tasks to its outbox (``_pick``), then sends outside the lock (``_flush``), each
-worker's outbox in order. How much a worker may hold (``cap``) follows the time a task
-takes there and the round trip, both learnt from replies (``pools/pace.py``, the pacing
-``pmap`` uses too).
+worker's outbox in order. The choice of worker, how much it may hold (``cap``: from the
+time a task takes there and the round trip, learnt from replies) and when it retires
+(``max_tasks_per_child``) are the scheduling ``pmap`` uses too (``pools/scheduler.py``).
 
 A reply completes its tasks' sinks on the thread that read it (``on_reply``). A batch
 that failed as a whole (it could not be pickled here, or unpickled there, or its results
@@ -20,22 +20,21 @@ import time
 from collections.abc import Iterable
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from ..cluster.destinations import pickling_ahead
 from ..cluster.values import Failure
 from ..errors import ProcessExitedException, SerializationError
 from ..pools.abstract import start_call
 from ..pools.funccache import drop_dead, is_cache_miss
-from ..pools.pace import Pace
+from ..pools.scheduler import Pace, most_room, retry_apart, tasks_held
+from ..pools.stealing import REVOKED
 from .futures import _report, _unwrap, deliver, mark_sent
 from .mpshare import dumps_shared
 from .records import _NO_KWARGS, _Batch, _Task, _Worker
-from .worker_side import _REVOKED, CALL, _Packed, _Results, _run_batch, _run_one, _Undecodable, inline_ok
+from .worker_side import CALL, _Packed, _Results, _run_batch, _run_one, _Undecodable, inline_ok
 
 MAX_BATCH = 256          # tasks in one message at most
-MAX_AHEAD = 2048         # tasks in flight per worker at most
-AHEAD_TIME = 0.002       # seconds of work to keep queued on a worker (at least)
 IDLE_CHECK = 0.002       # seconds idle after which a worker's process is checked before a send
 
 
@@ -49,7 +48,7 @@ class _Dispatcher:
     def cap(self) -> int:
         """Tasks a worker may hold: 1 until tasks are measured, then enough to cover the
         round trip (many tiny tasks, one long one)."""
-        return self.pace.hold(AHEAD_TIME, MAX_AHEAD)
+        return tasks_held(self.pace)
 
     # -- submitting ------------------------------------------------------------------------------
     def enqueue(self, tasks: Iterable[_Task], check: bool = True) -> None:
@@ -72,7 +71,7 @@ class _Dispatcher:
             if core.tasks.pending:
                 return False
             for w in core.staff.workers:
-                if (not w.ntasks and w.pid is not None and not w.retiring and not w.gone
+                if (not w.load and w.pid is not None and not w.retiring and not w.gone
                         and not w.unreachable):
                     break
             else:
@@ -84,10 +83,7 @@ class _Dispatcher:
             batch = _Batch([task])
             batch.direct = True
             core.tasks.add_running()
-            w.ntasks = 1
-            w.assigned += 1
-            if core.max_tasks is not None and w.assigned >= core.max_tasks:
-                w.retiring = True
+            w.give(1, core.max_tasks)
             w.seq += 1
             batch.seq = w.seq
             batch.alone = not w.batches
@@ -131,18 +127,8 @@ class _Dispatcher:
         core = self.core
         queue, max_tasks = core.tasks, core.max_tasks
         while queue.pending and not core.flags.broken:
-            cap = self.cap()
-            best, room, avail = None, 0, 0
-            for w in core.staff.workers:
-                if w.retiring or w.gone or w.unreachable:
-                    continue
-                r = cap - w.ntasks
-                if max_tasks is not None:
-                    r = min(r, max_tasks - w.assigned)
-                if r > 0:
-                    avail += 1
-                    if r > room:
-                        best, room = w, r
+            workers: list[_Worker] = core.staff.workers
+            best, room, avail = most_room(workers, self.cap(), max_tasks)
             if best is None:
                 return None
             size = min(room, MAX_BATCH, max(1, -(-len(queue.pending) // avail)))
@@ -151,10 +137,7 @@ class _Dispatcher:
                 continue
             batch = _Batch(tasks)
             best.outbox.append(batch)
-            best.ntasks += len(tasks)
-            best.assigned += len(tasks)
-            if max_tasks is not None and best.assigned >= max_tasks:
-                best.retiring = True
+            best.give(len(tasks), max_tasks)
             return best
         return None
 
@@ -190,7 +173,7 @@ class _Dispatcher:
             if self._answered(w, batch):
                 self.core.fail_all(batch.tasks, e)
 
-    def _payload(self, batch: _Batch, pid: int) -> tuple[Any, tuple]:
+    def _payload(self, batch: _Batch, pid: int) -> tuple[Any, tuple[Any, ...]]:
         """What runs ``batch`` on worker ``pid``, and its arguments after the function. A
         task sent alone to an idle worker skips the revoke gate, and its atom arguments
         travel inline; other arguments are pickled ahead, so a failure to unpickle them there
@@ -207,43 +190,45 @@ class _Dispatcher:
         packed = self._pack([(t.kind, t.args, t.kwargs) for t in tasks], pid)
         return _run_batch, (packed, core.pool_mode, core.key, batch.seq)
 
-    def _pack(self, triples: list, pid: int) -> _Packed:
+    def _pack(self, triples: list[Any], pid: int) -> _Packed:
         with pickling_ahead() as limits:
             data, bufs = dumps_shared(triples, self.core.main is not None)
         limits.check(pid)
         return _Packed(data, *bufs)
 
     def _send_batch(self, w: _Worker, batch: _Batch) -> None:
+        pid = cast(int, w.pid)    # (only a started worker is sent to)
         try:
-            run, rest = self._payload(batch, w.pid)   # type: ignore[arg-type]
+            run, rest = self._payload(batch, pid)
         except BaseException as e:
             self._unsendable(w, batch, e)
             return
         fcache = self.core.fcache
-        g, token = fcache.prepare(batch.tasks[0].fn, w.pid)   # type: ignore[arg-type]
+        g, token = fcache.prepare(batch.tasks[0].fn, pid)
         sent = False
         try:
-            sent = self._start_batch(w, batch, run, (g, *rest))
+            sent = self._start_batch(w, pid, batch, run, (g, *rest))
         finally:
             fcache.settle(token, sent)      # (a thread shipping it too waits for this)
 
-    def _start_batch(self, w: _Worker, batch: _Batch, run: Any, args: tuple) -> bool:
-        """Send ``batch`` to ``w`` as the call ``run(*args)``; whether it went out."""
+    def _start_batch(self, w: _Worker, pid: int, batch: _Batch, run: Any, args: tuple[Any, ...]) -> bool:
+        """Send ``batch`` to ``w`` (worker ``pid``) as the call ``run(*args)``; whether it
+        went out."""
         for t in batch.tasks:
-            mark_sent(t.sink, w.pid)   # type: ignore[arg-type]
+            mark_sent(t.sink, pid)
         batch.sent = time.perf_counter()
         try:
             if batch.alone and time.monotonic() - w.idle_since > IDLE_CHECK and w.exited():
                 # It died while idle and its connection has not said so yet: the batch would
                 # go nowhere and be taken for the one that killed it.
-                raise ProcessExitedException(w.pid, "has exited")   # type: ignore[arg-type]
-            _, done = start_call(w.pid, run, args, _NO_KWARGS, keep=False)   # type: ignore[arg-type]
+                raise ProcessExitedException(pid, "has exited")
+            _, done = start_call(pid, run, args, _NO_KWARGS, keep=False)
         except SerializationError as e:   # the function itself cannot be pickled
             self._unsendable(w, batch, e)
             return False
         except Exception as e:            # the worker is gone (or unusable): the batch never left
             if not isinstance(e, ProcessExitedException):
-                e = ProcessExitedException(w.pid, f"could not be sent a task ({e})")  # type: ignore[arg-type]
+                e = ProcessExitedException(pid, f"could not be sent a task ({e})")
             if self._answered(w, batch):
                 self.requeue(batch.tasks)
             self.core.staff.lost_in_send(w, e)
@@ -267,7 +252,7 @@ class _Dispatcher:
         err = e.__cause__ if isinstance(e, SerializationError) and e.__cause__ is not None else e
         if not self._answered(w, batch):
             return       # its worker died meanwhile, and took care of it
-        if len(batch.tasks) > 1:
+        if retry_apart(len(batch.tasks)):
             self.requeue(batch.tasks, solo=True)
             self.dispatch()
         else:
@@ -286,7 +271,7 @@ class _Dispatcher:
                 return
             if is_cache_miss(value):
                 # The pool's cache was cleared (``clear``) as the batch went: ship it again.
-                core.fcache.forget_worker(w.pid)   # type: ignore[arg-type]
+                core.fcache.forget_worker(cast(int, w.pid))    # (it answered: it started)
                 if self._answered(w, batch):
                     self.requeue(batch.tasks)
                     self.dispatch()
@@ -298,7 +283,7 @@ class _Dispatcher:
         elif batch.direct:
             if type(value) is not Failure and type(value) is not tuple:
                 value = ([value], None)      # an atom result, as itself
-        elif type(value) is str and value == _REVOKED:   # a copy, once unpickled
+        elif type(value) is str and value == REVOKED:   # a copy, once unpickled
             return     # taken back earlier; its tasks went elsewhere
         if type(value) is Failure or type(value[0]) is _Undecodable:
             exc = value.exc if type(value) is Failure else value[0].exc
@@ -322,7 +307,7 @@ class _Dispatcher:
             core.staff.retire(w)
         if retire or core.tasks.pending:    # (a hint: whoever adds to pending dispatches too)
             self.dispatch(grow=retire)
-        if not w.ntasks and any(len(o.batches) > 1 for o in core.staff.workers):   # (a hint)
+        if not w.load and any(len(o.batches) > 1 for o in core.staff.workers):   # (a hint)
             core.stealer.maybe_steal()
 
     def _answered(self, w: _Worker, batch: _Batch) -> bool:
@@ -338,9 +323,7 @@ class _Dispatcher:
                     w.batches.remove(batch)
                 except ValueError:
                     pass
-            w.ntasks -= len(batch.tasks)
-            if not w.ntasks:
-                w.idle_since = time.monotonic()
+            w.answered(len(batch.tasks))
             return True
 
     def _whole_batch_failed(self, w: _Worker, batch: _Batch, exc: BaseException) -> None:
@@ -348,7 +331,7 @@ class _Dispatcher:
         results here): alone, the task fails; together, each is tried alone."""
         if not self._answered(w, batch):
             return
-        if len(batch.tasks) > 1:
+        if retry_apart(len(batch.tasks)):
             self.requeue(batch.tasks, solo=True)
         else:
             self.core.fail_all(batch.tasks, exc)

@@ -40,7 +40,7 @@ import multiprocessing
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 from ..pools.progress import ProgressIterator, check_progress
@@ -69,7 +69,7 @@ class Executor(cf.Executor):
     """
 
     def __new__(cls, max_workers: int | None = None, mp_context: Any = None,
-                initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
+                initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (), *,
                 max_tasks_per_child: int | None = None, transport: str = "auto",
                 pool: AbstractWorkerPool | None = None,
                 max_memory_per_child: int | None = None) -> Any:
@@ -81,7 +81,7 @@ class Executor(cf.Executor):
         return super().__new__(cls)
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
-                 initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (), *,
                  max_tasks_per_child: int | None = None, transport: str = "auto",
                  pool: AbstractWorkerPool | None = None,
                  max_memory_per_child: int | None = None) -> None:
@@ -105,7 +105,7 @@ class Executor(cf.Executor):
         weakref.finalize(self, self._core.closer.abandon).atexit = False   # see _at_exit
 
     # -- the standard interface --------------------------------------------------------------
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; a ``concurrent.futures.Future`` for its result."""
         core = self._core
         future = _Future()
@@ -128,8 +128,8 @@ class Executor(cf.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if check_progress(progress, "Executor.map"):
-            sized = bool(iterables) and all(hasattr(it, "__len__") for it in iterables)
-            total = min(len(it) for it in iterables) if sized else None   # type: ignore[arg-type]
+            sizes = [len(it) for it in iterables if isinstance(it, Sized)]
+            total = min(sizes) if iterables and len(sizes) == len(iterables) else None
             return ProgressIterator(self.map(fn, *iterables, timeout=timeout, chunksize=chunksize),
                                     total, "Executor.map")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -71,7 +71,7 @@ def mark_sent(sink: Any, pid: int) -> None:
         sent.set()
 
 
-class _Future(cf.Future):
+class _Future(cf.Future[Any]):
     """A ``concurrent.futures.Future`` whose untimed ``result``/``exception`` read the
     worker's reply in the waiting thread."""
 
@@ -123,7 +123,7 @@ def _copy_exc(exc: BaseException) -> BaseException:
     return new
 
 
-def deliver(tasks: list[Any], values: list, tb_class: type) -> None:
+def deliver(tasks: list[Any], values: list[Any], tb_class: type) -> None:
     """Complete each task's sink with its value (or its ``Failure``'s exception)."""
     _settling.active = True
     try:

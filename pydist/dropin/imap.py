@@ -41,7 +41,7 @@ class IMapIterator:
         source = zip(iterable) if chunksize == 1 else _chunks(iterable, chunksize)
         self._feed = _Feed(pool._core, func, source, CALL if chunksize == 1 else CHUNK,
                            max(16, 8 * pool._processes), keep=pool._feeds)
-        self._items: collections.deque = collections.deque()
+        self._items: collections.deque[Any] = collections.deque()
         self._done = False
         self._feed.top_up(first=True)
 
@@ -124,9 +124,9 @@ class IMapUnorderedIterator:
         self._error: BaseException | None = None
         self._window = max(16, 8 * pool._processes)
         self._out = 0                       # tasks submitted, result not yet taken
-        self._arrived: collections.deque = collections.deque()
+        self._arrived: collections.deque[Any] = collections.deque()
         self._cond = threading.Condition()
-        self._items: collections.deque = collections.deque()
+        self._items: collections.deque[Any] = collections.deque()
         self._lock = threading.Lock()
         self._keep = pool._feeds
         self._keep.add(self)
@@ -198,7 +198,7 @@ class IMapUnorderedIterator:
     __next__ = next
 
 
-def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list]:
+def _chunks(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(iterable)
     while True:
         chunk = list(itertools.islice(it, size))

@@ -95,14 +95,14 @@ def _load_main(spec: tuple[str, str], path: list[str], argv: list[str],
         found = importlib.util.find_spec(where)
         if found is None or found.loader is None:
             raise ImportError(f"the main module {where!r} cannot be found on a worker")
-        code = found.loader.get_code(where)     # type: ignore[attr-defined]
+        code = found.loader.get_code(where)     # type: ignore[attr-defined]  # a source or bytecode loader's
         file = found.origin
     else:
         code = _script_code(where, compiled)
         file = where
     module = types.ModuleType("__mp_main__")
     module.__file__ = file
-    module.__builtins__ = __builtins__    # type: ignore[attr-defined]
+    module.__builtins__ = __builtins__    # type: ignore[attr-defined]  # ModuleType does not declare it
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
     _main_loaded.append(spec)
     _importing.append(True)

@@ -73,7 +73,7 @@ class _Feed:
     """A map's input and its window of tasks in flight, refilled as results are taken."""
 
     def __init__(self, core: _Core, fn: Callable[..., Any], source: Iterator[Any], kind: int,
-                 window: int, keep: set | None = None) -> None:
+                 window: int, keep: set[Any] | None = None) -> None:
         self.core = core
         self.fn = fn
         self.kind = kind
@@ -172,7 +172,7 @@ class _Feed:
         self.core.feeds.discard(self)
 
 
-def _chunks(iterables: tuple, size: int) -> Iterator[list]:
+def _chunks(iterables: tuple[Any, ...], size: int) -> Iterator[list[Any]]:
     it = zip(*iterables)
     while True:
         chunk = list(itertools.islice(it, size))

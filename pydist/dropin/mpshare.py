@@ -58,7 +58,7 @@ class _LocalSpawn:
         return resource_sharer.DupFd(fd)
 
 
-def dumps_shared(obj: Any, main_by_reference: bool = False) -> tuple[bytes, list]:
+def dumps_shared(obj: Any, main_by_reference: bool = False) -> tuple[bytes, list[Any]]:
     """``dumps(obj)``; if that fails, again as for a process multiprocessing starts (see
     the module's docstring). Raises the second ``SerializationError`` if both fail.
     ``main_by_reference`` as for ``serialize.dumps``."""
@@ -82,12 +82,12 @@ class _DryRun(_LocalSpawn):
         return None
 
 
-def _spawn_dumps(obj: Any, popen: _LocalSpawn, main_by_reference: bool) -> tuple[bytes, list]:
+def _spawn_dumps(obj: Any, popen: _LocalSpawn, main_by_reference: bool) -> tuple[bytes, list[Any]]:
     previous = mp_context.get_spawning_popen()
-    mp_context.set_spawning_popen(popen)
+    mp_context.set_spawning_popen(popen)   # type: ignore[arg-type]  # any object with DupFd serves
     try:
-        return dumps_with(obj, ChainMap(_REDUCERS, ForkingPickler._extra_reducers),
-                          main_by_reference)
+        extra = ForkingPickler._extra_reducers   # type: ignore[attr-defined]  # not in typeshed
+        return dumps_with(obj, ChainMap(_REDUCERS, extra), main_by_reference)
     except SerializationError:
         raise     # the second error: it says why the multiprocessing way failed too
     finally:
@@ -97,26 +97,29 @@ def _spawn_dumps(obj: Any, popen: _LocalSpawn, main_by_reference: bool) -> tuple
 def tracker_handle() -> Any:
     """For one new local worker: the master's resource tracker's descriptor (to be
     ``detach()``-ed there), or ``None`` if this program has no use for a tracker."""
-    tracker = resource_tracker._resource_tracker
+    tracker: Any = resource_tracker._resource_tracker   # (its fields are not in typeshed)
     if tracker._fd is None and "multiprocessing.shared_memory" not in sys.modules:
         return None
     return resource_sharer.DupFd(tracker.getfd())
 
 
 # -- semaphores made under fork ------------------------------------------------------------------
+# multiprocessing's locks, conditions and synchronized values are handled by their internal
+# fields (``_semlock``, ``_lock``, ``_make_methods``), which typeshed does not describe: they
+# are typed ``Any`` here.
 _SPAWN = multiprocessing.get_context("spawn")
 
 
-def _fresh_like(lock: synchronize.SemLock) -> synchronize.SemLock:
+def _fresh_like(lock: Any) -> Any:
     """A new named semaphore of ``lock``'s class and current value."""
     cls = type(lock)
     if cls is synchronize.Lock or cls is synchronize.RLock:
         return cls(ctx=_SPAWN)
     value = lock._semlock._get_value()
-    return cls(value, ctx=_SPAWN)   # type: ignore[call-arg]
+    return cls(value, ctx=_SPAWN)
 
 
-def _rebase(lock: synchronize.SemLock) -> None:
+def _rebase(lock: Any) -> None:
     """Give a fork-made ``lock`` a named semaphore (see the module's docstring)."""
     if lock._semlock.name is not None:
         return
@@ -128,8 +131,8 @@ def _rebase(lock: synchronize.SemLock) -> None:
             f"multiprocessing.get_context('spawn') instead")
     fresh = _fresh_like(lock)
     lock._semlock = fresh._semlock
-    lock._is_fork_ctx = False   # type: ignore[attr-defined]
-    lock._pydist_named = fresh  # type: ignore[attr-defined]  # its finalizer unlinks the name
+    lock._is_fork_ctx = False
+    lock._pydist_named = fresh  # its finalizer unlinks the name
     lock._make_methods()
 
 
@@ -138,17 +141,17 @@ def _reduce_semlock(lock: synchronize.SemLock) -> Any:
     return lock.__reduce_ex__(5)
 
 
-def _reduce_condition(cond: synchronize.Condition) -> Any:
+def _reduce_condition(cond: Any) -> Any:
     _rebase(cond._lock)
     cond._make_methods()       # its bound acquire/release follow the lock's semaphore
     return cond.__reduce_ex__(5)
 
 
-def _reduce_synchronized(obj: sharedctypes.SynchronizedBase) -> Any:
+def _reduce_synchronized(obj: Any) -> Any:
     lock = obj._lock
     if isinstance(lock, synchronize.SemLock):
         _rebase(lock)
-        obj.acquire, obj.release = lock.acquire, lock.release   # type: ignore[method-assign]
+        obj.acquire, obj.release = lock.acquire, lock.release
     return obj.__reduce__()
 
 

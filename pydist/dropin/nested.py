@@ -30,7 +30,7 @@ def _spawn() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def nested_executor(max_workers: int | None, initializer: Any, initargs: tuple,
+def nested_executor(max_workers: int | None, initializer: Any, initargs: tuple[Any, ...],
                     max_tasks_per_child: int | None) -> cf.ProcessPoolExecutor:
     """The standard library's executor, on spawned children of this worker (refused while
     this worker runs the main script: its children would run it too, without end)."""
@@ -44,4 +44,5 @@ def nested_pool(processes: int | None, initializer: Any, initargs: Any,
     """The standard library's pool, on spawned children of this worker (refused while
     this worker runs the main script)."""
     check_not_importing_main()
-    return _spawn().Pool(processes, initializer, initargs, maxtasksperchild)
+    pool: multiprocessing.pool.Pool = _spawn().Pool(processes, initializer, initargs, maxtasksperchild)
+    return pool

@@ -20,9 +20,9 @@ import itertools
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
-from multiprocessing.pool import RemoteTraceback
-from typing import Any
+from collections.abc import Callable, Iterable, Sized
+from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]  # not in typeshed
+from typing import Any, NoReturn
 
 from ..pools.progress import ProgressIterator, check_progress
 from . import nested as _nested
@@ -106,7 +106,7 @@ class Pool:
     def __repr__(self) -> str:
         return f"<pydist.Pool state={self._state} pool_size={self._processes}>"
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     def __enter__(self) -> Pool:
@@ -154,11 +154,11 @@ class Pool:
 
     # -- single calls ------------------------------------------------------------------------------
     # (``kwds={}`` as the standard library's signature has it: it is never mutated)
-    def apply(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {}) -> Any:  # noqa: B006
+    def apply(self, func: Callable[..., Any], args: tuple[Any, ...] = (), kwds: dict[str, Any] = {}) -> Any:  # noqa: B006
         """``func(*args, **kwds)`` on a worker; waits for the result."""
         return self.apply_async(func, args, kwds).get()
 
-    def apply_async(self, func: Callable[..., Any], args: tuple = (), kwds: dict = {},  # noqa: B006
+    def apply_async(self, func: Callable[..., Any], args: tuple[Any, ...] = (), kwds: dict[str, Any] = {},  # noqa: B006
                     callback: Callable[[Any], Any] | None = None,
                     error_callback: Callable[[BaseException], Any] | None = None) -> ApplyResult:
         """``func(*args, **kwds)`` on a worker; an ``AsyncResult`` for it."""
@@ -171,7 +171,7 @@ class Pool:
 
     # -- maps ----------------------------------------------------------------------------------------
     def map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None,
-            *, progress: bool = False) -> list:
+            *, progress: bool = False) -> list[Any]:
         """``list(map(func, iterable))``, in chunks on the workers.
 
         ``progress=True`` (pydist only) shows a ``tqdm.auto`` bar advancing as results
@@ -180,15 +180,17 @@ class Pool:
         if check_progress(progress, "Pool.map"):
             self._check_running()
             items = iterable if hasattr(iterable, "__len__") else list(iterable)
-            n = len(items)   # type: ignore[arg-type]
+            n = len(items)   # type: ignore[arg-type]  # a list, or it has __len__
             size = chunksize or max(1, _default_chunksize(n, self._processes))
             return list(ProgressIterator(self.imap(func, items, size), n, "Pool.map"))
-        return self._map_async(func, iterable, CHUNK, chunksize).get()
+        values: list[Any] = self._map_async(func, iterable, CHUNK, chunksize).get()
+        return values
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None) -> list:
+                chunksize: int | None = None) -> list[Any]:
         """``list(itertools.starmap(func, iterable))``, in chunks on the workers."""
-        return self._map_async(func, iterable, STARCHUNK, chunksize).get()
+        values: list[Any] = self._map_async(func, iterable, STARCHUNK, chunksize).get()
+        return values
 
     def map_async(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None,
                   callback: Any = None, error_callback: Any = None) -> MapResult:
@@ -206,7 +208,7 @@ class Pool:
         self._check_running()
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
-        n = len(iterable)   # type: ignore[arg-type]
+        n = len(iterable)   # type: ignore[arg-type]  # a list, or it has __len__
         if chunksize is None:
             chunksize = _default_chunksize(n, self._processes)
         if n == 0:
@@ -219,7 +221,7 @@ class Pool:
             # Slices of the sequence itself: C-level copies, and a range's slices pickle
             # in a few bytes instead of a list of every number.
             for start in range(0, n, chunksize):
-                chunk = iterable[start:start + chunksize]   # type: ignore[index]
+                chunk = iterable[start:start + chunksize]   # type: ignore[index]  # a range, list or tuple
                 tasks.append(_Task(func, chunk, _NO_KWARGS, kind, _ChunkSink(result, len(tasks))))
             self._core.dispatcher.enqueue(tasks)
             return result
@@ -251,9 +253,9 @@ class Pool:
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         if check_progress(progress, "Pool.imap"):
-            total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
+            total = len(iterable) if isinstance(iterable, Sized) else None
             it = IMapIterator(self, func, iterable, chunksize)
-            return ProgressIterator(it, total, "Pool.imap")   # type: ignore[return-value]
+            return ProgressIterator(it, total, "Pool.imap")   # type: ignore[return-value]  # next(timeout) too
         return IMapIterator(self, func, iterable, chunksize)
 
     def imap_unordered(self, func: Callable[..., Any], iterable: Iterable[Any],
@@ -267,6 +269,6 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         it = IMapUnorderedIterator(self, func, iterable, chunksize)
         if check_progress(progress, "Pool.imap_unordered"):
-            total = len(iterable) if hasattr(iterable, "__len__") else None   # type: ignore[arg-type]
-            return ProgressIterator(it, total, "Pool.imap_unordered")   # type: ignore[return-value]
+            total = len(iterable) if isinstance(iterable, Sized) else None
+            return ProgressIterator(it, total, "Pool.imap_unordered")   # type: ignore[return-value]  # next(timeout) too
         return it

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..cluster.group import PGRP
+from ..pools.scheduler import Slot
 
-_NO_KWARGS: dict = {}
+_NO_KWARGS: dict[str, Any] = {}
 
 
 class _Task:
@@ -27,7 +28,7 @@ class _Task:
 
     __slots__ = ("fn", "args", "kwargs", "kind", "sink", "started", "solo")
 
-    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: dict, kind: int, sink: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], kind: int, sink: Any) -> None:
         self.fn, self.args, self.kwargs, self.kind, self.sink = fn, args, kwargs, kind, sink
         self.started = False     # the sink was told it runs
         self.solo = False        # to be sent alone (after a crash or a failed message)
@@ -46,26 +47,27 @@ class _Batch:
         self.direct = False      # one task sent straight to an idle worker (``_run_one``)
         self.sending = False     # on its worker's books, its send not finished yet
 
+    @property
+    def units(self) -> int:
+        """Its tasks (a ``pools/stealing.QueuedCall``)."""
+        return len(self.tasks)
 
-class _Worker:
-    """The executor's record of one worker (``pid`` is ``None`` while it starts)."""
 
-    __slots__ = ("pid", "owned", "batches", "outbox", "ntasks", "assigned", "retiring", "gone",
-                 "unreachable", "send_lock", "seq", "idle_since", "proc")
+class _Worker(Slot):
+    """The executor's record of one worker (``pid`` is ``None`` while it starts): its
+    books in the shared scheduling (``pools/scheduler.py``: ``load`` counts the tasks sent
+    or picked and not answered; ``unreachable``, see ``_Staff.lost_in_send``), and the
+    batches that carry its tasks."""
+
+    __slots__ = ("owned", "batches", "outbox", "send_lock", "seq", "proc")
 
     def __init__(self, pid: int | None, owned: bool) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self.owned = owned
         self.batches: collections.deque[_Batch] = collections.deque()   # sent, in order
         self.outbox: collections.deque[_Batch] = collections.deque()    # picked, not yet sent
-        self.ntasks = 0          # tasks sent or picked, not yet answered
-        self.assigned = 0        # tasks given to it in its life (max_tasks_per_child)
-        self.retiring = False
-        self.gone = False
-        self.unreachable = False  # a send to it failed: nothing more goes there (see _lost_in_send)
         self.send_lock = threading.Lock()
         self.seq = 0
-        self.idle_since = time.monotonic()
         self.proc: Any = None    # the local process handle, when there is one
 
     def exited(self) -> bool:
@@ -96,7 +98,8 @@ class WorkerProcess:
     @property
     def exitcode(self) -> int | None:
         if self._proc is not None and hasattr(self._proc, "poll"):
-            return self._proc.poll()
+            code: int | None = self._proc.poll()
+            return code
         return None if self.is_alive() else 0
 
     def is_alive(self) -> bool:

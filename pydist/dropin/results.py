@@ -112,7 +112,7 @@ class _ChunkSink:
     def cancelled(self) -> bool:
         return self.result._cancelled
 
-    def set_result(self, value: list) -> None:
+    def set_result(self, value: list[Any]) -> None:
         self.result._chunk(self.index, True, value)
 
     def set_exception(self, exc: BaseException) -> None:

@@ -90,7 +90,7 @@ class _Staff:
         self.helpers: set[threading.Thread] = set()
         self.exiting = 0                 # retired workers whose processes are not gone yet
         self.used_pids: set[int] = set()
-        self.init_packed: tuple[bytes, list] | None = None
+        self.init_packed: tuple[bytes, list[Any]] | None = None
         self.init_limits = Limits()      # where the pickled initializer may go
 
     # -- death, retirement, growth ---------------------------------------------------------------
@@ -108,7 +108,7 @@ class _Staff:
             w.outbox.clear()
             for b in sent + queued:
                 b.settled = True
-            w.ntasks = 0
+            w.load = 0
             doomed: list[_Task] = []
             again: list[_Task] = []
             if core.flags.terminating:
@@ -154,7 +154,7 @@ class _Staff:
         if max_memory is not None and not w.retiring and not w.gone:
             rss = _resident_bytes(w)
             w.retiring = rss is not None and rss > max_memory
-        if not w.retiring or w.ntasks or w.outbox or w.gone:
+        if not w.leaving() or w.outbox:
             return False
         w.gone = True
         if w in self.workers:
@@ -189,15 +189,16 @@ class _Staff:
         # A retiring worker (max_tasks_per_child) takes no more tasks: once it runs, its
         # successor may start while it finishes its last ones (so at most twice max_workers
         # processes). One still starting holds its place.
+        most: int = core.max_workers
         have = sum(1 for w in self.workers if not w.retiring or w.pid is None)
-        if have >= core.max_workers:
+        if have >= most:
             return 0
         if core.eager and not core.flags.shutdown:
-            return core.max_workers - have
+            return most - have
         # As the standard library does: a task that finds no idle worker starts one.
-        idle = sum(1 for w in self.workers if not w.ntasks and not w.retiring)
-        queued = len(core.tasks.pending) + sum(max(0, w.ntasks - 1) for w in self.workers)
-        return min(queued - idle, core.max_workers - have)
+        idle = sum(1 for w in self.workers if not w.load and not w.retiring)
+        queued = len(core.tasks.pending) + sum(max(0, w.load - 1) for w in self.workers)
+        return min(queued - idle, most - have)
 
     def grow(self) -> None:
         """(Under the lock.) Start (or borrow) workers where tasks wait and none is idle."""
@@ -266,13 +267,13 @@ class _Staff:
         if unwanted:
             self.helper(rmprocs, *pids, waitfor=30)
             return
-        core.pool.enlist(pids)      # type: ignore[attr-defined]
+        core.pool.enlist(pids)
         for w in group:
             core.dispatcher.flush(w)
         core.dispatcher.dispatch()
         core.stealer.maybe_steal()
 
-    def _init_payload(self) -> tuple[bytes, list] | None:
+    def _init_payload(self) -> tuple[bytes, list[Any]] | None:
         """The initializer and its arguments, pickled once (SerializationError if they
         cannot be); ``None`` if they hold multiprocessing objects, which are pickled for
         each worker (``mpshare.py``: each gets descriptors of its own)."""
@@ -341,7 +342,7 @@ class _Staff:
             while self.starter is not None and time.monotonic() < deadline:
                 core.changed.wait(0.05)
             pids = [w.pid for w in self.workers if w.pid is not None and not w.gone]
-        out = {}
+        out: dict[Any, WorkerProcess] = {}     # (by OS pid, None if unknown)
         for pid in pids:
             p = WorkerProcess(pid)
             out[p.pid] = p

@@ -6,7 +6,8 @@
   (waiting, on a worker, or being answered); every change goes through its methods, under
   the executor's lock, and ``changed`` is notified when nothing is left unfinished.
 
-The learnt timings are the dispatcher's ``Pace`` (``pydist/pace.py``, shared with ``pmap``).
+The learnt timings are the dispatcher's ``Pace`` (``pools/scheduler.py``, shared with ``pmap``);
+each worker's books are its record, a ``pools/scheduler.Slot``.
 
 The worker records are the ``_Staff``'s (``staffing.py``), the borrowed workers the
 ``_Borrower``'s (``borrowing.py``).
@@ -90,7 +91,7 @@ class _TaskQueue:
     def finished(self, n: int) -> None:
         """``n`` tasks have their outcome."""
         self.unfinished -= n
-        if self.unfinished <= 0 and self.changed._waiters:   # type: ignore[attr-defined]
+        if self.unfinished <= 0 and self.changed._waiters:   # type: ignore[attr-defined]  # Condition's own list
             self.changed.notify_all()                          # (skip the call when none wait)
 
     def drain(self) -> list[_Task]:
@@ -102,7 +103,7 @@ class _TaskQueue:
     def cancel_unstarted(self) -> list[_Task]:
         """Take off the tasks that never started (``shutdown(cancel_futures=True)``)."""
         keep: collections.deque[_Task] = collections.deque()
-        cancelled = []
+        cancelled: list[_Task] = []
         for t in self.pending:
             (keep if t.started else cancelled).append(t)
         self.pending = keep

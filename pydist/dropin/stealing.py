@@ -1,10 +1,11 @@
-"""Work stealing: the part of an executor (``_Stealer``) that takes back queued tasks.
+"""Work stealing for an executor: the part (``_Stealer``) that decides when to look.
 
-A worker may hold several batches; the oldest runs, the others wait behind it. When a
-worker falls idle with nothing pending, batches waiting behind one that has run well past
-its estimate are asked back (``_revoke`` on that worker); those that had not started are
-taken off its books and dispatched again, so the idle worker runs them. When no batch is
-due yet, a timer (owned here) looks again when the first will be.
+A worker may hold several batches; the oldest runs, the others wait behind it. How they
+are taken back is the pools' (``pools/stealing.py``: the gate on the worker, when a
+running batch is overdue, asking back, taking off the books). What is the executor's:
+when to look (a worker fell idle with nothing pending, or a timer, owned here, set for
+when the first batch will be due), and what becomes of the tasks taken back (the front
+of the queue, dispatched again, so the idle worker runs them).
 """
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ import time
 from functools import partial
 from typing import Any
 
-from ..cluster.values import Failure
-from ..pools.abstract import start_call
+from ..pools.stealing import ask_back, due, taken_back
 from .futures import _report
-from .records import _NO_KWARGS, _Task, _Worker
-from .worker_side import _revoke
-
-STEAL_AFTER = 0.005      # a batch running this long (and well past its estimate) may be stolen from
+from .records import _Worker
 
 
 class _Stealer:
@@ -34,39 +31,21 @@ class _Stealer:
         task on another worker (those not started yet), so the idle one runs them."""
         core = self.core
         now = time.perf_counter()
-        est = core.dispatcher.pace.per_task or 0.0
-        later: float | None = None
+        per_task = core.dispatcher.pace.per_task
         with core.lock:
             if core.tasks.pending or core.flags.broken or core.flags.terminating:
                 return
-            workers = core.staff.workers
-            if not any(not w.ntasks and w.pid is not None and not w.retiring and not w.unreachable
+            workers: list[_Worker] = core.staff.workers
+            if not any(not w.load and w.pid is not None and not w.retiring and not w.unreachable
                        for w in workers):
                 return
-            victims = []
-            for w in workers:
-                if w.pid is None or len(w.batches) < 2:
-                    continue
-                running = w.batches[0]
-                due = running.sent + max(STEAL_AFTER, 4 * est * len(running.tasks))
-                if now < due:
-                    later = due if later is None else min(later, due)
-                    continue
-                seqs = [b.seq for b in list(w.batches)[1:] if not b.revoking]
-                if seqs:
-                    for b in list(w.batches)[1:]:
-                        b.revoking = True
-                    victims.append((w, seqs))
+            victims, later = due(((w, w.batches) for w in workers), now, per_task)
             if not victims and later is not None and self.timer is None:
                 self.timer = threading.Timer(later - now + 0.0005, self._on_timer)
                 self.timer.daemon = True
                 self.timer.start()
-        for w, seqs in victims:
-            try:
-                _, done = start_call(w.pid, _revoke, (core.key, seqs), _NO_KWARGS, keep=False)  # type: ignore[arg-type]
-            except Exception:
-                continue
-            done.add_callback(partial(self._revoked_safely, w))
+        for w, pid, seqs in victims:
+            ask_back(pid, core.key, seqs, partial(self._revoked_safely, w))
 
     def cancel(self) -> None:
         """(Under the lock.) No more looks: the executor stops."""
@@ -78,33 +57,18 @@ class _Stealer:
             self.timer = None
         self.maybe_steal()
 
-    def _revoked_safely(self, w: _Worker, taken: Any) -> None:
+    def _revoked_safely(self, w: _Worker, answer: Any) -> None:
         try:
-            self._revoked(w, taken)
+            self._revoked(w, answer)
         except BaseException as e:
             _report(e)
 
-    def _revoked(self, w: _Worker, taken: Any) -> None:
+    def _revoked(self, w: _Worker, answer: Any) -> None:
+        """The worker's answer: the batches it gave back go to the front of the queue."""
         core = self.core
-        if type(taken) is Failure or not taken:
-            with core.lock:
-                for b in w.batches:
-                    b.revoking = False
-            return
-        taken = set(taken)
-        moved: list[_Task] = []
         with core.lock:
-            if w.gone:
+            moved = taken_back(w, w.batches, answer, core.max_tasks)
+            if moved is None:
                 return
-            for b in list(w.batches):
-                if b.seq in taken and not b.settled:
-                    b.settled = True
-                    w.batches.remove(b)
-                    w.ntasks -= len(b.tasks)
-                    w.assigned -= len(b.tasks)
-                    moved.extend(b.tasks)
-                b.revoking = False
-            if core.max_tasks is not None and w.assigned < core.max_tasks:
-                w.retiring = False
-            core.tasks.push_front(moved)
+            core.tasks.push_front([t for b in moved for t in b.tasks])
         core.dispatcher.dispatch()

@@ -11,7 +11,8 @@ The master sends a batch as one call, ``_run_batch(fn, packed, pool_mode, key, s
   also carries how far the worker's output had got, and the master delivers the results
   only once its relay has passed that output on (``pydist/output.py``);
 * ``key`` names the executor and ``seq`` the batch's place on this worker: a batch not
-  started yet may be taken back (``_revoke``), and then answers ``_REVOKED``.
+  started yet may be taken back (``pools/stealing.py``: its gate), and then answers
+  ``REVOKED``.
 
 Functions pickled by value are shipped once per worker through the function cache of the
 pools (``funccache.py``) and referred to by id afterwards. A new worker first runs
@@ -27,22 +28,21 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ..cluster.dispatch import OpContext, capture, internal_op
+from ..cluster.dispatch import capture
 from ..cluster.group import PGRP
 from ..cluster.output import printed, wait_relayed
 from ..cluster.stopping import exit_worker
 from ..cluster.values import Failure
 from ..errors import CapturedException, RemoteErrorStandIn, RemoteException, SerializationError
+from ..pools.stealing import REVOKED, claim
 from ..wire.serialize import dumps, loads
 from .mainscript import _load_main
 
 CALL, CHUNK, STARCHUNK = 0, 1, 2     # how a task calls its function (see _run_batch)
-_REVOKED = "pydist-executor-revoked"
 
 
 class _Packed:
@@ -54,7 +54,7 @@ class _Packed:
     def __init__(self, data: Any, *bufs: Any) -> None:
         self.data, self.bufs = data, bufs
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_Packed, (self.data, *self.bufs))
 
 
@@ -64,12 +64,12 @@ class _Results:
 
     __slots__ = ("values", "elapsed", "pool_mode", "mark")
 
-    def __init__(self, values: list, elapsed: float, pool_mode: bool,
+    def __init__(self, values: list[Any], elapsed: float, pool_mode: bool,
                  mark: tuple[int, int] | None = None) -> None:
         self.values, self.elapsed, self.pool_mode = values, elapsed, pool_mode
         self.mark = mark     # (stdout, stderr) bytes written by the worker, if the tasks printed
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         try:
             data, bufs = dumps(self.values)
         except BaseException:
@@ -85,7 +85,7 @@ class _Results:
         except BaseException as e:
             err = e.__cause__ if isinstance(e, SerializationError) and e.__cause__ else e
         if self.pool_mode:
-            from multiprocessing.pool import MaybeEncodingError
+            from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]  # not in typeshed
             return Failure(MaybeEncodingError(err, value))
         if type(value) is Failure and isinstance(value.exc, RemoteException):
             ex, tb = value.exc.captured.ex, value.exc.captured.traceback
@@ -136,7 +136,7 @@ def _load_calls(packed: _Packed) -> Any:
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
-def inline_ok(args: tuple, kwargs: dict) -> bool:
+def inline_ok(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether ``args`` and ``kwargs`` are atoms only (they cannot fail to unpickle)."""
     atoms = _ATOMS
     for a in args:
@@ -148,7 +148,7 @@ def inline_ok(args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def _run_one(fn: Callable[..., Any], args: tuple, kwargs: dict, packed: _Packed | None,
+def _run_one(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], packed: _Packed | None,
              pool_mode: bool) -> Any:
     """On a worker: one task sent to an idle worker (first in line, so never revoked).
     Its arguments come inline when they are atoms, else in ``packed``. An atom result comes
@@ -172,8 +172,8 @@ def _run_one(fn: Callable[..., Any], args: tuple, kwargs: dict, packed: _Packed 
 
 def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: Any, seq: int) -> Any:
     """On a worker: run a batch of tasks of ``fn``; a result or a ``Failure`` for each."""
-    if not _claim(key, seq):
-        return _REVOKED
+    if not claim(key, seq):
+        return REVOKED
     t0 = time.perf_counter()
     calls = _load_calls(packed)
     if type(calls) is Failure:
@@ -196,53 +196,6 @@ def _run_batch(fn: Callable[..., Any], packed: _Packed, pool_mode: bool, key: An
     return _Results(out, time.perf_counter() - t0, pool_mode, printed())
 
 
-# -- revoking batches that have not started ------------------------------------------------------
-class _Gate:
-    """Per executor on a worker: the last batch started, and batches taken back."""
-
-    __slots__ = ("started", "revoked")
-
-    def __init__(self) -> None:
-        self.started = 0
-        self.revoked: set[int] = set()
-
-
-_gates: dict[Any, _Gate] = {}
-_gates_lock = threading.Lock()
-
-
-def _claim(key: Any, seq: int) -> bool:
-    """May batch ``seq`` run? (No, if it was revoked.) Batches start in the order sent."""
-    with _gates_lock:
-        gate = _gates.get(key)
-        if gate is None:
-            gate = _gates[key] = _Gate()
-        if seq in gate.revoked:
-            gate.revoked.discard(seq)
-            return False
-        if seq > gate.started:
-            gate.started = seq
-        return True
-
-
-@internal_op
-def _revoke(ctx: OpContext, key: Any, seqs: list[int]) -> None:
-    """Take back the batches ``seqs`` that have not started; answer which were taken."""
-    with _gates_lock:
-        gate = _gates.get(key)
-        if gate is None:
-            gate = _gates[key] = _Gate()
-        taken = [s for s in seqs if s > gate.started]
-        gate.revoked.update(taken)
-    ctx.reply(taken)
-
-
-def _gate_drop(key: Any) -> None:
-    """Forget executor ``key``'s gate (it has stopped)."""
-    with _gates_lock:
-        _gates.pop(key, None)
-
-
 def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any = None,
                  main: tuple[Any, ...] | None = None) -> tuple[int, int] | None:
     """On a new worker: the master's multiprocessing authkey (so manager proxies passed as
@@ -255,7 +208,7 @@ def _init_worker(authkey: bytes | None, packed: _Packed, log: bool, tracker: Any
         multiprocessing.current_process().authkey = authkey
     if tracker is not None:
         from multiprocessing import resource_tracker  # only programs that use one pay
-        resource_tracker._resource_tracker._fd = tracker.detach()
+        resource_tracker._resource_tracker._fd = tracker.detach()   # type: ignore[attr-defined]  # not in typeshed
     if main is not None:
         _load_main(*main)
     initializer, initargs = loads(packed.data, packed.bufs)

@@ -8,6 +8,9 @@ caller's fetch. A pool may send a stand-in for the function (``_prepare``/``_set
 the stand-in refers to, the call is sent once more (``_forget``).
 
 ``start_call`` is also what ``pmap`` and the executors use to run a call with such a notice.
+They hold several workers at once, taken with ``take_some``/``poll`` (never waiting; ``poll``
+also says how many takers wait, so a holder can hand one over: ``scheduler.py``); a
+subclass may answer them better than the defaults built on the seven operations.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from .funccache import is_cache_miss
 
 
 # -- starting a call with a completion notice -----------------------------------------------
-def start_call(pid: int, f: Callable[..., Any], args: tuple, kwargs: dict,
+def start_call(pid: int, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
            keep: bool) -> tuple[Future | None, RemoteValue]:
     """Start ``f(*args, **kwargs)`` on ``pid``; return ``(future, done)``.
 
@@ -67,7 +70,7 @@ def start_call(pid: int, f: Callable[..., Any], args: tuple, kwargs: dict,
     return fut, done
 
 
-def _run_and_report(f: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _run_and_report(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """``remote_do`` through a pool: run for the effect, print a failure here."""
     value = run_call(f, args, kwargs)
     if type(value) is Failure:
@@ -80,8 +83,8 @@ class AbstractWorkerPool(ABC):
     """A set of workers and a queue of the idle ones (Julia's ``AbstractWorkerPool``).
 
     Subclasses implement the seven operations; the pool variants of ``remotecall``,
-    ``remotecall_fetch``, ``remotecall_wait`` and ``remote_do`` and ``pmap`` work with
-    any of them.
+    ``remotecall_fetch``, ``remotecall_wait`` and ``remote_do``, ``pmap`` and the drop-ins
+    (``Executor(pool=...)``) work with any of them.
     """
 
     @abstractmethod
@@ -115,7 +118,7 @@ class AbstractWorkerPool(ABC):
     def __contains__(self, pid: object) -> bool:
         return pid in self.workers()
 
-    # -- hooks used by remotecall and pmap ---------------------------------------------------
+    # -- hooks used by the pool calls and pmap ------------------------------------------------
     def _prepare(self, f: Callable[..., Any], pid: int) -> tuple[Any, Any]:
         """What to send as the function to ``pid``, and a token for ``_settle``."""
         return f, None
@@ -123,8 +126,10 @@ class AbstractWorkerPool(ABC):
     def _settle(self, token: Any, sent: bool) -> None:
         """Told whether the message prepared with ``token`` went out."""
 
-    def _take_some(self, n: int) -> list[int]:
-        """Up to ``n`` idle workers without waiting (never lends process 1)."""
+    # -- taking several workers without waiting (pmap and the drop-ins) ----------------------
+    def take_some(self, n: int) -> list[int]:
+        """Up to ``n`` idle workers, marked busy, without waiting (never lends process 1);
+        each goes back with ``put_back``."""
         out: list[int] = []
         while len(out) < n and len(self) > 0 and self.isready():
             try:
@@ -133,11 +138,13 @@ class AbstractWorkerPool(ABC):
                 break
         return out
 
-    def _poll(self, n: int) -> tuple[list[int], int]:
-        """Up to ``n`` idle workers (as ``_take_some``), and how many takers wait."""
-        return self._take_some(n), 0
+    def poll(self, n: int) -> tuple[list[int], int]:
+        """Up to ``n`` idle workers (as ``take_some``; ``n`` may be 0), and how many takers
+        wait for a worker of the pool (0 if the pool cannot tell): a user holding several
+        workers hands one back while someone waits."""
+        return self.take_some(n), 0
 
-    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one of the four remote calls on a worker taken from this pool."""
         for attempt in (0, 1):
             pid = self.take()

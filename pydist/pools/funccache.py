@@ -101,7 +101,7 @@ class _Cached:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.f(*args, **kwargs)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         if self.ship:
             return (_cache_store, (self.key, self.fid, self.f))
         return (_cache_lookup, (self.key, self.fid))
@@ -169,7 +169,7 @@ class FunctionCache:
             self.fids[id(f)] = (held, fid)
             return fid
 
-    def _died(self, ident: int, ref: weakref.ref) -> None:
+    def _died(self, ident: int, ref: weakref.ref[Any]) -> None:
         """A weakly held function was garbage collected: its id is to be dropped."""
         with self.lock:
             entry = self.fids.get(ident)

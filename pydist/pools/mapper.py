@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..cluster.dispatch import capture
 from ..cluster.group import PGRP
@@ -22,18 +22,15 @@ from ..errors import ProcessExitedException, SerializationError
 from ..wire import serialize
 from .abstract import AbstractWorkerPool, start_call
 from .funccache import FunctionCache, drop_caches, is_cache_miss
-from .pace import Pace
 from .retries import RetryPolicy
+from .scheduler import POLL, Pace, Slot, chunks_in_flight, give_back, most_room, retry_apart, wait_for_one, yield_one
 from .workerpool import CachingPool
 
-__all__ = ["WINDOW", "SLOW_ELEMENT", "CHUNK_SECONDS", "MAX_CHUNK", "CHUNK_BYTES", "POLL"]
+__all__ = ["CHUNK_SECONDS", "MAX_CHUNK", "CHUNK_BYTES"]
 
-WINDOW = 3                 # chunks in flight per worker, once element times are known
-SLOW_ELEMENT = 0.02        # seconds: from here on, one chunk in flight per worker
 CHUNK_SECONDS = 0.005      # worker time a chunk aims at
 MAX_CHUNK = 4096           # elements
 CHUNK_BYTES = 4 << 20      # pickled bytes a chunk (or its answer) aims at
-POLL = 0.05                # seconds between looks for more free workers
 _MISSING: Any = object()
 
 
@@ -47,10 +44,10 @@ class _ChunkResult:
 
     __slots__ = ("values", "elapsed", "nfail", "nbytes")
 
-    def __init__(self, values: list, elapsed: float, nfail: int, nbytes: int = 0) -> None:
+    def __init__(self, values: list[Any], elapsed: float, nfail: int, nbytes: int = 0) -> None:
         self.values, self.elapsed, self.nfail, self.nbytes = values, elapsed, nfail, nbytes
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         values, nfail = self.values, self.nfail
         try:
             data, buffers = serialize.dumps(values)
@@ -70,13 +67,13 @@ def _picklable_or_failure(v: Any) -> Any:
     return v
 
 
-def _chunk_result(data: Any, buffers: list, elapsed: float, nfail: int, nbytes: int) -> _ChunkResult:
+def _chunk_result(data: Any, buffers: list[Any], elapsed: float, nfail: int, nbytes: int) -> _ChunkResult:
     return _ChunkResult(serialize.loads(data, buffers), elapsed, nfail, nbytes)
 
 
-def _run_chunk(f: Callable[..., Any], star: bool, items: list) -> _ChunkResult:
+def _run_chunk(f: Callable[..., Any], star: bool, items: list[Any]) -> _ChunkResult:
     """Apply ``f`` to each element, capturing each failure on its own."""
-    out: list = []
+    out: list[Any] = []
     append = out.append
     nfail = 0
     t0 = time.perf_counter()
@@ -98,36 +95,35 @@ def _auto_batch(n: int, nworkers: int) -> int:
 class _Mapper:
     """The state of one distributed pmap; see the module docstring."""
 
-    def __init__(self, f: Callable[..., Any], items: list, star: bool, pool: AbstractWorkerPool,
+    def __init__(self, f: Callable[..., Any], items: list[Any], star: bool, pool: AbstractWorkerPool,
                  batch_size: int | str, policy: RetryPolicy,
                  on_error: Callable[[BaseException], Any] | None, bar: Any) -> None:
         self.f, self.items, self.star, self.pool = f, items, star, pool
         self.policy, self.on_error, self.bar = policy, on_error, bar
         n = len(items)
-        self.results: list = [_MISSING] * n
+        self.results: list[Any] = [_MISSING] * n
         self.left = n                        # elements without a final result
         self.next = 0                        # first element never sent
         self.ready: list[int] = []           # elements to send again (a heap)
         self.later: list[tuple[float, int]] = []   # (when, element): retries waiting
         self.singles: list[int] = []         # elements to send one by one
-        self.held: dict[int, int] = {}       # worker -> chunks in flight
+        self.held: dict[int, Slot] = {}      # worker -> its books (load: chunks in flight)
         self.inflight = 0                    # chunks in flight, to held workers or lost ones
-        self.yielding: set[int] = set()      # held workers to hand back once idle
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
-        self.fixed = _auto_batch(n, len(pool)) if batch_size == "auto" else batch_size
+        self.done: queue.SimpleQueue[tuple[int, range | list[int], Any, Any]] = queue.SimpleQueue()
+        self.fixed = batch_size if isinstance(batch_size, int) else _auto_batch(n, len(pool))
         self.adaptive = batch_size == 1
-        self.pace = Pace()                   # seconds per element there (pace.py)
+        self.pace = Pace()                   # seconds per element there (scheduler.py)
         self.in_bytes = 0.0                  # pickled bytes of an element, and of an answer
         self.out_bytes = 0.0
         self.own_cache = not isinstance(pool, CachingPool)
-        self.cache = (FunctionCache(PGRP.next_rrid()) if self.own_cache
-                      else pool._fcache)     # type: ignore[attr-defined]
+        self.cache = (FunctionCache(PGRP.next_rrid()) if not isinstance(pool, CachingPool)
+                      else pool.function_cache)
         self.last_poll = 0.0
         self.lost: int | None = None     # the last worker that died under this map
         self.members = pool.workers()
 
     # -- the loop ------------------------------------------------------------------------------------
-    def run(self) -> list:
+    def run(self) -> list[Any]:
         runner = PGRP._runner
         try:
             if runner is None:
@@ -180,21 +176,22 @@ class _Mapper:
     # -- workers --------------------------------------------------------------------------------------
     def _acquire(self, block: bool) -> None:
         want = max(1, min(self._unsent(), 256))
-        got, waiting = self.pool._poll(want)
+        got, waiting = self.pool.poll(want)
         for pid in got:
-            self.held.setdefault(pid, 0)
-        working = [p for p in self.held if p not in self.yielding]
-        if waiting and len(working) > 1:
-            # Someone else waits for a worker of this pool: hand one over (once its calls
-            # here are done), one per poll, always keeping one for this map.
-            self.yielding.add(min(working, key=lambda p: self.held[p]))
+            self._hold(pid)
+        # Someone else waits for a worker of this pool: hand one over (once its calls here
+        # are done), one per poll, always keeping one for this map.
+        yield_one(self.held.values(), waiting)
         if block and not self.held:
-            try:
-                pid = self.pool.take(timeout=POLL)
-            except (TimeoutError, queue.Empty):
+            one = wait_for_one(self.pool)
+            if one is None:
                 self._check_pool_left()
                 return
-            self.held.setdefault(pid, 0)
+            self._hold(one)
+
+    def _hold(self, pid: int) -> None:
+        if pid not in self.held:
+            self.held[pid] = Slot(pid)
 
     def _check_pool_left(self) -> None:
         """Every worker of the pool has died under this map: waiting for one would never end
@@ -208,43 +205,33 @@ class _Mapper:
                                               f"no worker of the pool is left")
 
     def _give_back_unneeded(self) -> None:
-        if self._unsent() or self.later:
-            done = [p for p in self.yielding if self.held.get(p) == 0]
-        else:
-            done = [p for p, n in self.held.items() if n == 0]
+        more = bool(self._unsent() or self.later)
+        done = [p for p, s in self.held.items() if s.leaving() or not (more or s.load)]
         for pid in done:
             del self.held[pid]
-            self.yielding.discard(pid)
-            self._put_back(pid)
-
-    def _put_back(self, pid: int) -> None:
-        try:
-            self.pool.put_back(pid)
-        except (ProcessExitedException, OSError, ValueError):
-            pass
+            give_back(self.pool, pid)
 
     def _lose(self, pid: int) -> None:
         self.held.pop(pid, None)
-        self.yielding.discard(pid)
         self.lost = pid
 
     # -- sending ---------------------------------------------------------------------------------------
-    def _window(self) -> int:
-        return self.pace.window(SLOW_ELEMENT, WINDOW)   # 1 until an answer says how long
-
     def _fill(self) -> None:
-        window = self._window()
-        for level in range(1, window + 1):
-            for pid in list(self.held):
-                if self.held.get(pid, window) < level and pid not in self.yielding:
-                    chunk = self._next_chunk()
-                    if chunk is None:
-                        return
-                    self._send(pid, chunk)
+        """Chunks to the held workers with room, the least loaded first (``scheduler``)."""
+        window = chunks_in_flight(self.pace)
+        held = self.held.values()
+        while True:
+            slot = most_room(held, window, None)[0]
+            if slot is None:
+                return
+            chunk = self._next_chunk()
+            if chunk is None:
+                return
+            self._send(cast(int, slot.pid), chunk)    # (a held worker's pid is known)
 
     def _chunk_len(self) -> int:
         if not self.adaptive:
-            return self.fixed    # type: ignore[return-value]
+            return self.fixed
         per = self.pace.per_task
         if per is None:
             return 1
@@ -267,7 +254,7 @@ class _Mapper:
             return chunk
         return None
 
-    def _elements(self, chunk: range | list[int]) -> list:
+    def _elements(self, chunk: range | list[int]) -> list[Any]:
         if type(chunk) is range:
             return self.items[chunk.start:chunk.stop]
         return [self.items[i] for i in chunk]
@@ -290,7 +277,7 @@ class _Mapper:
             self._unsend(chunk)
             raise
         self.cache.settle(token, True)
-        self.held[pid] += 1
+        self.held[pid].give(1, None)
         self.inflight += 1
         put = self.done.put
         done.add_callback(lambda value: put((pid, chunk, g, value)))
@@ -302,8 +289,9 @@ class _Mapper:
     # -- answers -----------------------------------------------------------------------------------------
     def _settle(self, pid: int, chunk: range | list[int], g: Any, value: Any) -> None:
         self.inflight -= 1
-        if pid in self.held:
-            self.held[pid] -= 1
+        slot = self.held.get(pid)
+        if slot is not None:
+            slot.answered(1)
         if type(value) is Failure:
             self._chunk_failed(pid, chunk, g, value)
             return
@@ -344,7 +332,7 @@ class _Mapper:
         elif is_cache_miss(value):
             self.cache.forget(g, pid)
             self._unsend(chunk)
-        elif len(chunk) > 1:
+        elif retry_apart(len(chunk)):
             # The chunk as a whole failed (its elements could not be read there, or the
             # answers here): try each element on its own, so each gets its own outcome.
             self.singles.extend(reversed(list(chunk)))
@@ -369,9 +357,9 @@ class _Mapper:
     # -- the end ------------------------------------------------------------------------------------
     def _finish(self) -> None:
         """Give every worker back once its calls are over; drop this map's function cache."""
-        busy = {pid: n for pid, n in self.held.items() if n > 0}
-        for pid in [p for p, n in self.held.items() if n == 0]:
-            self._put_back(pid)
+        busy = {pid: s.load for pid, s in self.held.items() if s.load > 0}
+        for pid in [p for p, s in self.held.items() if not s.load]:
+            give_back(self.pool, pid)
         self.held.clear()
         if self.own_cache:
             # Each chunk looked its function up while it was read, so a drop sent after
@@ -389,4 +377,4 @@ class _Mapper:
                 busy[pid] -= 1
                 if busy[pid] == 0:
                     del busy[pid]
-                    self._put_back(pid)
+                    give_back(self.pool, pid)

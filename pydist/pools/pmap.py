@@ -6,9 +6,10 @@ How the work flows (one ``_Mapper`` per call, driven by the calling thread; ``ma
    in exactly one place: not yet sent, in a *chunk* on its way to or running on a worker,
    waiting for a retry, or done.
 2. Workers are taken from the pool (all idle ones, and more as they become free or are
-   added) and each is kept busy with up to ``WINDOW`` chunks in flight, so a worker never
+   added) and each is kept busy with a window of chunks in flight, so a worker never
    waits for a round trip. While someone else waits for a worker of the same pool, the
-   map hands one back at each poll (keeping one for itself). The function is shipped to
+   map hands one back at each poll (keeping one for itself). The windows and the handing
+   back are the scheduling the drop-ins use too (``scheduler.py``). The function is shipped to
    each worker once (the CachingPool mechanism; a private cache for this call unless the
    pool is a CachingPool).
 3. A chunk is one remote call running ``f`` over several elements and answering each
@@ -46,7 +47,7 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
          distributed: bool = True, batch_size: int | str = 1,
          on_error: Callable[[BaseException], Any] | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable[..., Any] | None = None,
-         progress: bool = False) -> list:
+         progress: bool = False) -> list[Any]:
     """``[f(*xs) for xs in zip(*iterables)]``, computed on the workers of ``pool``
     (default: ``default_worker_pool()``), in input order. Julia's ``pmap(f, pool, xs)``
     works too: a worker pool as the first iterable is taken as ``pool``.
@@ -74,7 +75,7 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
             raise TypeError(f"pmap's {name} must be callable, not {type(fn).__name__}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool)):
         raise TypeError(f"batch_size must be an int or 'auto', not {batch_size!r}")
-    if batch_size != "auto" and batch_size < 1:
+    if isinstance(batch_size, int) and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     check_progress(progress, "pmap")
     policy = RetryPolicy(Delays(retry_delays), retry_check)
@@ -88,16 +89,16 @@ def pmap(f: Callable[..., Any], *iterables: Iterable[Any], pool: AbstractWorkerP
             pool = default_worker_pool() if pool is None else pool
             if len(pool) == 0 or pool.workers() == [PGRP.myid]:
                 distributed = False      # nothing to distribute to (as Julia does)
-        if not distributed:
+        if not distributed or pool is None:
             return _map_here(f, items, star, policy, on_error, bar)
-        return _Mapper(f, items, star, pool, batch_size, policy, on_error, bar).run()  # type: ignore[arg-type]
+        return _Mapper(f, items, star, pool, batch_size, policy, on_error, bar).run()
     finally:
         if bar is not None:
             bar.close()
 
 
-def _map_here(f: Callable[..., Any], items: list, star: bool, policy: RetryPolicy,
-              on_error: Callable[[BaseException], Any] | None, bar: Any) -> list:
+def _map_here(f: Callable[..., Any], items: list[Any], star: bool, policy: RetryPolicy,
+              on_error: Callable[[BaseException], Any] | None, bar: Any) -> list[Any]:
     """``distributed=False``: every element in this process, in order."""
     out = []
     for i, x in enumerate(items):

@@ -65,18 +65,21 @@ class _Waiter:
             self._ctx.reply(value)
         else:
             self.value = value
-            self._given.set()       # type: ignore[union-attr]
+            self._given.set()       # type: ignore[union-attr]  # made when there is no ctx
 
     def wait(self, timeout: float | None) -> bool:
         """Whether something was handed over within ``timeout`` (may be called again)."""
         runner = PGRP._runner
         if runner is None:
-            return self._given.wait(timeout)    # type: ignore[union-attr]
+            return self._given.wait(timeout)    # type: ignore[union-attr]  # a local waiter's
         with runner.blocking():
-            return self._given.wait(timeout)    # type: ignore[union-attr]
+            return self._given.wait(timeout)    # type: ignore[union-attr]  # a local waiter's
 
 
 # -- the owner's state --------------------------------------------------------------------------
+_Handovers = list[tuple[_Waiter, Any]]     # (waiter, what it is handed), made under the lock
+
+
 class _PoolState:
     """Members, idle workers, waiting takers and watchers of one pool, on its owner."""
 
@@ -94,7 +97,7 @@ class _PoolState:
     def _lending(self) -> bool:
         return self.lends_master and not self.members
 
-    def _offer(self, pid: int, out: list) -> None:
+    def _offer(self, pid: int, out: _Handovers) -> None:
         """Give ``pid`` to the first live taker, else make it idle (under the lock)."""
         while self.takers:
             w = self.takers.popleft()
@@ -107,7 +110,7 @@ class _PoolState:
         out.extend((w, None) for w in self.watchers)
         self.watchers.clear()
 
-    def _lend_master_to_all(self, out: list) -> None:
+    def _lend_master_to_all(self, out: _Handovers) -> None:
         """The default pool just became empty: everyone waiting gets process 1."""
         out.extend((w, 1) for w in self.takers)
         out.extend((w, None) for w in self.watchers)
@@ -115,12 +118,12 @@ class _PoolState:
         self.watchers.clear()
 
     @staticmethod
-    def _hand_over(out: list) -> None:
+    def _hand_over(out: _Handovers) -> None:
         for w, value in out:
             w.give(value)
 
     def push(self, pids: Iterable[int]) -> None:
-        out: list = []
+        out: _Handovers = []
         with self.lock:
             for pid in pids:
                 if pid not in self.members:
@@ -129,7 +132,7 @@ class _PoolState:
         self._hand_over(out)
 
     def put_back(self, pid: int) -> None:
-        out: list = []
+        out: _Handovers = []
         with self.lock:
             if self.lent.pop(pid, None) is None:
                 return      # not taken from this pool (or already back): nothing to do
@@ -140,7 +143,7 @@ class _PoolState:
                     self._drop_locked(pid, out)
         self._hand_over(out)
 
-    def _drop_locked(self, pid: int, out: list) -> None:
+    def _drop_locked(self, pid: int, out: _Handovers) -> None:
         self.members.discard(pid)
         self.lent.pop(pid, None)
         try:
@@ -152,7 +155,7 @@ class _PoolState:
 
     def drop(self, pid: int) -> None:
         """``pid`` died: it leaves the pool; workers lent to it come back."""
-        out: list = []
+        out: _Handovers = []
         with self.lock:
             if pid in self.members:
                 self._drop_locked(pid, out)
@@ -191,7 +194,7 @@ class _PoolState:
 
     def take_some(self, n: int, client: int) -> list[int]:
         """Up to ``n`` idle workers, without waiting and without lending process 1."""
-        out = []
+        out: list[int] = []
         with self.lock:
             while len(out) < n:
                 pid = self._take_idle_locked(client)
@@ -226,7 +229,7 @@ class _PoolState:
         with self.lock:
             for queue in (self.takers, self.watchers):
                 try:
-                    queue.remove(waiter)   # type: ignore[arg-type]
+                    queue.remove(waiter)
                     return True
                 except ValueError:
                     pass
@@ -281,7 +284,7 @@ def _check_pid(pid: Any) -> int:
 
 # -- operations from other processes, and news of workers ------------------------------------
 @internal_op
-def _pool_op(ctx: OpContext, rrid: RRID, name: str, args: tuple) -> None:
+def _pool_op(ctx: OpContext, rrid: RRID, name: str, args: tuple[Any, ...]) -> None:
     """Every pool operation, run on the owner for another process."""
     try:
         st = _state(rrid)

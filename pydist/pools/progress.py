@@ -68,7 +68,7 @@ class ProgressIterator(Iterator[T]):
 
     def _step(self, get: Any, inner: Iterator[T]) -> T:
         try:
-            value = get(inner)
+            value: T = get(inner)
         except BaseException:      # the end (StopIteration) or a failure: the bar is done
             self.close()
             raise
@@ -92,7 +92,7 @@ def _is_done(f: Any) -> bool:
     return bool(f.isready())
 
 
-def progress(futures: Iterable[Any], *, desc: str = "futures", timeout: float | None = None) -> list:
+def progress(futures: Iterable[Any], *, desc: str = "futures", timeout: float | None = None) -> list[Any]:
     """Show a bar while ``futures`` complete; return them (as a list) once all are done.
 
     ``futures``: ``pydist.Future``s (from ``remotecall``, ``spawnat``...) and/or
@@ -115,7 +115,7 @@ def progress(futures: Iterable[Any], *, desc: str = "futures", timeout: float | 
     return items
 
 
-def _wait_all(items: list, bar: Any, deadline: float | None) -> None:
+def _wait_all(items: list[Any], bar: Any, deadline: float | None) -> None:
     """Advance ``bar`` as the futures complete, until all have or ``deadline`` passes."""
     std = [f for f in items if isinstance(f, concurrent.futures.Future)]
     other = [f for f in items if not isinstance(f, concurrent.futures.Future)]

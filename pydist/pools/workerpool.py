@@ -64,7 +64,7 @@ class WorkerPool(AbstractWorkerPool):
         rrid = PGRP.next_rrid()
         st = _PoolState()
         st.push(pids)
-        PGRP.lookup_ref(rrid).set(st)    # type: ignore[union-attr]
+        PGRP.lookup_ref(rrid).set(st)    # type: ignore[union-attr]  # create=True: never None
         self._attach(_new_ref(PGRP.myid, rrid, counted=True), st)
 
     def _init_handle(self) -> None:
@@ -84,7 +84,7 @@ class WorkerPool(AbstractWorkerPool):
         what = "default pool" if self._ref.rrid == DEFAULT_POOL_ID else f"{self._ref.rrid.whence}:{self._ref.rrid.id}"
         return f"<{type(self).__name__} {what}, owned by process {self._ref.where}>"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         if self._ref.rrid == DEFAULT_POOL_ID:
             return (default_worker_pool, ())
         self._ref._note_sent()
@@ -136,7 +136,8 @@ class WorkerPool(AbstractWorkerPool):
             if st.cancel(waiter):
                 raise TimeoutError(f"timed out after {timeout} s waiting for a worker of {self!r}")
             waiter.wait(None)           # handed a worker while giving up: keep it
-        return waiter.value
+        taken: int = waiter.value
+        return taken
 
     def _take_remote(self, timeout: float | None) -> int:
         """``take`` from the owner, which keeps the deadline."""
@@ -151,20 +152,27 @@ class WorkerPool(AbstractWorkerPool):
         try:
             value = wait_value(rv, None, f"a worker of {self!r}", via=where)
         except BaseException:           # interrupted: a worker handed over later goes back
-            rv.add_callback(lambda v: type(v) is int and self.put_back(v))
+            rv.add_callback(self._back_if_handed)
             raise
-        return unwrap(value)
+        pid: int = unwrap(value)
+        return pid
 
-    def _take_some(self, n: int) -> list[int]:
+    def _back_if_handed(self, value: Any) -> None:
+        if type(value) is int:
+            self.put_back(value)
+
+    def take_some(self, n: int) -> list[int]:
         st = self._state()
         if st is None:
-            return self._remote("take_some", n)
+            got: list[int] = self._remote("take_some", n)
+            return got
         return st.take_some(n, PGRP.myid)
 
-    def _poll(self, n: int) -> tuple[list[int], int]:
+    def poll(self, n: int) -> tuple[list[int], int]:
         st = self._state()
         if st is None:
-            return tuple(self._remote("poll", n))    # type: ignore[return-value]
+            got, waiting = self._remote("poll", n)
+            return got, waiting
         return st.take_some(n, PGRP.myid), st.waiting()
 
     def __len__(self) -> int:
@@ -199,7 +207,7 @@ class WorkerPool(AbstractWorkerPool):
             return pid in st.members
 
 
-def _rebuild_pool(cls: type, where: int, rrid: RRID) -> WorkerPool:
+def _rebuild_pool(cls: type[WorkerPool], where: int, rrid: RRID) -> WorkerPool:
     """A pool arriving in this process: the one handle this process has for it."""
     existing = _handles.get(rrid)
     if existing is not None:
@@ -245,9 +253,22 @@ class CachingPool(WorkerPool):
         self._init_handle()
 
     def _init_handle(self) -> None:
-        self._fcache = FunctionCache(self._ref.rrid)
-        fin = weakref.finalize(self, drop_later, self._ref.rrid, self._fcache, PGRP.myid)
-        fin.atexit = False
+        self._fcache = self.make_function_cache(self._ref.rrid)
+        if not self._fcache.weak:
+            fin = weakref.finalize(self, drop_later, self._ref.rrid, self._fcache, PGRP.myid)
+            fin.atexit = False
+
+    def make_function_cache(self, key: RRID) -> FunctionCache:
+        """The cache this handle ships functions through, under ``key`` (called once per
+        handle). A subclass may return a weak one (``FunctionCache(key, weak=True)``),
+        which drops each function on the workers once it is collected here."""
+        return FunctionCache(key)
+
+    @property
+    def function_cache(self) -> FunctionCache:
+        """What this process shipped to which worker of the pool (``pmap`` and the drop-ins
+        ship through it too, so a function goes to each worker once)."""
+        return self._fcache
 
     def _prepare(self, f: Callable[..., Any], pid: int) -> tuple[Any, Any]:
         return self._fcache.prepare(f, pid)
@@ -260,14 +281,15 @@ class CachingPool(WorkerPool):
 
     def _worker_cache_info(self, pid: int) -> tuple[int, int]:
         """(functions unpickled, functions held) in ``pid``'s cache for this pool."""
-        return call_on_owner(_cache_info, pid, self._ref.rrid)
+        info: tuple[int, int] = call_on_owner(_cache_info, pid, self._ref.rrid)
+        return info
 
 
 def clear(pool: CachingPool) -> CachingPool:
     """Drop every function cached for ``pool`` on every worker (Julia's ``clear!``)."""
     if not isinstance(pool, CachingPool):
         raise TypeError(f"clear() takes a CachingPool, not {type(pool).__name__}")
-    pids = pool._fcache.reset() | set(pool.workers())
+    pids = pool.function_cache.reset() | set(pool.workers())
     drop_caches(pool._ref.rrid, sorted(pids), None, False, True)
     return pool
 
@@ -288,7 +310,7 @@ class _Remote:
     def __repr__(self) -> str:
         return f"remote({self.f!r}, {self.pool!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_Remote, (self.f, self.pool))
 
 
