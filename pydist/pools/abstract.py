@@ -30,13 +30,14 @@ from .funccache import is_cache_miss
 
 # -- starting a call with a completion notice -----------------------------------------------
 def start_call(pid: int, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-           keep: bool) -> tuple[Future | None, RemoteValue]:
+           keep: bool) -> tuple[Future[Any] | None, RemoteValue]:
     """Start ``f(*args, **kwargs)`` on ``pid``; return ``(future, done)``.
 
     ``done`` is set once the call has finished there (or ``pid`` died): with the call's raw
     value (``keep=False``: nothing stays on ``pid``), or with ``None``/``Failure`` while the
     value stays in ``future``, held on ``pid`` (``keep=True``).
     """
+    fut: Future[Any] | None
     if pid == PGRP.myid:
         done = RemoteValue()
         if keep:

@@ -64,7 +64,7 @@ class WorkerPool(AbstractWorkerPool):
         rrid = PGRP.next_rrid()
         st = _PoolState()
         st.push(pids)
-        PGRP.lookup_ref(rrid).set(st)    # type: ignore[union-attr]  # create=True: never None
+        PGRP.lookup_ref(rrid).set(st)
         self._attach(_new_ref(PGRP.myid, rrid, counted=True), st)
 
     def _init_handle(self) -> None:
