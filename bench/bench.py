@@ -44,8 +44,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -53,10 +54,9 @@ for _p in (ROOT, HERE):          # workers get this sys.path: pydist by sending,
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import numpy as np               # noqa: E402
-
-import startpath                           # noqa: E402
-from workloads import echo, noop, square   # noqa: E402
+import numpy as np  # noqa: E402
+import startpath  # noqa: E402
+from workloads import echo, noop, square  # noqa: E402
 
 MIB = 1 << 20
 REF = "ppe"                      # the backend every ratio is taken against, unless a row says
@@ -86,7 +86,7 @@ class Config:
     quick: bool = False
 
     @classmethod
-    def quick_config(cls) -> "Config":
+    def quick_config(cls) -> Config:
         return cls(passes=3, noop_calls=1000, map_n=10_000, big_map_n=200_000,
                    array_min_reps={1: 5, 16: 2, 128: 1}, array_budget=0.15, map_cap=4.0,
                    timeout=20.0, quick=True)
@@ -711,7 +711,7 @@ class Runner:
                 for b in order:
                     self.pass_noop(b)
             if "tasks" in self.only:
-                for row, n, chunksize in self.task_rows():
+                for row, _n, chunksize in self.task_rows():
                     for b in order:
                         self.pass_map(b, row, chunksize)
             if "arrays" in self.only:
@@ -1065,7 +1065,7 @@ def _cpu_model() -> str:
 
 
 def plot(run: dict[str, Any], outdir: str) -> None:
-    from plot import plot_run    # bench/plot.py, beside this script; matplotlib only here
+    from plot import plot_run  # bench/plot.py, beside this script; matplotlib only here
     for path in plot_run(run, outdir):
         print(f"[bench] plot: {path}", file=sys.stderr)
 

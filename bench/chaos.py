@@ -36,8 +36,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 HANG = 60.0          # an operation running longer than this is a hang
 WAIT = 45.0          # the timeout of each wait inside an operation
@@ -377,7 +378,7 @@ class Run:
     def watchdog(self) -> None:
         while not self.stop.wait(1.0):
             now = time.monotonic()
-            for i, (name, t0) in list(self.current.items()):
+            for _i, (name, t0) in list(self.current.items()):
                 if now - t0 > HANG:
                     self.stats.violate(f"{name}: still running after {HANG:.0f} s (a hang)")
                     faulthandler.dump_traceback(all_threads=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["plot_run"]
 

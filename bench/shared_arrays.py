@@ -29,7 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-import psutil       # noqa: E402
+import psutil  # noqa: E402
 
 import pydist as pd  # noqa: E402
 

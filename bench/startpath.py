@@ -20,10 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-
 from workloads import echo, noop
 
 __all__ = ["run_pass", "report_lines", "targets"]
@@ -65,7 +65,7 @@ def measure_recycle(n: int) -> dict[str, float]:
     for method in ("forkserver",):
         ctx = multiprocessing.get_context(method)
         out[method] = _recycle_seconds(
-            lambda: cf.ProcessPoolExecutor(2, mp_context=ctx, max_tasks_per_child=1), n)
+            lambda ctx=ctx: cf.ProcessPoolExecutor(2, mp_context=ctx, max_tasks_per_child=1), n)
     return out
 
 
@@ -100,7 +100,7 @@ def measure_future(calls: int) -> dict[str, float]:
                         ("ProcessPoolExecutor(2)", lambda: cf.ProcessPoolExecutor(2))):
         ex = make()
         try:
-            out[label] = _per_call_us(lambda i: ex.submit(noop).result(), calls)
+            out[label] = _per_call_us(lambda i, ex=ex: ex.submit(noop).result(), calls)
         finally:
             ex.shutdown(wait=True)
     return out

@@ -7,11 +7,11 @@ import multiprocessing
 import pickle
 import time
 
+import _tasks as T
 import pytest
+from _compat import wait_until
 
 import pydist
-import _tasks as T
-from _compat import wait_until
 
 WAIT = 60
 

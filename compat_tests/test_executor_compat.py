@@ -14,9 +14,8 @@ import time
 import traceback
 import weakref
 
-import pytest
-
 import _tasks as T
+import pytest
 from _compat import make_executor, outcome, run_script
 
 WAIT = 60     # the bound on every wait for a result

@@ -14,9 +14,8 @@ import pickle
 import threading
 import time
 
-import pytest
-
 import _tasks as T
+import pytest
 from _compat import MP_CONTEXT, make_pool, outcome, run_script
 
 WAIT = 60

@@ -12,9 +12,9 @@ import argparse
 import os
 import random
 
-from pydist import Pool          # was: from multiprocessing import Pool
+from _wordmodel import known_words, load_vocabulary  # the code the workers run
 
-from _wordmodel import known_words, load_vocabulary   # the code the workers run
+from pydist import Pool  # was: from multiprocessing import Pool
 
 SMALL = os.environ.get("PYDIST_EXAMPLES_SMALL") == "1"
 

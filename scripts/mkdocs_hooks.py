@@ -24,7 +24,7 @@ LINK = re.compile(r"\]\((\.\./[^)#\s]+)(#[^)\s]*)?\)")
 
 
 def _undocumented() -> list[str]:
-    import pydist   # the package documented; imported when the site is built
+    import pydist  # the package documented; imported when the site is built
     missing = []
     for name in pydist.__all__:
         obj = getattr(pydist, name)

@@ -11,8 +11,7 @@ import pydist as pd
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-from testkit import (TRANSPORTS, live_children, remove_all_workers, shm_entries,  # noqa: E402
-                     subprocess_env, wait_until)
+from testkit import TRANSPORTS, live_children, remove_all_workers, shm_entries, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)

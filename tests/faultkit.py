@@ -114,7 +114,7 @@ def kill_at_marker(marker: str | Path, timeout: float = 20.0) -> tuple[float, in
     return t0, ospid, pid
 
 
-def kill_later(marker: str | Path, timeout: float = 20.0) -> "Killer":
+def kill_later(marker: str | Path, timeout: float = 20.0) -> Killer:
     """``kill_at_marker`` in a thread; ``.join()`` returns its answer."""
     return Killer(marker, timeout)
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import TimeoutError as MpTimeoutError
-from typing import Any, Callable
+from typing import Any
 
-import pydist as pd
 import faultkit as fk
 from faulttable import BOUND
 from testkit import wait_until
+
+import pydist as pd
 
 WAIT = 20.0                 # seconds: a bound for waits that are not what a cell measures
 GUARD = BOUND + 0.5         # seconds to wait for an answer that is due within BOUND

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
+from faultkit import APIS, FAULTS, PHASES
+
 import pydist as pd
 from pydist.errors import SerializationError
-
-from faultkit import APIS, FAULTS, PHASES
 
 PEE = pd.ProcessExitedException
 ON_MASTER = {"pickle_call", "unpickle_result"}
@@ -57,7 +57,7 @@ class Expect:
     siblings: str = "right"             # right | right-or-lost | broken | raised | none
     na: str = ""                        # why the cell is not applicable
     bug: str = ""                       # what goes wrong today (the cell is xfail)
-    alternative: "Expect | None" = None   # another outcome a race may give instead
+    alternative: Expect | None = None   # another outcome a race may give instead
     when: str = ""                      # (of an alternative) when it comes: a race, or a bug
 
 

@@ -46,8 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["SlurmLab", "SlurmLabError"]
 

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from testkit import subprocess_env
 
 import pydist as pd
-from testkit import subprocess_env
 
 
 @pytest.mark.parametrize("key, value", [("topology", "master_worker"), ("lazy", False)])

@@ -9,9 +9,9 @@ import threading
 import pytest
 
 import pydist as pd
-from pydist.refs.remotechannel import _chan_take
-from pydist.cluster.waiting import call_on_owner
 from pydist.cluster.values import unwrap
+from pydist.cluster.waiting import call_on_owner
+from pydist.refs.remotechannel import _chan_take
 
 BAD_PIDS = ["2", 2.0, None, True]
 

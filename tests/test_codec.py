@@ -10,16 +10,33 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pydist.errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
+from pydist.transport import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
 from pydist.wire.codec import (
-    BUFFER_ALIGN, PROTOCOL_VERSION, Handshake, decode_message, encode_message, frame_header,
+    BUFFER_ALIGN,
+    PROTOCOL_VERSION,
+    Handshake,
+    decode_message,
+    encode_message,
+    frame_header,
     parse_frame_header,
 )
-from pydist.errors import AuthenticationError, BodyDecodeError, DecodeError, SerializationError
 from pydist.wire.messages import (
-    KINDS, NULL_HEADER, RRID, TAGS, CallFetchMsg, CallMsg, CallWaitMsg, IdentifySocketAckMsg,
-    IdentifySocketMsg, JoinCompleteMsg, JoinPGRPMsg, MsgHeader, RemoteDoMsg, ResultMsg,
+    KINDS,
+    NULL_HEADER,
+    RRID,
+    TAGS,
+    CallFetchMsg,
+    CallMsg,
+    CallWaitMsg,
+    IdentifySocketAckMsg,
+    IdentifySocketMsg,
+    JoinCompleteMsg,
+    JoinPGRPMsg,
+    MsgHeader,
+    RemoteDoMsg,
+    ResultMsg,
 )
-from pydist.transport import DEFAULT_MAX_FRAME, HELLO_MAX_FRAME
 
 # The documented message header, written out independently of the codec.
 HEAD = struct.Struct("<HBBIQIQQI")

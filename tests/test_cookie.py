@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
+from testkit import subprocess_env
 
 import pydist as pd
-from testkit import subprocess_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLANTED = "planted-cookie-5b1e0c7d"

@@ -12,9 +12,9 @@ import threading
 import time
 
 import pytest
+from testkit import live_children, subprocess_env, wait_until
 
 import pydist as pd
-from testkit import live_children, subprocess_env, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

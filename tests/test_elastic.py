@@ -13,13 +13,13 @@ import textwrap
 import time
 
 import pytest
+from slurmlab import SlurmLab, _processes_in_netns
+from testkit import wait_until
 
 import pydist as pd
 from pydist import transport as _transport
-from pydist.wire.codec import Handshake
 from pydist.errors import TransportError
-from slurmlab import SlurmLab, _processes_in_netns
-from testkit import wait_until
+from pydist.wire.codec import Handshake
 
 
 def _start(em: pd.ElasticManager, cookie: str, transport: str = "shm",

@@ -15,7 +15,6 @@ import sys
 
 import nbformat
 import pytest
-
 from sshlab import SSHLab
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

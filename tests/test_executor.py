@@ -11,16 +11,15 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import psutil
 import pytest
-from concurrent.futures.process import BrokenProcessPool
+from testkit import live_children, subprocess_env, wait_until
 
 import pydist as pd
 from pydist.dropin.records import WorkerProcess
 from pydist.pools.funccache import _cache
-
-from testkit import live_children, subprocess_env, wait_until
 
 WAIT = 60
 

@@ -16,18 +16,19 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pytest
-
-import pydist as pd
 import faultkit as fk
+import pytest
 from faultrigs import WAIT, DropinRig, Guard, Hang, Rigs, WorkerRig, outcome
 from faulttable import DEATHS, Seen, check, expected, render
 from testkit import TRANSPORTS, wait_until
+
+import pydist as pd
 
 HOLD = 0.3                  # seconds a worker stays busy before a fault during removal
 SIBLING_DELAY = 0.05        # seconds each sibling call takes

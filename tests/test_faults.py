@@ -11,9 +11,9 @@ import time
 
 import psutil
 import pytest
+from testkit import subprocess_env, wait_until
 
 import pydist as pd
-from testkit import subprocess_env, wait_until
 
 
 def test_sigkill_mid_call_reaches_every_waiter_within_a_second(fresh):
@@ -181,9 +181,9 @@ def start_standalone_worker(cookie: str) -> tuple[subprocess.Popen, list[str]]:
 
 def test_wrong_cookie_is_refused_before_anything_is_unpickled(tmp_path):
     from pydist import transport
-    from pydist.wire.codec import encode_message
-    from pydist.errors import AuthenticationError, TransportError
     from pydist.cluster.join import authenticate
+    from pydist.errors import AuthenticationError, TransportError
+    from pydist.wire.codec import encode_message
     from pydist.wire.messages import NULL_HEADER, RemoteDoMsg
     canary = tmp_path / "canary"
     proc, addresses = start_standalone_worker("right-cookie-0123456789")

@@ -5,9 +5,10 @@ import concurrent.futures
 import time
 
 import pytest
+from testkit import wait_until
 
 import pydist as pd
-from testkit import wait_until
+
 
 def count_refs() -> int:
     from pydist.cluster.group import PGRP

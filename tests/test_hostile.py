@@ -11,8 +11,8 @@ import pytest
 import pydist as pd
 from pydist import transport
 from pydist.cluster.group import PGRP
-from pydist.errors import AuthenticationError, TransportError
 from pydist.cluster.join import authenticate
+from pydist.errors import AuthenticationError, TransportError
 
 
 def tcp_address(pid: int) -> tuple[str, int]:

@@ -123,6 +123,7 @@ def _owned() -> int:
 def test_a_dead_client_is_forgotten_by_every_owner(fresh):
     import gc
     import signal
+
     from testkit import wait_until
     a, b = fresh(2)
     gc.collect()
@@ -142,6 +143,7 @@ def _take_from(rc):
 
 def test_passing_a_reference_whose_owner_died_raises_process_exited(fresh):
     import signal
+
     from testkit import wait_until
     a, b = fresh(2)
     rc = pd.RemoteChannel(a)

@@ -7,9 +7,9 @@ import sys
 import threading
 
 import pytest
+from testkit import subprocess_env, wait_until
 
 import pydist as pd
-from testkit import subprocess_env, wait_until
 
 
 def test_remote_with_the_pool_first(cluster):

@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import psutil
 import pytest
-
 from testkit import TRANSPORTS, shm_entries, subprocess_env, wait_until
 
 EXIT_BOUND = 2.0  # seconds from the master's SIGKILL to the last worker gone

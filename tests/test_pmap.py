@@ -8,13 +8,11 @@ import threading
 import time
 
 import pytest
+from testkit import Unloadable, wait_until
 
 import pydist as pd
 from pydist.pools.pmap import pmap
 from pydist.pools.workerpool import CachingPool, WorkerPool, default_worker_pool
-
-from testkit import Unloadable, wait_until
-
 
 # -- helpers that travel to workers by reference ----------------------------------------------------
 SEEN: dict[str, set] = {}

@@ -12,11 +12,10 @@ import warnings
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
+from testkit import live_children, wait_until
 
 import pydist as pd
 from pydist.dropin.pool import _default_chunksize
-
-from testkit import live_children, wait_until
 
 WAIT = 60
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from testkit import live_children, wait_until
 
 import pydist as pd
-from testkit import live_children, wait_until
 
 
 def test_ids_and_queries(cluster):

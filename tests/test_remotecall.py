@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 import pytest
+from testkit import Unloadable
 
 import pydist as pd
-from testkit import Unloadable
 
 
 def mul(a, b=1):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pydist.wire import serialize
 from pydist.errors import SerializationError
+from pydist.wire import serialize
 from pydist.wire.serialize import PICKLE_PROTOCOL, dumps, loads
 
 REPO = Path(serialize.__file__).resolve().parents[1]

@@ -17,14 +17,13 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import psutil
 import pytest
+from testkit import shm_entries, subprocess_env, wait_until
 
 import pydist as pd
 from pydist.arrays import sharedmap
 from pydist.errors import SerializationError
 from pydist.shm import segment as seg
 from pydist.shm.segment import SegmentError
-
-from testkit import shm_entries, subprocess_env, wait_until
 
 
 def fill_with_id(S):
@@ -114,7 +113,7 @@ def test_pmap_items_and_shipped_closures_are_refused_at_the_sender(cluster):
     with pytest.raises(SerializationError, match=refusal(S, cluster[1])):
         pd.pmap(len, [S, S[2:]], pool=other)
     with pytest.raises(SerializationError, match=refusal(S, cluster[1])):
-        pd.pmap(lambda i: float(S[i]), range(3), pool=other)
+        pd.pmap(lambda i: float(S[i]), range(3), pool=other)  # noqa: F821  (S is deleted below, after this call)
     assert pd.pmap(len, [S, S[2:]], pool=pd.WorkerPool([cluster[0]])) == [10, 8]
     del S
     gc.collect()

@@ -9,14 +9,14 @@ import random
 import threading
 
 import pytest
+from testkit import shm_entries, wait_until
 
 from pydist import transport
-from pydist.wire import codec
 from pydist.errors import TransportBroken
-from pydist.shm import bigbuf, segment as seg
+from pydist.shm import bigbuf
+from pydist.shm import segment as seg
 from pydist.shm import transport as shm
-
-from testkit import shm_entries, wait_until
+from pydist.wire import codec
 
 BIG = 3 << 20
 

@@ -17,17 +17,19 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("posix_ipc")
 
+from testkit import subprocess_env, wait_until  # noqa: E402
+
 from pydist.errors import TransportBroken, TransportClosed  # noqa: E402
 from pydist.shm import handover, rendezvous  # noqa: E402
 from pydist.shm import segment as seg  # noqa: E402
 from pydist.shm.layout import SEM_COUNT  # noqa: E402
-from testkit import subprocess_env, wait_until  # noqa: E402
 
 STEP = 30.0     # the bound on every wait
 CLEANUP = 2.0   # seconds from a death to the names gone

@@ -13,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("posix_ipc")
 
@@ -78,7 +80,7 @@ def accept_child(listener: shm.ShmListener, proc: subprocess.Popen) -> shm.ShmTr
         t = accepting.result(STEP)
     except AssertionError:
         proc.kill()
-        raise AssertionError(proc.communicate(timeout=STEP)[1].decode(errors="replace"))
+        raise AssertionError(proc.communicate(timeout=STEP)[1].decode(errors="replace")) from None
     t.max_frame = transport.DEFAULT_MAX_FRAME
     return t
 

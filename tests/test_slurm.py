@@ -14,9 +14,9 @@ import threading
 import time
 
 import pytest
+from slurmlab import SlurmLab
 
 import pydist as pd
-from slurmlab import SlurmLab
 
 HEADER = """\
 import json, os, socket, subprocess, sys, time

@@ -17,13 +17,13 @@ import time
 
 import psutil
 import pytest
+from sshlab import SSHLab
+from testkit import subprocess_env, wait_until
 
 import pydist as pd
-from testkit import subprocess_env, wait_until
 from pydist.cluster.group import PGRP
 from pydist.errors import LaunchError
 from pydist.managers.ssh import SSHManager, parse_machine
-from sshlab import SSHLab
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,7 +60,8 @@ def ssh_sessions(lab, host) -> int:
 
 
 def assert_hosts_clean(lab, timeout: float = 15.0) -> None:
-    left = lambda: {h.name: pydist_processes(lab, h) for h in lab.hosts if pydist_processes(lab, h)}
+    def left() -> dict:
+        return {h.name: pydist_processes(lab, h) for h in lab.hosts if pydist_processes(lab, h)}
     assert wait_until(lambda: not left(), timeout, 0.05), f"left on the hosts: {left()}"
 
 

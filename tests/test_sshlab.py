@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import sshlab
 from sshlab import SSHLab, SSHLabError
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from testkit import subprocess_env, wait_until
 
 import pydist as pd
 from pydist.cluster.values import PUSH_LIMIT
-from testkit import subprocess_env, wait_until
 
 STEP = 30.0
 
@@ -60,6 +60,7 @@ def test_a_failure_is_announced_too(fresh):
 
 def _main_global(spec, path, argv, compiled):
     import sys
+
     from pydist.dropin.mainscript import _load_main
     _load_main(spec, path, argv, compiled)
     return sys.modules["__main__"].WHICH

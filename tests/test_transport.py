@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from testkit import live_children, subprocess_env
 
 from pydist import transport
 from pydist.errors import TransportBroken, TransportClosed, TransportError
@@ -15,7 +16,6 @@ from pydist.net.address import TcpAddress, format_tcp_url, is_loopback, parse_tc
 from pydist.net.tcp import TcpListener, TcpTransport, connect_tcp
 from pydist.testing import CHECKS, THREAD_PREFIX, _accept_from, _Task, transport_pair
 from pydist.transport import DEFAULT_MAX_FRAME
-from testkit import live_children, subprocess_env
 
 URLS = ["tcp://127.0.0.1:0"]
 try:

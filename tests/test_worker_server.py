@@ -12,10 +12,10 @@ import time
 
 import psutil
 import pytest
+from testkit import shm_entries, subprocess_env, wait_until
 
 import pydist as pd
 from pydist.managers.forkclient import worker_server_pid
-from testkit import shm_entries, subprocess_env, wait_until
 
 STEP = 30.0
 
@@ -62,8 +62,8 @@ def test_preloaded_modules_are_imported_before_the_fork(transport, leak_oracle):
 
 
 def test_standard_modules_of_the_master_are_there_in_a_forked_worker(transport, leak_oracle):
-    import colorsys      # noqa: F401  (nothing of pydist or a worker imports these two)
-    import webbrowser    # noqa: F401
+    import colorsys  # noqa: F401  (nothing of pydist or a worker imports these two)
+    import webbrowser  # noqa: F401
     with _workers(1, transport) as pids:
         seen = pd.remotecall_fetch(_describe, pids[0])
     assert seen["ppid"] == worker_server_pid()

@@ -12,15 +12,12 @@ import threading
 import time
 
 import pytest
+from testkit import subprocess_env, wait_until
 
 import pydist as pd
 from pydist.cluster.group import PGRP
 from pydist.pools.funccache import FunctionCache
-from pydist.pools.workerpool import (AbstractWorkerPool, CachingPool, WorkerPool, clear,
-                               default_worker_pool, remote)
-
-from testkit import subprocess_env, wait_until
-
+from pydist.pools.workerpool import AbstractWorkerPool, CachingPool, WorkerPool, clear, default_worker_pool, remote
 
 # -- helpers that travel to workers by reference ----------------------------------------------------
 UNPICKLED: dict[str, int] = {}
