@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 
 import pydist as pd
+from pydist import transport as pd_transport
+from pydist.cluster.group import PGRP
+from pydist.cluster.join import authenticate
+from pydist.cluster.peers import choose_address
+from pydist.errors import TransportError
+from pydist.wire.codec import encode_message
+from pydist.wire.messages import NULL_HEADER, IdentifySocketMsg
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -93,3 +101,40 @@ def test_first_calls_both_ways_with_a_removal_name_only_the_removed(transport, l
             if removal is not None:
                 removal.wait(timeout=60)   # the removal's ladder may take its 7 s
             pd.rmprocs(*[w for w in ws if w in pd.workers()], waitfor=30)
+
+
+def _heard_gone(pid: int) -> bool:
+    """Whether this worker has heard that ``pid`` is gone."""
+    try:
+        return pd.worker_state(pid) == pd.WorkerState.W_TERMINATED
+    except ValueError:   # never heard of it at all
+        return False
+
+
+def test_a_dial_from_a_worker_said_gone_is_refused(fresh, transport):
+    # A removed worker may still dial a peer while it exits, after the master has told that
+    # peer it is gone. The peer must refuse it and keep no record of it: a record made then
+    # looked alive, and a later call to that worker waited out the 30 s connect timeout for
+    # a dial that never came. Here the test process dials in the removed worker's name.
+    a, gone = fresh(2)
+    pd.rmprocs(gone, waitfor=30)
+    deadline = time.monotonic() + 10
+    while not pd.remotecall_fetch(_heard_gone, a, gone):
+        assert time.monotonic() < deadline, f"worker {a} never heard that {gone} is gone"
+        time.sleep(0.02)
+    t = pd_transport.connect(choose_address(PGRP.workers[a].addresses, transport), 10)
+    timer = threading.Timer(10, t.abort)
+    timer.start()
+    try:
+        authenticate(t, pd.cluster_cookie(), "dial")
+        t.send_frame(encode_message(NULL_HEADER, IdentifySocketMsg(gone)))
+        with pytest.raises(TransportError):
+            t.recv_frame()   # no IdentifySocketAckMsg: the worker hangs up
+        assert timer.is_alive(), "the worker neither answered nor hung up within 10 s"
+        f = pd.remotecall(relay, a, gone, 1)
+        with pytest.raises(pd.RemoteException) as info:
+            f.fetch(timeout=20)
+        assert _named(info.value) == gone, info.value
+    finally:
+        timer.cancel()
+        t.abort()

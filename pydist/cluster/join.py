@@ -237,17 +237,38 @@ def _hostname() -> str:
 
 
 def _accept_peer(pid: int, t: Transport) -> Worker | None:
-    """Register ``t`` as the connection from worker ``pid``."""
+    """Register ``t`` as the connection from worker ``pid``; ``None`` (and ``t`` closed) for
+    a duplicate, for a worker this process has heard is gone, or for a dialer that died
+    before the answer reached it.
+
+    A connection from a worker already said to be gone (it dialed while it was exiting) must
+    make no record: one that looked alive without a connection would send a later call's
+    wish to be dialed to a process that no longer exists, and that call would wait out
+    ``PEER_CONNECT_TIMEOUT``. So the record is made or connected only once the answer is
+    sent, under the lock that ``_process_gone`` (``processes/lifecycle.py``) records a
+    removal under.
+    """
     with PGRP.lock:
         w = PGRP.workers.get(pid)
-        if w is None:
-            w = Worker(pid)
-            PGRP.workers[pid] = w
-    if w.transport is not None and w.state == W_CONNECTED:
-        t.abort()   # a duplicate; the existing connection stays
+        refused = pid in PGRP.removed or (w is not None and w.transport is not None
+                                          and w.state == W_CONNECTED)
+    if refused:
+        t.abort()
         return None
-    t.send_frame(encode_message(NULL_HEADER, IdentifySocketAckMsg(PGRP.myid)))
-    w.transport, w.state = t, W_CONNECTED
+    try:
+        t.send_frame(encode_message(NULL_HEADER, IdentifySocketAckMsg(PGRP.myid)))
+    except TransportError:
+        t.abort()
+        return None
+    with PGRP.lock:
+        if pid in PGRP.removed:   # said gone while we answered
+            w = None
+        else:
+            w = PGRP.workers.setdefault(pid, Worker(pid))
+            w.transport, w.state = t, W_CONNECTED
+    if w is None:
+        t.abort()
+        return None
     w.connected.set()
     return w
 
