@@ -52,7 +52,9 @@ def test_exeflags_of_a_wrong_type(flags):
 
 
 def test_a_worker_that_cannot_start_says_why_at_once(leak_oracle):
+    # "At once": when the worker exits, not after the join timeout (60 s); the bound leaves
+    # room for a loaded machine. The worker may be gone before its cookie is written.
     t0 = time.monotonic()
     with pytest.raises(pd.LaunchError, match="frozen_modules"):
         pd.addprocs(1, exeflags="-X frozen_modules=bogus")
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < 20.0

@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Any
+from typing import IO, Any
 
 from ..cluster.group import cluster_cookie
 from ..cluster.output import Relay, check_output
@@ -97,8 +97,7 @@ class LocalManager(ClusterManager):
             cmd += ["--transports", "tcp"]
         forked = self._fork(params, cmd, env)
         if forked is not None:
-            forked.stdin.write((cookie + "\n").encode())
-            forked.stdin.flush()
+            _hand_cookie(forked.stdin, cookie)
             return forked
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -108,8 +107,7 @@ class LocalManager(ClusterManager):
             raise LaunchError(f"could not start a local worker with {cmd[0]!r} in "
                               f"{params['dir']!r}: {e}") from e
         assert proc.stdin is not None
-        proc.stdin.write((cookie + "\n").encode())
-        proc.stdin.flush()
+        _hand_cookie(proc.stdin, cookie)
         return proc
 
     @staticmethod
@@ -205,3 +203,17 @@ def _close_pipes(proc: Any) -> None:
                 stream.close()
             except OSError:
                 pass
+
+
+def _hand_cookie(stdin: IO[bytes], cookie: str) -> None:
+    """Write the cookie to a new worker's standard input.
+
+    A worker that died at once (bad flags, a broken environment) has closed its end: the
+    wait for its contact then reports the death with what it printed, so the broken pipe is
+    not the error to show.
+    """
+    try:
+        stdin.write((cookie + "\n").encode())
+        stdin.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
