@@ -89,11 +89,13 @@ def _cloudpickle_dumps(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     except PydistError:
         raise
     except Exception as e:
-        raise SerializationError(
-            f"cannot pickle an object of type {_type_name(obj)} for another process: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        raise _cannot_pickle(obj, e) from e
     return out.getvalue(), buffers
+
+
+def _cannot_pickle(obj: Any, e: Exception) -> SerializationError:
+    return SerializationError(f"cannot pickle an object of type {_type_name(obj)} for another "
+                              f"process: {type(e).__name__}: {e}")
 
 
 def dumps_with(obj: Any, reducers: MutableMapping[type, Any],
@@ -120,10 +122,7 @@ def dumps_with(obj: Any, reducers: MutableMapping[type, Any],
         cls = type("_Pickler", (base,), {"dispatch_table": table})
         cls(out, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append).dump(obj)
     except Exception as e:
-        raise SerializationError(
-            f"cannot pickle an object of type {_type_name(obj)} for another process: "
-            f"{type(e).__name__}: {e}"
-        ) from e
+        raise _cannot_pickle(obj, e) from e
     return out.getvalue(), buffers
 
 
