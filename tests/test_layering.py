@@ -3,7 +3,8 @@
 Every ``import`` and ``from ... import`` counts: at module level, inside a function, under
 ``if TYPE_CHECKING``. Each folder (and each module at the top of the package) belongs to one
 layer; a module may import its own layer and those below, never above. Between modules there
-is no cycle at all, and no module takes a private name (``_x``) from another folder.
+is no cycle at all, and no module takes a private name (``_x``) from another folder, nor
+reaches for a private member of another folder's classes (``obj._x``).
 """
 from __future__ import annotations
 
