@@ -155,9 +155,9 @@ def private_across_folders(found: list[Import]) -> list[str]:
 
 
 # -- private members of another folder's objects --------------------------------------------------
-# ``x._name`` where ``x`` is an object of another folder: a name read from the source alone,
-# so a private name counts as another folder's when one of that folder's classes defines it
-# and none of the reading module's folder does.
+# ``x._name`` where ``x`` is an object or a module of another folder: read from the source
+# alone, so a private name counts as another folder's when one of that folder's classes or
+# modules defines it and nothing in the reading module's folder does.
 # Allowed, each for a reason: (module, member) -> why.
 ALLOWED: dict[tuple[str, str], str] = {
     ("dropin.state", "_waiters"):
@@ -171,10 +171,17 @@ def _private(name: str) -> bool:
 
 
 def private_members(module: str, text: str | None = None) -> set[str]:
-    """The private names a module's classes define: methods, ``self._x`` attributes, names
-    assigned in the class body and ``__slots__`` entries."""
+    """The private names a module defines at its top (reached as ``module._x``) and its
+    classes define: methods, ``self._x`` attributes, names assigned in the class body and
+    ``__slots__`` entries."""
     tree = ast.parse(MODULES[module].read_text() if text is None else text)
     out: set[str] = set()
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out |= {stmt.name} if _private(stmt.name) else set()
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            out |= {t.id for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])
+                    if isinstance(t, ast.Name) and _private(t.id)}
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
         for stmt in cls.body:
             targets = (stmt.targets if isinstance(stmt, ast.Assign)
@@ -275,15 +282,17 @@ def test_the_private_member_check_fires():
     planted = ("def f(pool, fut):\n"
                "    return pool._fcache, pool.workers(), PGRP._runner, fut._local_cell\n"
                "def g(fut):\n"
-               "    return getattr(fut, '_cache', None), hasattr(fut, 'rrid')\n")
+               "    return getattr(fut, '_pushed', None), hasattr(fut, 'rrid'), remoteref._fetch_ref\n")
     assert "_local_cell" not in members["refs"]       # (a name no folder defines: not flagged)
     assert private_uses("dropin.core", members, planted) == [
         "dropin.core uses _fcache of an object of pools/, line 2",
         "dropin.core uses _runner of an object of cluster/, line 2",
-        "dropin.core uses _cache of an object of refs/, line 4"]
+        "dropin.core uses _pushed of an object of refs/, line 4",
+        "dropin.core uses _fetch_ref of an object of refs/, line 4"]
     assert private_uses("pools.mapper", members, planted) == [     # pools/ owns _fcache
         "pools.mapper uses _runner of an object of cluster/, line 2",
-        "pools.mapper uses _cache of an object of refs/, line 4"]
+        "pools.mapper uses _pushed of an object of refs/, line 4",
+        "pools.mapper uses _fetch_ref of an object of refs/, line 4"]
     assert private_uses("cluster.dispatch", members, "x = PGRP._runner\n") == []
     assert private_uses("dropin.core", members, "x = PGRP._runner\n",
                         {("dropin.core", "_runner"): "planted"}) == []
