@@ -117,6 +117,12 @@ class ProcessGroup:
                     self._runner = TaskRunner(main_thread=False)
         return self._runner
 
+    @property
+    def existing_runner(self) -> TaskRunner | None:
+        """The task runner of this process if it has one yet, else ``None`` (never makes
+        one): code that only adapts to a runner (lends its thread while it blocks) reads it."""
+        return self._runner
+
     def set_runner(self, runner: TaskRunner) -> None:
         self._runner = runner
 

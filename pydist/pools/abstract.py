@@ -42,7 +42,7 @@ def start_call(pid: int, f: Callable[..., Any], args: tuple[Any, ...], kwargs: d
         done = RemoteValue()
         if keep:
             fut = Future()
-            cell = fut._local_cell()
+            cell = fut.local_cell()
 
             def task() -> None:
                 value = run_call(f, args, kwargs)
@@ -57,7 +57,7 @@ def start_call(pid: int, f: Callable[..., Any], args: tuple[Any, ...], kwargs: d
         return fut, done
     PGRP.check_pid(pid)
     rrid, done = PGRP.expect_reply(pid)
-    fut = Future._for_call(pid) if keep else None
+    fut = Future.for_call(pid) if keep else None
     try:
         if fut is not None:
             PGRP.send(pid, MsgHeader(response_oid=fut.rrid, notify_oid=rrid), CallWaitMsg(f, args, kwargs))
@@ -65,7 +65,7 @@ def start_call(pid: int, f: Callable[..., Any], args: tuple[Any, ...], kwargs: d
             PGRP.send(pid, MsgHeader(notify_oid=rrid), CallFetchMsg(f, args, kwargs))
     except BaseException:
         if fut is not None:
-            fut._released = True   # the worker never heard of it
+            fut.mark_released()   # the worker never heard of it
         PGRP.forget_reply(rrid)
         raise
     return fut, done
@@ -145,8 +145,10 @@ class AbstractWorkerPool(ABC):
         workers hands one back while someone waits."""
         return self.take_some(n), 0
 
-    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run one of the four remote calls on a worker taken from this pool."""
+    def run_remotecall(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one of the four remote calls (``kind``: ``"remotecall"``, ``"remotecall_fetch"``,
+        ``"remotecall_wait"``, ``"remote_do"``) on a worker taken from this pool: the hook by
+        which ``remotecall(f, pool, ...)`` and its kin reach a pool."""
         for attempt in (0, 1):
             pid = self.take()
             if pid == PGRP.myid and kind == "remotecall_fetch":

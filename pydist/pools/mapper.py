@@ -124,7 +124,7 @@ class _Mapper:
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> list[Any]:
-        runner = PGRP._runner
+        runner = PGRP.existing_runner
         try:
             if runner is None:
                 self._loop()

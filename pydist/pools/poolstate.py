@@ -69,7 +69,7 @@ class _Waiter:
 
     def wait(self, timeout: float | None) -> bool:
         """Whether something was handed over within ``timeout`` (may be called again)."""
-        runner = PGRP._runner
+        runner = PGRP.existing_runner
         if runner is None:
             return self._given.wait(timeout)    # type: ignore[union-attr]  # a local waiter's
         with runner.blocking():

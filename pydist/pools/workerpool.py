@@ -44,12 +44,6 @@ class _PoolRef(AbstractRemoteRef):
         return f"_PoolRef({self.where}, {self.rrid.whence}, {self.rrid.id})"
 
 
-def _new_ref(where: int, rrid: RRID, counted: bool) -> _PoolRef:
-    r = _PoolRef.__new__(_PoolRef)
-    r.where, r.rrid, r._released = where, rrid, not counted
-    return r
-
-
 _handles: weakref.WeakValueDictionary[RRID, WorkerPool] = weakref.WeakValueDictionary()
 
 
@@ -65,13 +59,13 @@ class WorkerPool(AbstractWorkerPool):
         st = _PoolState()
         st.push(pids)
         PGRP.lookup_ref(rrid).set(st)
-        self._attach(_new_ref(PGRP.myid, rrid, counted=True), st)
+        self._attach(_PoolRef.from_id(PGRP.myid, rrid, counted=True), st)
 
     def _init_handle(self) -> None:
         """Per-process parts of a handle (none here)."""
 
     def _attach(self, ref: _PoolRef, local: _PoolState | None) -> None:
-        self._ref = ref._register() if not ref._released else ref
+        self._ref = ref.register() if not ref.released else ref
         self._local = local
         _handles[ref.rrid] = self
 
@@ -87,7 +81,7 @@ class WorkerPool(AbstractWorkerPool):
     def __reduce__(self) -> tuple[Any, ...]:
         if self._ref.rrid == DEFAULT_POOL_ID:
             return (default_worker_pool, ())
-        self._ref._note_sent()
+        self._ref.note_sent()
         return (_rebuild_pool, (type(self), self._ref.where, self._ref.rrid))
 
     # -- talking to the owner ------------------------------------------------------------------
@@ -215,7 +209,7 @@ def _rebuild_pool(cls: type[WorkerPool], where: int, rrid: RRID) -> WorkerPool:
     if where == PGRP.myid:
         PGRP.add_client(rrid, where)
     pool = cls.__new__(cls)
-    pool._attach(_new_ref(where, rrid, counted=True), None)
+    pool._attach(_PoolRef.from_id(where, rrid, counted=True), None)
     pool._init_handle()
     return pool
 
@@ -234,7 +228,7 @@ def default_worker_pool() -> WorkerPool:
         with _default_handle_lock:
             if _default_handle is None:
                 h = WorkerPool.__new__(WorkerPool)
-                h._ref = _new_ref(1, DEFAULT_POOL_ID, counted=False)
+                h._ref = _PoolRef.from_id(1, DEFAULT_POOL_ID, counted=False)
                 h._local = None
                 _default_handle = h
             h = _default_handle
@@ -305,7 +299,7 @@ class _Remote:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         pool = default_worker_pool() if self.pool is None else self.pool
-        return pool._remotecall_via("remotecall_fetch", self.f, args, kwargs)
+        return pool.run_remotecall("remotecall_fetch", self.f, args, kwargs)
 
     def __repr__(self) -> str:
         return f"remote({self.f!r}, {self.pool!r})"

@@ -276,7 +276,7 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> Future[None] | None:
 def _removal_future(killers: list[threading.Thread]) -> Future[None]:
     """A Future set (to ``None``) once every removal thread has finished."""
     done: Future[None] = Future()
-    cell = done._local_cell()
+    cell = done.local_cell()
 
     def settle() -> None:
         for t in killers:

@@ -2,7 +2,7 @@
 
 A call to ``myid()`` runs in this process with the same semantics: ``remotecall`` and
 ``remote_do`` as a task of the local runner, ``remotecall_fetch`` right here.
-``pid`` may also be a worker pool (anything with ``_remotecall_via``): an idle worker is
+``pid`` may also be a worker pool (anything with ``run_remotecall``): an idle worker is
 taken from it for the duration of the call.
 
 For type checkers the arguments are checked against ``f``'s parameters, and the result is
@@ -29,8 +29,8 @@ R = TypeVar("R")
 class PoolLike(Protocol):
     """A worker pool as the calls see it: it runs a call on one of its workers."""
 
-    def _remotecall_via(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...],
-                        kwargs: dict[str, Any], /) -> Any: ...
+    def run_remotecall(self, kind: str, f: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any], /) -> Any: ...
 
 
 
@@ -42,7 +42,7 @@ def _check_callable(f: object) -> None:
 
 def _pool_call(kind: str, f: Callable[..., Any], pool: object, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
-    via = getattr(pool, "_remotecall_via", None)
+    via = getattr(pool, "run_remotecall", None)
     if via is None or isinstance(pool, bool):
         raise TypeError(f"{kind}(f, pid, ...): pid must be a process id (an int) or a worker "
                         f"pool, not {pool!r} ({type(pool).__name__})")
@@ -56,17 +56,17 @@ def remotecall(f: Callable[P, R], pid: int | PoolLike, *args: P.args, **kwargs: 
         return cast("Future[R]", _pool_call("remotecall", f, pid, args, kwargs))
     if pid == PGRP.myid:
         fut: Future[R] = Future()
-        cell = fut._local_cell()
+        cell = fut.local_cell()
         PGRP.runner.submit(lambda: cell.try_set(run_call(f, args, kwargs)))
         return fut
-    fut = Future._for_call(pid, register=False)    # (send() checks pid)
+    fut = Future.for_call(pid, register=False)    # (send() checks pid)
     # The worker keeps the result and also tells us when it is there, sending a small one
     # along: the usual fetch() that follows then costs no second round trip.
     rrid, fut._pushed = PGRP.expect_reply(pid)
     try:
         PGRP.send(pid, MsgHeader(response_oid=fut.rrid, notify_oid=rrid), CallMsg(f, args, kwargs))
     except BaseException:
-        fut._released = True   # the worker never heard of it
+        fut.mark_released()   # the worker never heard of it
         PGRP.forget_reply(rrid)
         raise
     return fut
@@ -100,13 +100,13 @@ def remotecall_wait(f: Callable[P, R], pid: int | PoolLike, *args: P.args, **kwa
     if pid == PGRP.myid:
         return remotecall(f, pid, *args, **kwargs).wait()
     PGRP.check_pid(pid)
-    fut = Future._for_call(pid)
+    fut = Future.for_call(pid)
     rrid, rv = PGRP.expect_reply(pid)
     try:
         PGRP.send(pid, MsgHeader(response_oid=fut.rrid, notify_oid=rrid),
                   CallWaitMsg(f, args, kwargs))
     except BaseException:
-        fut._released = True
+        fut.mark_released()
         PGRP.forget_reply(rrid)
         raise
     try:

@@ -202,7 +202,7 @@ class RemoteChannel(AbstractRemoteRef):
         self._op(_chan_close)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        self._note_sent()
+        self.note_sent()
         return (_rebuild_channel, (self.where, self.rrid))
 
 
@@ -214,4 +214,4 @@ def _rebuild_channel(where: int, rrid: RRID) -> RemoteChannel:
     rc.where, rc.rrid, rc._released = where, rrid, False
     if where == PGRP.myid:
         PGRP.add_client(rrid, where)
-    return rc._register()
+    return rc.register()

@@ -154,8 +154,32 @@ class AbstractRemoteRef:
     where: int
     rrid: RRID
 
-    def _register(self) -> Self:
-        """Return the one handle of this process for ``rrid`` (this one if it is new)."""
+    @classmethod
+    def from_id(cls, where: int, rrid: RRID, *, counted: bool) -> Self:
+        """A handle of this class for the reference ``rrid`` owned by process ``where``,
+        made without ``__init__`` (nothing is created on the owner): the hook by which a
+        kind of reference defined elsewhere (a worker pool's) rebuilds its handles.
+        ``counted``: the owner counts this process among the reference's clients, so
+        dropping the handle tells it (then ``register`` it); ``False``: dropping it tells
+        nobody. A subclass with fields of its own sets those itself."""
+        r = cls.__new__(cls)
+        r.where, r.rrid, r._released = where, rrid, not counted
+        return r
+
+    @property
+    def released(self) -> bool:
+        """Whether this handle holds no claim on the owner (any more): released, its value
+        cached here, or never counted. Dropping such a handle tells the owner nothing."""
+        return self._released
+
+    def mark_released(self) -> None:
+        """Record that this handle holds no claim on its owner, without telling the owner:
+        for a handle whose call was never sent (the owner never heard of it)."""
+        self._released = True
+
+    def register(self) -> Self:
+        """Return the one handle of this process for ``rrid`` (this one if it is new);
+        a handle that finds another already there is marked released."""
         existing = _handles.setdefault(self.rrid, self)
         if existing is not self:
             self._released = True
@@ -172,8 +196,9 @@ class AbstractRemoteRef:
         except Exception:   # interpreter shutdown: nothing left to notify
             pass
 
-    def _note_sent(self) -> None:
-        """Called while pickling: make the destination a client of the owner first."""
+    def note_sent(self) -> None:
+        """Called while pickling the handle (from ``__reduce__``, a subclass's too): make
+        the destination a client of the owner first."""
         dest = getattr(PGRP.sending, "pid", None)
         if dest is None or dest == self.where:
             return
@@ -213,8 +238,9 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
         _handles[self.rrid] = self
 
     @classmethod
-    def _for_call(cls, pid: int, register: bool = True) -> Future[Any]:
-        """A handle for the result of a call about to be sent to ``pid``.
+    def for_call(cls, pid: int, register: bool = True) -> Future[Any]:
+        """A handle for the result of a call about to be sent to ``pid`` (the call's message
+        names its ``rrid``): the hook by which remote calls and pools make their Futures.
 
         ``register=False``: not entered in ``_handles`` yet. No other process can name the
         reference before this one sends the handle somewhere, and ``__reduce__`` enters it
@@ -230,7 +256,10 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
     def __repr__(self) -> str:
         return f"Future({self.where}, {self.rrid.whence}, {self.rrid.id})"
 
-    def _local_cell(self) -> RemoteValue:
+    def local_cell(self) -> RemoteValue:
+        """The cell holding the value of a Future owned by this process: setting the cell
+        sets the Future. The hook by which code that computes the value here (a local call,
+        a removal) fulfils it."""
         return PGRP.lookup_ref(self.rrid)
 
     def fetch(self, timeout: float | None = None) -> T:
@@ -240,7 +269,7 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
             if timeout is not None:
                 check_timeout(timeout)
             if self.where == PGRP.myid:
-                value = wait_value(self._local_cell(), timeout, self)
+                value = wait_value(self.local_cell(), timeout, self)
             else:
                 value = self._announced(timeout)
                 if value is STORED:
@@ -268,7 +297,7 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
         if self._cache is not _UNSET:
             raise InvalidStateException(f"{self!r} can be set only once: it already holds a value")
         if self.where == PGRP.myid:
-            self._local_cell().set(value)
+            self.local_cell().set(value)
         else:
             unwrap(call_on_owner(_put_ref, self.where, self.rrid, value))
         self._cache = value
@@ -279,7 +308,7 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
         if self._cache is not _UNSET:
             return True
         if self.where == PGRP.myid:
-            return self._local_cell().ready()
+            return self.local_cell().ready()
         if self._pushed is not None:
             return self._pushed.ready()
         return bool(unwrap(call_on_owner(_isready_ref, self.where, self.rrid)))
@@ -289,7 +318,7 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
         check_timeout(timeout)
         if self._cache is _UNSET:
             if self.where == PGRP.myid:
-                unwrap(wait_value(self._local_cell(), timeout, f"{self!r}"))
+                unwrap(wait_value(self.local_cell(), timeout, f"{self!r}"))
             elif self._pushed is not None:
                 value = self._announced(timeout)
                 if value is not STORED:
@@ -320,7 +349,7 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
         if self._cache is not _UNSET:
             arrived(self._cache)
         elif self.where == PGRP.myid:
-            self._local_cell().add_callback(arrived)
+            self.local_cell().add_callback(arrived)
         else:
             rrid, rv = PGRP.expect_reply(self.where)
             rv.add_callback(arrived)
@@ -334,7 +363,7 @@ class Future(StdFutureFace[T], AbstractRemoteRef):
     def __reduce__(self) -> tuple[Any, ...]:
         _handles.setdefault(self.rrid, self)   # (a call's handle enters the table only now)
         if self._cache is _UNSET:
-            self._note_sent()
+            self.note_sent()
             return (_rebuild_future, (self.where, self.rrid, _UNSET_MARK))
         return (_rebuild_future, (self.where, self.rrid, self._cache))
 
@@ -366,7 +395,7 @@ def _rebuild_future(where: int, rrid: RRID, cache: Any) -> Future[Any]:
         f._released = True     # a handle with a value needs nothing from the owner
     elif where == PGRP.myid:
         PGRP.add_client(rrid, where)
-    return f._register()
+    return f.register()
 
 
 def remoteref_id(r: AbstractRemoteRef) -> RRID:
