@@ -4,8 +4,11 @@ every run (no worker process left, nothing of pydist in /dev/shm)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
+import psutil
 import pytest
 
 import pydist
@@ -18,14 +21,61 @@ from _compat import IMPLS, make_executor, make_pool, wait_until, worker_children
 @pytest.fixture(scope="module", autouse=True)
 def stdlib_helpers_stopped():
     """After each module: multiprocessing's forkserver and resource tracker (started by the
-    standard library's classes) are stopped, so no process outlives the tests that used it."""
+    standard library's classes) are stopped, so no process outlives the tests that used it.
+    A helper that does not stop (a process still holds its pipe) fails the module, naming
+    the holders, instead of hanging it."""
     yield
     from multiprocessing import forkserver, resource_tracker
     for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
+        pipe = _pipe_of(getattr(helper, "_fd", None) or getattr(helper, "_forkserver_alive_fd", None))
+        pid = getattr(helper, "_pid", None) or getattr(helper, "_forkserver_pid", None)
+        stopping = threading.Thread(target=_quietly, args=(helper._stop,), daemon=True)
+        stopping.start()
+        stopping.join(HELPER_STOP)
+        if stopping.is_alive():
+            held = _holders(pipe)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)     # lets the waiting thread go
+            stopping.join(5)
+            pytest.fail(f"{type(helper).__name__} (pid {pid}) did not stop within "
+                        f"{HELPER_STOP} s: its pipe {pipe} is still open in {held}")
+
+
+HELPER_STOP = 20
+
+
+def _quietly(stop) -> None:
+    try:
+        stop()
+    except Exception:
+        pass
+
+
+def _pipe_of(fd: int | None) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") if fd is not None else None
+    except OSError:
+        return None
+
+
+def _holders(pipe: str | None) -> list[str]:
+    """The processes (pid and command line) with ``pipe`` open."""
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            helper._stop()
-        except Exception:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+            if any(_readlink(f"/proc/{proc.pid}/fd/{fd}") == pipe for fd in fds):
+                out.append(f"{proc.pid}: {' '.join(proc.info['cmdline'] or [])[:120]}")
+        except OSError:
             pass
+    return out
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 @pytest.fixture(params=IMPLS)
