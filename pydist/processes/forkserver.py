@@ -11,11 +11,13 @@ worker for each request. The story of one server:
    with the workers' environment; FD is its end of a Unix socket pair (``SOCK_SEQPACKET``:
    one message per request, file descriptors beside it).
 2. The server imports what workers need and says ``("ready", pid)``.
-3. A request ``("fork", cwd, environ, argv, preload, stdlib)`` comes with three
+3. A request ``("fork", cwd, environ, argv, preload, stdlib, sources)`` comes with three
    descriptors: the worker's standard input (the master holds the other end: cookie, then
    lifeline), standard output and standard error (the master reads them). The server
    imports any module of ``preload`` it has not imported yet (and of ``stdlib``, the
-   standard modules the master has, skipping any that fails), forks, closes its copies of
+   standard modules the master has, skipping any that fails), compiles the program's own
+   modules of ``sources`` that have no bytecode cache, for its children to import without
+   compiling them (``managers/codecache.py``), forks, closes its copies of
    the descriptors and answers ``("forked", pid)`` (or ``("error", why)``: the master then
    starts a fresh interpreter).
 4. The child becomes what ``python -m pydist.worker ARGV`` run in ``cwd`` with
@@ -46,6 +48,7 @@ import traceback
 import warnings
 from typing import Any
 
+from ..managers import codecache
 from .bootstrap import worker_main, worker_parser
 
 __all__ = ["serve", "BASE_PRELOAD", "MAX_MESSAGE"]
@@ -105,8 +108,9 @@ class _Server:
             msg = pickle.loads(data)
             if msg[0] != "fork" or len(fds) != 3:
                 raise ValueError(f"unexpected request {msg[0]!r} with {len(fds)} descriptors")
-            _, cwd, environ, argv, preload, stdlib = msg
+            _, cwd, environ, argv, preload, stdlib, sources = msg
             _import_quietly(stdlib)
+            codecache.compile_sources(sources)
             self.send(("forked", self.fork(cwd, environ, argv, preload, fds)))
         except Exception as e:
             self.send(("error", f"{type(e).__name__}: {e}"))
@@ -248,6 +252,7 @@ def serve(fd: int, preload: tuple[str, ...] = ()) -> None:
         except ImportError as e:
             print(f"pydist worker server: could not preload {name!r}: {e}", file=sys.stderr)
     worker_parser()     # built once here, not in every child
+    codecache.install()
     _Server(sock).run()
 
 
