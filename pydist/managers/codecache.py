@@ -24,8 +24,8 @@ from typing import Any
 
 __all__ = ["uncached_sources", "compile_sources", "install"]
 
-MAX_FILES = 256              # modules compiled for the children, at most
-MAX_BYTES = 8 << 20          # bytes of source compiled for the children, at most
+MAX_FILES = 64               # modules compiled for the children, at most
+MAX_BYTES = 4 << 20          # bytes of source compiled for the children, at most
 _compiled: dict[str, tuple[bytes, CodeType]] = {}      # path -> (source, code)
 _budget = [MAX_FILES, MAX_BYTES]
 
@@ -40,8 +40,8 @@ def _program_dir() -> str:
 
 def uncached_sources(seen: set[str]) -> list[tuple[str, str]]:
     """(On the master.) ``(module, file)`` for each module imported here from the program's
-    directory whose bytecode is cached nowhere; ``seen``, the names looked at before, is
-    updated."""
+    directory whose bytecode is cached nowhere (never pydist's own: the server has what a
+    worker needs); ``seen``, the names looked at before, is updated."""
     base = _program_dir() + os.sep
     out = []
     for name, module in list(sys.modules.items()):
@@ -49,8 +49,9 @@ def uncached_sources(seen: set[str]) -> list[tuple[str, str]]:
             continue
         seen.add(name)
         path = getattr(module, "__file__", None)
-        if (name in ("__main__", "__mp_main__") or not isinstance(path, str)
-                or not path.endswith(".py") or not path.startswith(base)):
+        if (name in ("__main__", "__mp_main__") or name.partition(".")[0] == "pydist"
+                or not isinstance(path, str) or not path.endswith(".py")
+                or not path.startswith(base)):
             continue
         cached = getattr(module, "__cached__", None)
         if isinstance(cached, str) and os.path.exists(cached):
