@@ -145,6 +145,28 @@ def test_initializer_failure_fails_tasks_instead_of_hanging(transport):
         p.join()
 
 
+def _later_workers_wait(counter, gate):
+    """An initializer: the first worker to run it goes on; the later ones wait for ``gate``."""
+    with counter.get_lock():
+        counter.value += 1
+        first = counter.value == 1
+    if not first:
+        gate.wait(WAIT)
+
+
+def test_the_first_task_does_not_wait_for_the_other_workers_to_start(transport):
+    counter, gate = multiprocessing.Value("i", 0), multiprocessing.Event()
+    p = pd.Pool(2, initializer=_later_workers_wait, initargs=(counter, gate), transport=transport)
+    try:
+        assert p.apply_async(sq, (3,)).get(timeout=10) == 9   # the second worker still waits
+        gate.set()
+        assert len(p._pool) == 2
+    finally:
+        gate.set()
+        p.terminate()
+        p.join()
+
+
 # -- laziness and close -------------------------------------------------------------------------------
 def test_imap_input_is_read_a_window_ahead(pool):
     seen: list[int] = []

@@ -97,6 +97,42 @@ def test_recycled_workers_are_forked_too(transport, leak_oracle):
     assert len(pids) == 3
 
 
+PROGRAM = textwrap.dedent("""
+    import sys
+    import pydist as pd
+    import helper
+
+    def probe():
+        import helper
+        from pydist.managers import codecache
+        return helper.VALUE, helper.__file__ in codecache._compiled
+
+    if __name__ == "__main__":
+        [p] = pd.addprocs(1, transport=sys.argv[1])
+        print(*pd.remotecall_fetch(probe, p), flush=True)
+        with open(helper.__file__, "w") as f:
+            f.write("VALUE = 'changed'\\n")
+        [q] = pd.addprocs(1, transport=sys.argv[1])
+        print(*pd.remotecall_fetch(probe, q), flush=True)
+        pd.rmprocs(p, q, waitfor=30)
+""")
+
+
+def test_the_programs_own_modules_are_compiled_once_for_its_workers(transport, tmp_path,
+                                                                     leak_oracle):
+    """Without bytecode caches, the server compiles the modules of the program's directory
+    the master imported, and a forked worker imports them with that code -- unless the
+    file has changed since (then it compiles it, and sees the change)."""
+    (tmp_path / "helper.py").write_text("VALUE = 'original'\n")
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    env = dict(subprocess_env(), PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, str(tmp_path / "prog.py"), transport], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=4 * STEP)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["original True", "changed True"]
+    assert not (tmp_path / "__pycache__").exists()
+
+
 MASTER = textwrap.dedent("""
     import os, sys, time
     import pydist as pd

@@ -54,6 +54,7 @@ class Inbox:
         self._changed = threading.Condition(threading.Lock())
         self._pumpers = 0
         self._waiters = 0                   # threads waiting without pumping
+        self._napping = False               # the background reader waits for the pumpers to go
         self._last_pump = 0.0
         self._kick = threading.Event()      # wakes the background reader for a waiter
         self.reader: int | None = None      # ident of the thread holding the role
@@ -108,6 +109,9 @@ class Inbox:
             with self._changed:
                 self._pumpers -= 1
                 self._last_pump = time.monotonic()
+                if not self._pumpers and self._napping:
+                    self._napping = False
+                    self._kick.set()
             if main and hits:
                 hits.clear()
                 SIGINT_DEFERRAL.deliver()   # Python's default raises KeyboardInterrupt here
@@ -146,10 +150,10 @@ class Inbox:
             not self._pumpers and time.monotonic() - self._last_pump >= GRACE)
 
     def _background(self) -> None:
+        long_nap = True
         while not self.ended:
             if not self._wanted():
-                self._kick.wait(GRACE)
-                self._kick.clear()
+                long_nap = self._nap(long_nap)
                 continue
             if not self._role.acquire(timeout=GRACE):
                 continue
@@ -159,6 +163,22 @@ class Inbox:
                     self._read_held()
             finally:
                 self._release()
+
+    def _nap(self, long_nap: bool) -> bool:
+        """Wait until the role may be wanted: ``GRACE`` at most, or, while a pumper holds
+        on, until the last one leaves or a waiter comes (a worker's idle main thread pumps
+        for as long as it is idle: waking every ``GRACE`` meanwhile cost each idle worker a
+        wake-up every 5 ms). After a long nap the next one is short, so pumps that come
+        and go (a caller's round trips) wake this thread once per ``GRACE`` at most.
+        Whether the next nap may be long."""
+        with self._changed:
+            self._napping = long_nap and self._pumpers > 0 and not self._waiters
+            napping = self._napping
+        self._kick.wait(None if napping else GRACE)
+        self._kick.clear()
+        with self._changed:
+            self._napping = False
+        return not napping
 
 
 class _SigintDeferral:

@@ -25,6 +25,7 @@ from ..wire.messages import (
     Message,
     RemoteDoMsg,
 )
+from . import deadlines
 from .dispatch import OpContext, internal_op, start_serving
 from .group import PGRP
 from .peers import W_CONNECTED, W_TERMINATED, Worker, choose_address
@@ -40,12 +41,9 @@ PEER_CONNECT_TIMEOUT = 30.0
 MAX_UNAUTHENTICATED = 64
 
 
-def _with_deadline(t: Transport, seconds: float) -> threading.Timer:
-    """A started timer that aborts ``t`` when ``seconds`` pass (cancel it when done)."""
-    timer = threading.Timer(seconds, t.abort)
-    timer.daemon = True
-    timer.start()
-    return timer
+def _with_deadline(t: Transport, seconds: float) -> deadlines.Deadline:
+    """A deadline that aborts ``t`` when ``seconds`` pass (cancel it when done)."""
+    return deadlines.after(seconds, t.abort)
 
 
 def authenticate(t: Transport, cookie: str, role: str, timeout: float = HELLO_TIMEOUT) -> None:
@@ -64,7 +62,7 @@ def authenticate(t: Transport, cookie: str, role: str, timeout: float = HELLO_TI
         raise AuthenticationError(f"connection with {t.peer} refused: {e}") from None
     except TransportError as e:
         t.abort()
-        why = "timed out" if not timer.is_alive() else f"failed ({e})"
+        why = "timed out" if timer.expired() else f"failed ({e})"
         raise AuthenticationError(f"hello with {t.peer} {why}") from None
     finally:
         timer.cancel()

@@ -224,33 +224,73 @@ class _Staff:
             self.starter.start()
 
     def _starter(self) -> None:
-        """Start the workers asked for, a group at a time, until none is wanted."""
+        """Start the workers asked for, a group at a time, until none is wanted. The first
+        worker of an executor starts alone, so the first task runs as soon as one worker
+        can take it: the others are launched while it runs the initializer."""
         while True:
             with self.core.lock:
                 group, self.to_start = self.to_start, []
+                first = not any(w.pid is not None for w in self.workers)
                 if not group:
                     self.starter = None
                     self.core.changed.notify_all()
                     return
-            self._start_group(group)
+            if first and len(group) > 1:
+                self._start_first(group[0], group[1:])
+            else:
+                self._start_group(group)
 
     def _start_group(self, group: list[_Worker]) -> None:
+        pids = self._launch(group)
+        if pids is not None:
+            self._settle(group, pids)
+
+    def _start_first(self, first: _Worker, rest: list[_Worker]) -> None:
+        """Launch ``first``; then launch ``rest`` in a thread while ``first`` settles."""
+        pids = self._launch([first])
+        if pids is None:
+            return
+        launched: list[list[int] | None] = []
+        others = threading.Thread(target=lambda: launched.append(self._launch(rest)),
+                                  name="pydist-executor-launch", daemon=True)
+        others.start()
+        self._settle([first], pids)
+        others.join()
+        rest_pids = launched[0] if launched else None
+        if rest_pids is None:
+            return
+        flags = self.core.flags
+        if flags.broken is not None or flags.stopped:
+            # (No initializer to run on workers nobody will use.)
+            for w in rest:
+                w.gone = True
+            self.helper(rmprocs, *rest_pids, waitfor=30)
+            return
+        self._settle(rest, rest_pids)
+
+    def _launch(self, group: list[_Worker]) -> list[int] | None:
+        """Start the processes of ``group``; their ids, or ``None`` (the executor broke)."""
         core = self.core
         try:
             self._init_payload()    # an initializer that cannot be pickled needs no worker
         except SerializationError as e:
             core.closer.break_("A worker's initializer failed, the process pool is not usable "
                                "anymore", e.__cause__ or e)
-            return
+            return None
         try:
             with _addprocs_lock:
-                pids = addprocs(len(group), transport=core.transport, output="raw")
+                return addprocs(len(group), transport=core.transport, output="raw")
         except BaseException as e:
             for pid in getattr(e, "pids", None) or ():
                 self.helper(rmprocs, pid, waitfor=30)
             core.closer.break_(f"A worker process could not be started ({e}); the process pool "
                                f"is not usable anymore", e)
-            return
+            return None
+
+    def _settle(self, group: list[_Worker], pids: list[int]) -> None:
+        """Initialize the workers just started and put them to work (or remove them, if
+        the executor broke or stopped meanwhile)."""
+        core = self.core
         failure = self.initialize(pids)
         if failure is not None:
             self.helper(rmprocs, *pids, waitfor=30)

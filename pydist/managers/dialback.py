@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import transport as _transport
+from ..cluster import deadlines
 from ..cluster.join import HELLO_TIMEOUT, authenticate
 from ..errors import AuthenticationError, DecodeError, TransportError
 from ..net.address import format_tcp_url, parse_tcp_url
@@ -135,13 +136,11 @@ def _unspecified(host: str) -> bool:
 def _read_arrival(t: Any, cookie: str) -> Arrival:
     """The hello, then the contact frame (JSON, never unpickled), each with a deadline."""
     authenticate(t, cookie, "dial")
-    timer = threading.Timer(HELLO_TIMEOUT, t.abort)
-    timer.daemon = True
-    timer.start()
+    deadline = deadlines.after(HELLO_TIMEOUT, t.abort)
     try:
         frame = t.recv_frame()
     finally:
-        timer.cancel()
+        deadline.cancel()
     if len(frame) > CONTACT_LIMIT:
         raise ValueError(f"its contact frame has {len(frame)} bytes (limit {CONTACT_LIMIT})")
     try:

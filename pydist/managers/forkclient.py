@@ -27,6 +27,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .codecache import uncached_sources
+
 __all__ = ["ForkedProcess", "fork_worker", "fork_refusal", "set_worker_preload",
            "worker_preload", "check_preload", "worker_server_pid"]
 
@@ -146,6 +148,7 @@ class _Server:
         self.children: dict[int, ForkedProcess] = {}
         self.exits: dict[int, int] = {}           # exits reported before their fork's reply
         self.stdlib: set[str] = set()             # standard modules it was asked to import
+        self.looked_at: set[str] = set()          # modules offered to it to compile (codecache)
         self.gone = False
         cmd = [sys.executable, "-m", "pydist.processes.forkserver", str(theirs.fileno()), *preload]
         try:
@@ -206,7 +209,8 @@ class _Server:
             with self.lock:
                 stdlib = _stdlib_imported(self.stdlib)
                 self.stdlib.update(stdlib)
-                msg = pickle.dumps(("fork", cwd, env, argv, preload, stdlib))
+                sources = uncached_sources(self.looked_at)
+                msg = pickle.dumps(("fork", cwd, env, argv, preload, stdlib, sources))
                 socket.send_fds(self.sock, [msg], [in_r, out_w, err_w])
                 reply = self._reply(REPLY_TIMEOUT)
         except OSError as e:

@@ -32,7 +32,7 @@ from ..managers.dialback import dial_master, read_cookie_file, route_to
 from ..net.address import format_tcp_url
 from ..shm.placement import allow_moves
 
-__all__ = ["init_worker", "start_worker", "worker_main", "process_messages"]
+__all__ = ["init_worker", "start_worker", "worker_main", "worker_parser", "process_messages"]
 
 JOIN_WAIT = 60.0
 
@@ -173,8 +173,15 @@ def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> 
     threading.Thread(target=serve_incoming, args=(reader,), daemon=True).start()
 
 
-def worker_main(argv: list[str] | None = None) -> None:
-    """The ``pydist-worker`` command."""
+_parser: list[argparse.ArgumentParser] = []     # built once (the worker server builds it
+                                                 # before it forks, so no child pays for it)
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """The ``pydist-worker`` command's argument parser (building one costs a millisecond or
+    two: help formatting, message lookups; parsing with it is cheap)."""
+    if _parser:
+        return _parser[0]
     parser = argparse.ArgumentParser(prog="pydist-worker",
                                      description="Run a pydist worker; the cookie comes on stdin.")
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -191,7 +198,13 @@ def worker_main(argv: list[str] | None = None) -> None:
                         help="dial the master at HOST:PORT instead of waiting to be dialed")
     parser.add_argument("--cookie-file", metavar="PATH",
                         help="read the cookie from PATH (mode 0600) instead of standard input")
-    args = parser.parse_args(argv)
+    _parser.append(parser)
+    return parser
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    """The ``pydist-worker`` command."""
+    args = worker_parser().parse_args(argv)
     cookie = read_cookie_file(args.cookie_file) if args.cookie_file else None
     # User code shipped here lands in an empty __main__ (Julia's Main), not in this command's.
     sys.modules["__main__"] = types.ModuleType("__main__")

@@ -11,11 +11,13 @@ worker for each request. The story of one server:
    with the workers' environment; FD is its end of a Unix socket pair (``SOCK_SEQPACKET``:
    one message per request, file descriptors beside it).
 2. The server imports what workers need and says ``("ready", pid)``.
-3. A request ``("fork", cwd, environ, argv, preload, stdlib)`` comes with three
+3. A request ``("fork", cwd, environ, argv, preload, stdlib, sources)`` comes with three
    descriptors: the worker's standard input (the master holds the other end: cookie, then
    lifeline), standard output and standard error (the master reads them). The server
    imports any module of ``preload`` it has not imported yet (and of ``stdlib``, the
-   standard modules the master has, skipping any that fails), forks, closes its copies of
+   standard modules the master has, skipping any that fails), compiles the program's own
+   modules of ``sources`` that have no bytecode cache, for its children to import without
+   compiling them (``managers/codecache.py``), forks, closes its copies of
    the descriptors and answers ``("forked", pid)`` (or ``("error", why)``: the master then
    starts a fresh interpreter).
 4. The child becomes what ``python -m pydist.worker ARGV`` run in ``cwd`` with
@@ -46,7 +48,8 @@ import traceback
 import warnings
 from typing import Any
 
-from .bootstrap import worker_main
+from ..managers import codecache
+from .bootstrap import worker_main, worker_parser
 
 __all__ = ["serve", "BASE_PRELOAD", "MAX_MESSAGE"]
 
@@ -105,8 +108,9 @@ class _Server:
             msg = pickle.loads(data)
             if msg[0] != "fork" or len(fds) != 3:
                 raise ValueError(f"unexpected request {msg[0]!r} with {len(fds)} descriptors")
-            _, cwd, environ, argv, preload, stdlib = msg
+            _, cwd, environ, argv, preload, stdlib, sources = msg
             _import_quietly(stdlib)
+            codecache.compile_sources(sources)
             self.send(("forked", self.fork(cwd, environ, argv, preload, fds)))
         except Exception as e:
             self.send(("error", f"{type(e).__name__}: {e}"))
@@ -145,8 +149,7 @@ class _Server:
             for fd in fds:
                 os.close(fd)
             os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(environ)
+            _set_environ(environ)
             sys.path[0] = os.getcwd()     # what ``python -m`` puts first
             _reseed()
             sys.argv = [WORKER_SCRIPT, *argv]
@@ -183,6 +186,18 @@ class _Server:
             if done:
                 self.children.discard(pid)
                 self.send(("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
+def _set_environ(environ: dict[str, str]) -> None:
+    """Make ``os.environ`` exactly ``environ``, changing only the variables that differ
+    (it is mostly the server's own: setting every variable afresh costs a child about a
+    millisecond)."""
+    current = os.environ
+    for key in [k for k in current if k not in environ]:
+        del current[key]
+    for key, value in environ.items():
+        if current.get(key) != value:
+            current[key] = value
 
 
 def _reseed() -> None:
@@ -236,6 +251,8 @@ def serve(fd: int, preload: tuple[str, ...] = ()) -> None:
             importlib.import_module(name)
         except ImportError as e:
             print(f"pydist worker server: could not preload {name!r}: {e}", file=sys.stderr)
+    worker_parser()     # built once here, not in every child
+    codecache.install()
     _Server(sock).run()
 
 
