@@ -14,13 +14,13 @@ from multiprocessing import TimeoutError as MpTimeoutError
 from typing import Any
 
 import faultkit as fk
-from faulttable import BOUND
+from faulttable import bound
 from testkit import wait_until
 
 import pydist as pd
 
 WAIT = 20.0                 # seconds: a bound for waits that are not what a cell measures
-GUARD = BOUND + 0.5         # seconds to wait for an answer that is due within BOUND
+GUARD = 0.5   # seconds beyond bound() to wait for an answer that is due within bound()
 
 
 class Hang(AssertionError):
@@ -34,8 +34,9 @@ class Guard:
     def __init__(self) -> None:
         self.threads: list[threading.Thread] = []
 
-    def call(self, fn: Callable[[], Any], timeout: float = GUARD) -> tuple[Any, BaseException | None, float]:
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> tuple[Any, BaseException | None, float]:
         """``fn()``'s (value, error, moment it ended); ``Hang`` after ``timeout`` s."""
+        timeout = bound() + GUARD if timeout is None else timeout
         box: dict[str, Any] = {}
 
         def run() -> None:
@@ -138,8 +139,9 @@ class DropinRig:
         except (TimeoutError, MpTimeoutError):
             raise Hang(f"no answer within {timeout} s") from None
 
-    def settle(self, fut: Any, timeout: float = GUARD) -> tuple[Any, BaseException | None, float]:
+    def settle(self, fut: Any, timeout: float | None = None) -> tuple[Any, BaseException | None, float]:
         """(value, error, moment it came) of ``fut``; ``Hang`` after ``timeout`` s."""
+        timeout = bound() + GUARD if timeout is None else timeout
         try:
             value = self.get(fut, timeout)
         except Hang:
