@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import segment as seg
+from .copier import copier
 
 __all__ = ["FLAG", "THRESHOLD", "POOL_BYTES", "IDLE_SECONDS", "DESC_SIZE", "BigOut", "Locked",
            "threshold", "populate", "hint", "announcement", "trimmer"]
@@ -98,11 +99,9 @@ def threshold() -> int:
 
 def populate(buf: mmap.mmap, advice: int) -> None:
     """Map every page of ``buf`` now, in one call (faulting them in one by one costs about
-    twice as much); nothing where the kernel cannot."""
-    try:
-        buf.madvise(advice)
-    except (OSError, ValueError, AttributeError):
-        pass
+    twice as much), without holding the GIL, split across the copier's threads when large;
+    nothing where the kernel cannot."""
+    copier().populate(buf, advice)
 
 
 def hint(cap: int) -> bytes:
@@ -199,12 +198,7 @@ class BigOut:
             return None
         try:
             self._announce(out, locked=True)
-            pos = 0
-            data = out.data
-            for part in parts:
-                n = len(part)
-                data[pos:pos + n] = part
-                pos += n
+            copier().copy(out.data, parts)   # in two threads when large (copier.py)
         except BaseException:
             self._locked.store(out.words, LENT, 0)
             raise
