@@ -41,8 +41,9 @@ three things besides, each through the ring as a *notice* (a descriptor of lengt
 1. before making its segment, the sender sends a *hint* (a descriptor without a name): the
    receiver, likely to answer with a frame as large, starts making a segment of that size
    for its own pool in a thread of its own (``prepare``), while the sender makes its own;
-2. once made (and its pages mapped in one call), a segment is *announced* (its name): the
-   receiver opens it at once, and maps its pages while the sender copies the frame in;
+2. once made, a segment is *announced* (its name): the receiver opens it at once, and maps
+   its pages while the sender maps them on its side and copies the frame in (a segment made
+   ahead, by ``prepare``, is announced once its pages are mapped);
 3. a sender whose only fitting segment is still lent waits a moment for it (up to a tenth
    of what making one costs: the receiver of an answer is often about to give the
    request's segment back) before making another.
@@ -142,19 +143,26 @@ class Locked:
 
 
 class _Out:
-    """A segment of the sender's pool, its pages mapped at once."""
+    """A segment of the sender's pool (``map_pages`` maps its pages at once)."""
 
-    __slots__ = ("segment", "words", "data", "cap", "used", "keep", "fresh")
+    __slots__ = ("segment", "words", "data", "cap", "used", "keep", "fresh", "mapped")
 
     def __init__(self, cap: int, keep: bool) -> None:
         self.segment = seg.Segment.create(HEADER + cap, [])
-        populate(self.segment.buf, MADV_POPULATE_WRITE)
         view = memoryview(self.segment.buf)
         self.words = view[:HEADER].cast("Q")
         self.data = view[HEADER:]
         self.cap, self.keep, self.used = cap, keep, time.monotonic()
         self.fresh = True   # not yet announced to the receiver
+        self.mapped = False
         self.words[MAGIC], self.words[CAPACITY] = _MAGIC, cap
+
+    def map_pages(self) -> _Out:
+        """Map every page now, once (a fresh segment's pages fault in one by one otherwise)."""
+        if not self.mapped:
+            populate(self.segment.buf, MADV_POPULATE_WRITE)
+            self.mapped = True
+        return self
 
     def fits(self, n: int) -> bool:
         return n <= self.cap <= 2 * n + _ROUND
@@ -197,7 +205,8 @@ class BigOut:
         if out is None:
             return None
         try:
-            self._announce(out, locked=True)
+            self._announce(out, locked=True)   # the receiver maps a new one meanwhile
+            out.map_pages()
             copier().copy(out.data, parts)   # in two threads when large (copier.py)
         except BaseException:
             self._locked.store(out.words, LENT, 0)
@@ -245,7 +254,7 @@ class BigOut:
             self._pool.append(out)
             self._lend(out)
         _trimmer.watch(self)
-        return out
+        return out   # announced, then its pages mapped, by stage()
 
     def _wait_locked(self, n: int, deadline: float) -> bool:
         """Wait a little for a fitting segment to come back or be made; whether to look
@@ -274,7 +283,7 @@ class BigOut:
 
     def _make(self, cap: int) -> None:
         try:
-            out: _Out | None = _Out(cap, True)
+            out: _Out | None = _Out(cap, True).map_pages()
         except OSError:
             out = None
         with self._lock:
