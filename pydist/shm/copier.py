@@ -14,8 +14,8 @@ The model:
 * one ``Copier`` per process (``copier()``; a fresh one in a forked child) owns the helper
   threads. They start at the first large job and end after ``IDLE_SECONDS`` without one, or
   at ``close()`` (idempotent; a later job starts them again), so an idle process has none.
-* A job is a list of pieces; the calling thread and the helpers claim pieces one by one
-  until none is left, so a job never waits for a busy or missing helper: the caller does
+* A job is a list of pieces (about 8 MiB each, at least one per thread); the calling
+  thread and the helpers claim pieces one by one until none is left, so a job never waits for a busy or missing helper: the caller does
   the pieces nobody took. The caller returns once every piece is done, even if a signal
   handler raises meanwhile (the pieces write into memory the caller owns; the exception is
   raised after).
@@ -43,6 +43,8 @@ PARALLEL_MIN = 4 << 20
 IDLE_SECONDS = 1.0   # a helper idle this long ends (starting one again costs ~0.1 ms)
 _ALIGN = 1 << 16       # piece boundaries, so that no two threads write one cache line or page
 _CLOSE_WAIT = 5.0      # seconds close() waits for each helper to end
+_PIECE = 8 << 20       # bytes a piece of a large job holds, about
+_MAX_PIECES = 64
 
 
 def ways() -> int:
@@ -183,7 +185,7 @@ class Copier:
             if size < total:
                 raise ValueError(f"a copy of {total} bytes into a buffer of {size}")
             spans = [held.address(p) for p in parts]
-            self._run(_copy_pieces(base, spans, total, self.helpers + 1))
+            self._run(_copy_pieces(base, spans, total, self._ways(total)))
         finally:
             held.release()
 
@@ -199,10 +201,16 @@ class Copier:
         held = _Exported()
         try:
             base, size = held.address(buf, writable=True)
-            n = self.helpers + 1 if size >= PARALLEL_MIN and self.helpers else 1
+            n = self._ways(size) if size >= PARALLEL_MIN and self.helpers else 1
             self._run([[(_madvise, a, m, advice)] for a, m in _split(base, size, n)])
         finally:
             held.release()
+
+    def _ways(self, size: int) -> int:
+        """Pieces for a job of ``size`` bytes: at least one per thread, and about
+        ``_PIECE`` bytes each, so that a thread the OS leaves waiting holds up little of it
+        (the others take the rest)."""
+        return max(self.helpers + 1, min(size // _PIECE, _MAX_PIECES))
 
     def _run(self, pieces: list[list[tuple]]) -> None:
         job = _Job(pieces)
