@@ -15,10 +15,10 @@ The model:
   threads. They start at the first large job and end after ``IDLE_SECONDS`` without one, or
   at ``close()`` (idempotent; a later job starts them again), so an idle process has none.
 * A job is a list of pieces (about 8 MiB each, at least one per thread); the calling
-  thread and the helpers claim pieces one by one until none is left, so a job never waits for a busy or missing helper: the caller does
-  the pieces nobody took. The caller returns once every piece is done, even if a signal
-  handler raises meanwhile (the pieces write into memory the caller owns; the exception is
-  raised after).
+  thread and the helpers claim pieces one by one until none is left, so a job never waits
+  for a busy or missing helper: the caller does the pieces nobody took. The caller returns
+  once every piece is done, even if a signal handler raises meanwhile (the pieces write
+  into memory the caller owns; the exception is raised after).
 * The memory of every piece (source and destination) is held exported (``Py_buffer``) by
   the caller until the job is done, so nothing is unmapped or freed under a helper.
 * Where ``ctypes`` cannot get at the memory (another interpreter), everything is done the
