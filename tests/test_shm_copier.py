@@ -5,6 +5,7 @@ every transport."""
 from __future__ import annotations
 
 import mmap
+import signal
 import threading
 
 import numpy as np
@@ -131,3 +132,32 @@ def test_large_arrays_of_every_layout_come_back_equal(cluster, layout):
     for w in cluster:
         back = pd.remotecall_fetch(identity, w, a)
         assert back.shape == a.shape and back.dtype == a.dtype and np.array_equal(back, a)
+
+
+def test_an_interrupt_while_a_helper_copies_is_raised_once_the_helper_is_done(leak_oracle):
+    c = cp.Copier(helpers=1)
+    fired, go_on, done = threading.Event(), threading.Event(), []
+    job = cp._Job([[(go_on.wait, 30.0), (done.append, "helper")], [(done.append, "caller")]])
+    old = signal.signal(signal.SIGALRM, lambda *_: (fired.set(), interrupt()))
+    finisher = threading.Thread(target=lambda: fired.wait(30) and go_on.set())
+    try:
+        c._start()
+        c._jobs.put(job)
+        assert wait_until(lambda: job.next == 1, 10)   # the helper is on the slow piece
+        finisher.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            job.run()
+            job.wait()
+        assert fired.is_set() and sorted(done) == ["caller", "helper"], \
+            "the caller raised before the helper's piece was done"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        go_on.set()
+        finisher.join(10)
+        c.close()
+
+
+def interrupt() -> None:
+    raise KeyboardInterrupt
