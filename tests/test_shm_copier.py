@@ -58,11 +58,11 @@ def test_a_copy_does_not_wait_for_a_busy_helper(leak_oracle):
     dst = target(src.nbytes)
     release = threading.Event()
     try:
-        c.copy(dst, [memoryview(src).cast("B")])                  # the helper is up
+        c.copy(dst, [memoryview(src).cast("B")[:cp.PARALLEL_MIN]])   # the helper is up
         c._jobs.put(cp._Job([[(release.wait, 30.0)]]))           # and now stuck on a job
         assert wait_until(lambda: c._jobs.empty(), 10)
         dst[:] = bytes(src.nbytes)
-        done = threading.Event()
+        done = threading.Event()   # a size not measured yet: this copy is split
         copying = threading.Thread(target=lambda: (c.copy(dst, [memoryview(src).cast("B")]),
                                                    done.set()))
         copying.start()
@@ -78,7 +78,7 @@ def test_a_copy_does_not_wait_for_a_busy_helper(leak_oracle):
 def test_closing_the_copier_ends_its_threads_and_a_later_copy_starts_them_again(leak_oracle):
     c = cp.Copier(helpers=2)
     src = bytes(range(256)) * (cp.PARALLEL_MIN // 128)
-    dst = target(len(src))
+    dst = target(2 * len(src))
     try:
         c.copy(dst, [src])
         threads = helpers_of(c)
@@ -86,8 +86,8 @@ def test_closing_the_copier_ends_its_threads_and_a_later_copy_starts_them_again(
         c.close()
         c.close()   # idempotent
         assert not any(t.is_alive() for t in threads) and not c.threads()
-        c.copy(dst, [src[::-1]])
-        assert bytes(dst) == src[::-1] and len(c.threads()) == 2
+        c.copy(dst, [src[::-1], src])   # twice the size, not measured yet: split first
+        assert bytes(dst) == src[::-1] + src and len(c.threads()) == 2
     finally:
         c.close()
         dst.release()
@@ -161,3 +161,18 @@ def test_an_interrupt_while_a_helper_copies_is_raised_once_the_helper_is_done(le
 
 def interrupt() -> None:
     raise KeyboardInterrupt
+
+
+def test_the_copier_keeps_measuring_both_ways_and_copies_right_either_way(leak_oracle):
+    c = cp.Copier(helpers=1)
+    n = 8 * MIB + 3
+    dst = target(n)
+    try:
+        for i in range(2 * cp._PROBE_EVERY):
+            src = bytes([i]) * n
+            c.copy(dst, [src])
+            assert dst[0] == dst[n - 1] == i
+        assert c._pace.known(n) == (True, True), "a way never tried again cannot win again"
+    finally:
+        c.close()
+        dst.release()

@@ -3,10 +3,11 @@
 One thread copying memory reaches well under what the memory can move: here ~10 GB/s for
 one thread against ~18 GB/s for two (four are slower again). A large frame is copied once
 into a segment (``bigbuf.py``), and while it is, the receiving process waits; so the sender
-copies a frame of ``PARALLEL_MIN`` bytes or more in ``ways()`` pieces, one in the calling
-thread, the others in helper threads. Mapping the pages of a fresh segment (``madvise``
-with ``MADV_POPULATE_*``) is split the same way, and done through ``ctypes`` so that the GIL
-is released meanwhile (``mmap.madvise`` holds it for the whole call: tens of milliseconds
+copies a frame of ``PARALLEL_MIN`` bytes or more in pieces, some in the calling thread, the
+others in ``ways() - 1`` helper threads, as long as that has been the faster way lately
+(``_Pace``: on a busy machine one thread may copy faster). Mapping the pages of a fresh
+segment (``madvise`` with ``MADV_POPULATE_*``) is split the same way, and done through
+``ctypes`` so that the GIL is released meanwhile (``mmap.madvise`` holds it for the whole call: tens of milliseconds
 for a large segment, during which no other thread of the process runs).
 
 The model:
@@ -32,6 +33,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +47,8 @@ _ALIGN = 1 << 16       # piece boundaries, so that no two threads write one cach
 _CLOSE_WAIT = 5.0      # seconds close() waits for each helper to end
 _PIECE = 8 << 20       # bytes a piece of a large job holds, about
 _MAX_PIECES = 64
+_PROBE_EVERY = 8       # copies of one size class between two tries of the way found slower
+_SMOOTH = 0.3          # weight of the latest copy in the smoothed cost of its way
 
 
 def ways() -> int:
@@ -163,6 +167,40 @@ class _Job:
             raise self.error
 
 
+class _Pace:
+    """Whether splitting a copy has paid lately, per size class (a power of two).
+
+    On a machine shared with other work a helper may wait for a CPU, or the memory may be
+    busy already, and two threads then copy slower than one. So the copier keeps the
+    smoothed seconds per byte of each way, uses the faster, and tries the other again every
+    ``_PROBE_EVERY`` copies of the class, so that a change of load is noticed. (Races
+    between threads only blur the figures: each update is one assignment under the GIL.)
+    """
+
+    def __init__(self) -> None:
+        self._cost: dict[tuple[int, bool], float] = {}
+        self._jobs: dict[int, int] = {}
+
+    def split(self, size: int) -> bool:
+        """Whether to split the next copy of ``size`` bytes."""
+        c = size.bit_length()
+        n = self._jobs[c] = self._jobs.get(c, 0) + 1
+        split, alone = self._cost.get((c, True)), self._cost.get((c, False))
+        if split is None or alone is None:
+            return split is None
+        return (split <= alone) != (n % _PROBE_EVERY == 0)
+
+    def record(self, size: int, split: bool, seconds: float) -> None:
+        key = (size.bit_length(), split)
+        cost, old = seconds / size, self._cost.get(key)
+        self._cost[key] = cost if old is None else old + _SMOOTH * (cost - old)
+
+    def known(self, size: int) -> tuple[bool, bool]:
+        """Whether each way (split, alone) has been measured for copies of ``size`` bytes."""
+        c = size.bit_length()
+        return (c, True) in self._cost, (c, False) in self._cost
+
+
 class Copier:
     """Helper threads (``helpers`` of them, started when first needed) for large jobs."""
 
@@ -171,6 +209,7 @@ class Copier:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._pace = _Pace()
 
     def copy(self, dst: memoryview, parts: Sequence[Any]) -> None:
         """Copy the concatenation of ``parts`` (contiguous buffers) to the start of ``dst``
@@ -179,6 +218,15 @@ class Copier:
         if total < PARALLEL_MIN or not self.helpers or _API is None:
             _copy_plain(dst, parts)
             return
+        split = self._pace.split(total)
+        start = time.perf_counter()
+        if split:
+            self._split_copy(dst, parts, total)
+        else:
+            _copy_plain(dst, parts)
+        self._pace.record(total, split, time.perf_counter() - start)
+
+    def _split_copy(self, dst: memoryview, parts: Sequence[Any], total: int) -> None:
         held = _Exported()
         try:
             base, size = held.address(dst, writable=True)
