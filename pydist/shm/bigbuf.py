@@ -42,8 +42,7 @@ three things besides, each through the ring as a *notice* (a descriptor of lengt
    receiver, likely to answer with a frame as large, starts making a segment of that size
    for its own pool in a thread of its own (``prepare``), while the sender makes its own;
 2. once made, a segment is *announced* (its name): the receiver opens it at once, and maps
-   its pages while the sender maps them on its side and copies the frame in (a segment made
-   ahead, by ``prepare``, is announced once its pages are mapped);
+   its pages while the sender maps them on its side and copies the frame in;
 3. a sender whose only fitting segment is still lent waits a moment for it (up to a tenth
    of what making one costs: the receiver of an answer is often about to give the
    request's segment back) before making another.
@@ -182,13 +181,15 @@ def _capacity(n: int) -> int:
 class BigOut:
     """The sending side: frames copied into pooled segments (one per connection end).
 
-    ``notify(desc)`` sends a notice through the ring without blocking (False if it could
-    not); it is called with the transport's send lock held (``stage``) or not (a segment
-    made by ``prepare``), and takes the lock itself in the second case.
+    ``notify(desc, locked)`` sends a notice through the ring without blocking (False if it
+    could not); it is called with the transport's send lock held (``stage``: ``locked``
+    True) or not (a segment made by ``prepare``), and takes the lock itself in the second
+    case (``locked`` None: only if it is free at once, as when a segment just made is
+    announced: a sender may be holding the lock while it waits for that very segment).
     """
 
     def __init__(self, mutex: Any = None,
-                 notify: Callable[[bytes, bool], bool] | None = None) -> None:
+                 notify: Callable[[bytes, bool | None], bool] | None = None) -> None:
         self._locked = Locked(mutex)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -213,7 +214,7 @@ class BigOut:
             raise
         return _DESC.pack(out.segment.name.encode(), out.cap, total)
 
-    def _announce(self, out: _Out, locked: bool) -> None:
+    def _announce(self, out: _Out, locked: bool | None) -> None:
         """Tell the receiver to open ``out`` now, once (a second notice would be harmless:
         the receiver keeps what it opened)."""
         if self._notify is None:
@@ -283,9 +284,12 @@ class BigOut:
 
     def _make(self, cap: int) -> None:
         try:
-            out: _Out | None = _Out(cap, True).map_pages()
+            out: _Out | None = _Out(cap, True)
         except OSError:
             out = None
+        if out is not None:   # the receiver maps it while we do (unless a send is under way:
+            self._announce(out, locked=None)   # then once it is in the pool, as below)
+            out.map_pages()
         with self._lock:
             self._making.remove(cap)
             if out is not None and not self._closed:

@@ -295,10 +295,11 @@ class ShmTransport:
         except (OSError, ValueError) as exc:
             raise self._break(f"bad large-frame descriptor from {self._peer}: {exc}") from None
 
-    def _notice(self, desc: bytes, locked: bool) -> bool:
+    def _notice(self, desc: bytes, locked: bool | None) -> bool:
         """Send a notice (``bigbuf.py``) if the ring has room for it now; whether it went.
-        ``locked``: the caller holds the send lock (else it is taken here)."""
-        if not locked and not self._send_lock.acquire(timeout=1.0):
+        ``locked``: the caller holds the send lock (else it is taken here; None: only if
+        it is free at once)."""
+        if not locked and not self._send_lock.acquire(timeout=1.0 if locked is False else 0):
             return False
         try:
             if self._state.closed or self._state.broken is not None:
@@ -412,10 +413,10 @@ class ShmTransport:
 
 
 
-def _notifier(ref: weakref.ref) -> Callable[[bytes, bool], bool]:
+def _notifier(ref: weakref.ref) -> Callable[[bytes, bool | None], bool]:
     """``ShmTransport._notice`` of the transport ``ref`` names, if it is still alive (the
     pools must not keep their transport alive)."""
-    def notify(desc: bytes, locked: bool) -> bool:
+    def notify(desc: bytes, locked: bool | None) -> bool:
         t = ref()
         return t is not None and t._notice(desc, locked)
     return notify
