@@ -176,3 +176,24 @@ def test_the_copier_keeps_measuring_both_ways_and_copies_right_either_way(leak_o
     finally:
         c.close()
         dst.release()
+
+
+def test_large_arrays_sent_at_once_from_several_threads_share_the_copier(cluster):
+    # Each send splits its copy with the process's one copier: the helpers are often busy
+    # with another thread's copy, and every array still comes back as it went.
+    arrays = [np.full(5 * MIB + 8 * i, i, dtype=np.uint8) for i in range(6)]
+    results: dict[int, bool] = {}
+
+    def echo_all(i: int) -> None:
+        w = cluster[i % len(cluster)]
+        for _ in range(3):
+            back = pd.remotecall_fetch(identity, w, arrays[i])
+            results[i] = results.get(i, True) and np.array_equal(back, arrays[i])
+
+    threads = [threading.Thread(target=echo_all, args=(i,)) for i in range(len(arrays))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == dict.fromkeys(range(len(arrays)), True)
