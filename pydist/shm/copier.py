@@ -65,8 +65,9 @@ def ways() -> int:
 
 
 class _PyBuffer(ctypes.Structure):
-    # CPython's Py_buffer (part of the stable ABI since 3.11; the same layout before).
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+    # CPython's Py_buffer (part of the stable ABI since 3.11; the same layout before). The
+    # exporter is held as a plain pointer: CPython takes and drops that reference itself.
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
                 ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
                 ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
                 ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
