@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ _CLOSE_WAIT = 5.0      # seconds close() waits for each helper to end
 _PIECE = 8 << 20       # bytes a piece of a large job holds, about
 _MAX_PIECES = 64
 _PROBE_EVERY = 8       # copies of one size class between two tries of the way found slower
-_SMOOTH = 0.3          # weight of the latest copy in the smoothed cost of its way
+_SAMPLES = 4           # copies of each way and size class whose cost is kept
 
 
 def ways() -> int:
@@ -173,33 +174,37 @@ class _Pace:
 
     On a machine shared with other work a helper may wait for a CPU, or the memory may be
     busy already, and two threads then copy slower than one. So the copier keeps the
-    smoothed seconds per byte of each way, uses the faster, and tries the other again every
-    ``_PROBE_EVERY`` copies of the class, so that a change of load is noticed. (Races
-    between threads only blur the figures: each update is one assignment under the GIL.)
+    seconds per byte of each way's last ``_SAMPLES`` copies, and uses the way whose best is
+    better: other work only ever slows a copy down, so the best of a few is the fair figure,
+    and the first copies of a size (into memory not yet in any cache) do not count for long.
+    Until each way has two figures the ways take turns; after that the slower way is tried
+    again every ``_PROBE_EVERY`` copies of the class, so that a change of load is noticed.
+    (Races between threads only blur the figures: each update is one append under the GIL.)
     """
 
     def __init__(self) -> None:
-        self._cost: dict[tuple[int, bool], float] = {}
+        self._cost: dict[tuple[int, bool], deque[float]] = {}
         self._jobs: dict[int, int] = {}
+
+    def _of(self, c: int, split: bool) -> deque[float]:
+        return self._cost.setdefault((c, split), deque(maxlen=_SAMPLES))
 
     def split(self, size: int) -> bool:
         """Whether to split the next copy of ``size`` bytes."""
         c = size.bit_length()
         n = self._jobs[c] = self._jobs.get(c, 0) + 1
-        split, alone = self._cost.get((c, True)), self._cost.get((c, False))
-        if split is None or alone is None:
-            return split is None
-        return (split <= alone) != (n % _PROBE_EVERY == 0)
+        split, alone = self._of(c, True), self._of(c, False)
+        if len(split) < 2 or len(alone) < 2:
+            return len(split) <= len(alone)
+        return (min(split) <= min(alone)) != (n % _PROBE_EVERY == 0)
 
     def record(self, size: int, split: bool, seconds: float) -> None:
-        key = (size.bit_length(), split)
-        cost, old = seconds / size, self._cost.get(key)
-        self._cost[key] = cost if old is None else old + _SMOOTH * (cost - old)
+        self._of(size.bit_length(), split).append(seconds / size)
 
     def known(self, size: int) -> tuple[bool, bool]:
         """Whether each way (split, alone) has been measured for copies of ``size`` bytes."""
         c = size.bit_length()
-        return (c, True) in self._cost, (c, False) in self._cost
+        return bool(self._of(c, True)), bool(self._of(c, False))
 
 
 class Copier:
