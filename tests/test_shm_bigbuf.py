@@ -199,3 +199,29 @@ def test_an_interrupt_after_the_notices_cancels_the_frame_and_keeps_the_stream(p
     assert bytes(b.recv_frame()) == b"next"
     a.send_frame([payload(BIG, 2)])           # the segment, given back, serves again
     assert bytes(b.recv_frame()) == payload(BIG, 2) and a._big_out.stats() == (1, BIG)
+
+
+def test_new_segments_are_announced_before_their_pages_are_mapped(pair, monkeypatch):
+    # Both the sender's own segment and the one its receiver makes ahead for the answer:
+    # the peer opens each (and maps its pages) while the maker maps them on its side.
+    a, b = pair
+    opened_first = []
+    map_pages = bigbuf._Out.map_pages
+
+    def watching(out):
+        if not out.mapped:
+            opened_first.append(wait_until(lambda: out.words[bigbuf.OPENED] == 1, 5))
+        return map_pages(out)
+    monkeypatch.setattr(bigbuf._Out, "map_pages", watching)
+    got = {}
+    readers = [threading.Thread(target=lambda end=end: got.update({end: bytes(end.recv_frame())}))
+               for end in (a, b)]
+    for r in readers:
+        r.start()
+    a.send_frame([payload(BIG, 1)])
+    assert wait_until(lambda: len(opened_first) == 2 and b._big_out.stats()[0] == 1, 15)
+    b.send_frame([payload(BIG, 2)])
+    for r in readers:
+        r.join(10)
+    assert got == {b: payload(BIG, 1), a: payload(BIG, 2)}
+    assert opened_first == [True, True]

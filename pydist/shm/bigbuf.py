@@ -41,8 +41,8 @@ three things besides, each through the ring as a *notice* (a descriptor of lengt
 1. before making its segment, the sender sends a *hint* (a descriptor without a name): the
    receiver, likely to answer with a frame as large, starts making a segment of that size
    for its own pool in a thread of its own (``prepare``), while the sender makes its own;
-2. once made (and its pages mapped in one call), a segment is *announced* (its name): the
-   receiver opens it at once, and maps its pages while the sender copies the frame in;
+2. once made, a segment is *announced* (its name): the receiver opens it at once, and maps
+   its pages while the sender maps them on its side and copies the frame in;
 3. a sender whose only fitting segment is still lent waits a moment for it (up to a tenth
    of what making one costs: the receiver of an answer is often about to give the
    request's segment back) before making another.
@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import segment as seg
+from .copier import copier
 
 __all__ = ["FLAG", "THRESHOLD", "POOL_BYTES", "IDLE_SECONDS", "DESC_SIZE", "BigOut", "Locked",
            "threshold", "populate", "hint", "announcement", "trimmer"]
@@ -98,11 +99,9 @@ def threshold() -> int:
 
 def populate(buf: mmap.mmap, advice: int) -> None:
     """Map every page of ``buf`` now, in one call (faulting them in one by one costs about
-    twice as much); nothing where the kernel cannot."""
-    try:
-        buf.madvise(advice)
-    except (OSError, ValueError, AttributeError):
-        pass
+    twice as much), without holding the GIL, split across the copier's threads when large;
+    nothing where the kernel cannot."""
+    copier().populate(buf, advice)
 
 
 def hint(cap: int) -> bytes:
@@ -143,19 +142,26 @@ class Locked:
 
 
 class _Out:
-    """A segment of the sender's pool, its pages mapped at once."""
+    """A segment of the sender's pool (``map_pages`` maps its pages at once)."""
 
-    __slots__ = ("segment", "words", "data", "cap", "used", "keep", "fresh")
+    __slots__ = ("segment", "words", "data", "cap", "used", "keep", "fresh", "mapped")
 
     def __init__(self, cap: int, keep: bool) -> None:
         self.segment = seg.Segment.create(HEADER + cap, [])
-        populate(self.segment.buf, MADV_POPULATE_WRITE)
         view = memoryview(self.segment.buf)
         self.words = view[:HEADER].cast("Q")
         self.data = view[HEADER:]
         self.cap, self.keep, self.used = cap, keep, time.monotonic()
         self.fresh = True   # not yet announced to the receiver
+        self.mapped = False
         self.words[MAGIC], self.words[CAPACITY] = _MAGIC, cap
+
+    def map_pages(self) -> _Out:
+        """Map every page now, once (a fresh segment's pages fault in one by one otherwise)."""
+        if not self.mapped:
+            populate(self.segment.buf, MADV_POPULATE_WRITE)
+            self.mapped = True
+        return self
 
     def fits(self, n: int) -> bool:
         return n <= self.cap <= 2 * n + _ROUND
@@ -175,13 +181,15 @@ def _capacity(n: int) -> int:
 class BigOut:
     """The sending side: frames copied into pooled segments (one per connection end).
 
-    ``notify(desc)`` sends a notice through the ring without blocking (False if it could
-    not); it is called with the transport's send lock held (``stage``) or not (a segment
-    made by ``prepare``), and takes the lock itself in the second case.
+    ``notify(desc, locked)`` sends a notice through the ring without blocking (False if it
+    could not); it is called with the transport's send lock held (``stage``: ``locked``
+    True) or not (a segment made by ``prepare``), and takes the lock itself in the second
+    case (``locked`` None: only if it is free at once, as when a segment just made is
+    announced: a sender may be holding the lock while it waits for that very segment).
     """
 
     def __init__(self, mutex: Any = None,
-                 notify: Callable[[bytes, bool], bool] | None = None) -> None:
+                 notify: Callable[[bytes, bool | None], bool] | None = None) -> None:
         self._locked = Locked(mutex)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -198,19 +206,15 @@ class BigOut:
         if out is None:
             return None
         try:
-            self._announce(out, locked=True)
-            pos = 0
-            data = out.data
-            for part in parts:
-                n = len(part)
-                data[pos:pos + n] = part
-                pos += n
+            self._announce(out, locked=True)   # the receiver maps a new one meanwhile
+            out.map_pages()
+            copier().copy(out.data, parts)   # in two threads when large (copier.py)
         except BaseException:
             self._locked.store(out.words, LENT, 0)
             raise
         return _DESC.pack(out.segment.name.encode(), out.cap, total)
 
-    def _announce(self, out: _Out, locked: bool) -> None:
+    def _announce(self, out: _Out, locked: bool | None) -> None:
         """Tell the receiver to open ``out`` now, once (a second notice would be harmless:
         the receiver keeps what it opened)."""
         if self._notify is None:
@@ -251,7 +255,7 @@ class BigOut:
             self._pool.append(out)
             self._lend(out)
         _trimmer.watch(self)
-        return out
+        return out   # announced, then its pages mapped, by stage()
 
     def _wait_locked(self, n: int, deadline: float) -> bool:
         """Wait a little for a fitting segment to come back or be made; whether to look
@@ -283,6 +287,9 @@ class BigOut:
             out: _Out | None = _Out(cap, True)
         except OSError:
             out = None
+        if out is not None:   # the receiver maps it while we do (unless a send is under way:
+            self._announce(out, locked=None)   # then once it is in the pool, as below)
+            out.map_pages()
         with self._lock:
             self._making.remove(cap)
             if out is not None and not self._closed:

@@ -40,7 +40,7 @@ __all__ = ["BigIn", "ends"]
 
 
 def ends(segment: seg.Segment, dialer: bool, tso: bool | None,
-         notify: Callable[[bytes, bool], bool] | None = None) -> tuple[BigOut, BigIn]:
+         notify: Callable[[bytes, bool | None], bool] | None = None) -> tuple[BigOut, BigIn]:
     """The sending and receiving pools of one connection end; where plain accesses are not
     ordered (``tso`` False), each uses the mutex semaphore of the ring it goes along.
     ``notify`` sends a notice to the peer (see ``BigOut``)."""

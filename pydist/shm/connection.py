@@ -15,8 +15,7 @@ died (a failed send leaves that to be read: only the receiver's error aborts thi
 
 Waiting spins briefly before sleeping when the peer runs on another vCPU (``wait.py``,
 ``placement.py``; ``PYDIST_SHM_SPIN=0``/``1`` forces it off/on), never between two threads
-of one process. A large frame lands in memory that is reused once nothing refers to it
-(``buffers.py``).
+of one process. A large frame lands in reused memory (``buffers.py``).
 """
 from __future__ import annotations
 
@@ -297,10 +296,11 @@ class ShmTransport:
         except (OSError, ValueError) as exc:
             raise self._break(f"bad large-frame descriptor from {self._peer}: {exc}") from None
 
-    def _notice(self, desc: bytes, locked: bool) -> bool:
+    def _notice(self, desc: bytes, locked: bool | None) -> bool:
         """Send a notice (``bigbuf.py``) if the ring has room for it now; whether it went.
-        ``locked``: the caller holds the send lock (else it is taken here)."""
-        if not locked and not self._send_lock.acquire(timeout=1.0):
+        ``locked``: the caller holds the send lock (else it is taken here; None: only if
+        it is free at once)."""
+        if not locked and not self._send_lock.acquire(timeout=1.0 if locked is False else 0):
             return False
         try:
             if self._state.closed or self._state.broken is not None:
@@ -413,10 +413,10 @@ class ShmTransport:
             self._release_if_idle()
 
 
-def _notifier(ref: weakref.ref[ShmTransport]) -> Callable[[bytes, bool], bool]:
+def _notifier(ref: weakref.ref[ShmTransport]) -> Callable[[bytes, bool | None], bool]:
     """``ShmTransport._notice`` of the transport ``ref`` names, if it is still alive (the
     pools must not keep their transport alive)."""
-    def notify(desc: bytes, locked: bool) -> bool:
+    def notify(desc: bytes, locked: bool | None) -> bool:
         t = ref()
         return t is not None and t._notice(desc, locked)
     return notify

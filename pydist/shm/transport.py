@@ -9,6 +9,8 @@ Importing this module registers the ``shm`` scheme. The pieces:
 * ``wait.py``: how an end waits (a spin where it pays, then a timed sleep);
 * ``placement.py``: on which vCPUs the two ends run, which decides whether a spin pays;
 * ``buffers.py``: the memory a received frame lands in (large buffers are reused);
+* ``bigbuf.py`` and ``bigin.py``: large frames in pooled segments the receiver maps;
+* ``copier.py``: large copies and page mappings split across a few threads;
 * ``connection.py``: ``ShmTransport``, frames over the two rings, closing, the lifeline;
 * ``rendezvous.py``: ``ShmListener``, ``connect_shm`` and ``shm_pair``;
 * ``handover.py``: the rendezvous lines, and which end unlinks the names when.
