@@ -201,3 +201,32 @@ def test_forked_workers_draw_different_random_numbers(transport, leak_oracle):
         parents = {pd.remotecall_fetch(os.getppid, p) for p in pids}
     assert parents == {worker_server_pid()}
     assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1], draws
+
+
+def test_the_server_ends_quietly_when_the_master_is_gone_before_its_reply(leak_oracle):
+    # The master may exit while the server still has something to tell it (a fork's reply,
+    # a child's exit): the server ends as when the socket closes, and prints nothing.
+    import pickle
+    import socket
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = subprocess.Popen([sys.executable, "-m", "pydist.processes.forkserver",
+                               str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=subprocess_env(), text=True)
+    theirs.close()
+    try:
+        ours.settimeout(STEP)
+        assert pickle.loads(ours.recv(1 << 16))[0] == "ready"
+        pipes = [os.pipe() for _ in range(3)]
+        request = ("fork", os.getcwd(), dict(os.environ), ["--no-such-option"], [], [], [])
+        socket.send_fds(ours, [pickle.dumps(request)], [pipes[0][0], pipes[1][1], pipes[2][1]])
+        ours.close()                   # gone before the reply and before the child's exit
+        _, err = server.communicate(timeout=STEP)
+        assert (server.returncode, err) == (0, ""), err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate(timeout=STEP)
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)

@@ -67,6 +67,10 @@ BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.processes.lifecy
                 "pydist.shm.transport", "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
 
 
+class _MasterGone(Exception):
+    """The master's end of the socket is closed: nobody to serve any more."""
+
+
 class _Server:
     """The server's loop: requests on ``sock``, child exits through a SIGCHLD wake-up pipe."""
 
@@ -81,20 +85,27 @@ class _Server:
         self.children: set[int] = set()
 
     def run(self) -> None:
+        """Serve until the master closes its end, or is found gone by a reply."""
         signal.signal(signal.SIGCHLD, _ignore)     # a Python handler, so the wake-up fd fires
         signal.set_wakeup_fd(self.wake_w)
-        self.send(("ready", os.getpid()))
-        while True:
-            for key, _ in self.selector.select():
-                if key.fileobj is self.sock:
-                    if not self.serve_one():
-                        return
-                else:
-                    _drain(self.wake_r)
-            self.reap()
+        try:
+            self.send(("ready", os.getpid()))
+            while True:
+                for key, _ in self.selector.select():
+                    if key.fileobj is self.sock:
+                        if not self.serve_one():
+                            return
+                    else:
+                        _drain(self.wake_r)
+                self.reap()
+        except _MasterGone:
+            return
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        self.sock.send(pickle.dumps(msg))
+        try:
+            self.sock.send(pickle.dumps(msg))
+        except OSError as e:    # the master ended (its children's exits come after it)
+            raise _MasterGone from e
 
     def serve_one(self) -> bool:
         """Answer one request; ``False`` at the end of the socket."""
@@ -112,6 +123,8 @@ class _Server:
             _import_quietly(stdlib)
             codecache.compile_sources(sources)
             self.send(("forked", self.fork(cwd, environ, argv, preload, fds)))
+        except _MasterGone:
+            raise
         except Exception as e:
             self.send(("error", f"{type(e).__name__}: {e}"))
         finally:
