@@ -94,4 +94,5 @@ def _source_to_code(self: Any, data: Any, path: Any, *, _optimize: int = -1) -> 
 
 def install() -> None:
     """(In the server, before it forks.) Let imports use the compiled modules."""
+    # (mypy forbids assigning to a method; the loader's hook is replaced on purpose)
     importlib.machinery.SourceFileLoader.source_to_code = _source_to_code   # type: ignore[method-assign]
