@@ -11,13 +11,14 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from ..errors import ProcessExitedException
 from ..wire.messages import NULL_HEADER, RemoteDoMsg
 from .dispatch import OpContext, internal_op
 from .group import PGRP
 
-__all__ = ["request_exit", "send_interrupt", "exit_worker"]
+__all__ = ["request_exit", "send_interrupt", "exit_worker", "flush_and_exit"]
 
 _exit_lock = threading.Lock()
 
@@ -62,6 +63,12 @@ def exit_worker(code: int = 0) -> None:
                 t.close()
             except Exception:
                 pass
+    flush_and_exit(code)
+
+
+def flush_and_exit(code: int) -> NoReturn:
+    """Flush ``sys.stdout`` and ``sys.stderr`` (whatever fails) and end the process now,
+    without running ``atexit`` handlers or finalizers."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -48,6 +48,7 @@ import traceback
 import warnings
 from typing import Any
 
+from ..cluster.stopping import flush_and_exit
 from ..managers import codecache
 from .bootstrap import worker_main, worker_parser
 
@@ -173,12 +174,7 @@ class _Server:
         except BaseException:
             traceback.print_exc()
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:
-                    pass
-            os._exit(code)
+            flush_and_exit(code)
 
     def shed_server(self) -> None:
         """Drop everything of the server in a fresh child: its signals, socket and pipes."""
