@@ -8,6 +8,9 @@
                worker, and both alternating between two workers, beside
                ``ProcessPoolExecutor(2)`` and pydist's ``submit().result()`` (µs per call).
 - ``firstbig``: after ``addprocs(1)``, the first 64 MiB array round trip against the tenth.
+- ``cold``:    a program's first start: a fresh interpreter imports, starts 2 workers and
+               gets a first result (for pydist that includes starting the worker server,
+               which later starts in the same program reuse), each way in turn.
 
 Each pass measures every row in turn; the report gives medians over passes and the
 ratios the targets name.
@@ -45,6 +48,33 @@ def measure_import(reps: int) -> dict[str, float]:
         ours.append(_import_seconds("pydist"))
         theirs.append(_import_seconds("concurrent.futures, multiprocessing"))
     return {"pydist": statistics.median(ours), "stdlib": statistics.median(theirs)}
+
+
+# A program's first start, each way: the child prints the seconds from before its import to
+# the first result.
+COLD_CODE = {
+    "pydist addprocs(2)": "import pydist as p; w = p.addprocs(2); p.remotecall_fetch(abs, w[0], -1)",
+    "pydist.ProcessPoolExecutor(2)": "import pydist as p; e = p.ProcessPoolExecutor(2); e.submit(abs, -1).result()",
+    "multiprocessing.Pool(2)": "import multiprocessing as m; p = m.Pool(2); p.apply(abs, (-1,))",
+    "ProcessPoolExecutor(2)":
+        "import concurrent.futures as c; e = c.ProcessPoolExecutor(2); e.submit(abs, -1).result()",
+}
+
+
+def _cold_seconds(code: str) -> float:
+    timed = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", timed], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def measure_cold(reps: int) -> dict[str, float]:
+    """Medians over ``reps`` fresh interpreters of each way's first start, taken in turn."""
+    times: dict[str, list[float]] = {row: [] for row in COLD_CODE}
+    for _ in range(reps):
+        for row, code in COLD_CODE.items():
+            times[row].append(_cold_seconds(code))
+    return {row: statistics.median(v) for row, v in times.items()}
 
 
 def _recycle_seconds(make: Callable[[], Any], n: int) -> float:
@@ -129,6 +159,9 @@ def run_pass(quick: bool, add: Callable[[str, str, Any], None], log: Callable[[s
     log("start path: import")
     for row, v in measure_import(3 if quick else 5).items():
         add("sp_import", row, v)
+    log("start path: a program's first start")
+    for row, v in measure_cold(3 if quick else 5).items():
+        add("sp_cold", row, v)
     log("start path: recycling")
     for row, v in measure_recycle(100 if quick else 1000).items():
         add("sp_recycle", row, v)
@@ -153,6 +186,12 @@ def report_lines(median: Callable[[str, str], float | None]) -> list[str]:
                        ("stdlib", "import concurrent.futures, multiprocessing")):
         v = median("sp_import", row)
         lines.append(f"{label:<48}{_fmt(v, '.4f'):>10}{_fmt(_ratio(v, std), '.2f'):>8}×")
+    lines += ["", "a program's first start: import, 2 workers, first result, in a fresh interpreter, "
+                  "seconds (pydist: the worker server starts too)"]
+    pool = median("sp_cold", "multiprocessing.Pool(2)")
+    for row in COLD_CODE:
+        v = median("sp_cold", row)
+        lines.append(f"{row:<48}{_fmt(v, '.3f'):>10}{_fmt(_ratio(v, pool), '.2f'):>8}× Pool")
     lines += ["", "ProcessPoolExecutor(2, max_tasks_per_child=1), no-op tasks, seconds (lower is better)"]
     fs = median("sp_recycle", "forkserver")
     for row in ("pydist", "forkserver"):
