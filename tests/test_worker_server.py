@@ -230,3 +230,43 @@ def test_the_server_ends_quietly_when_the_master_is_gone_before_its_reply(leak_o
         for r, w in pipes:
             os.close(r)
             os.close(w)
+
+
+LATER = textwrap.dedent("""
+    import sys, time
+    import pydist as pd
+    from pydist.processes.forkserver import LATER_PRELOAD
+
+    def modules():
+        return sorted(sys.modules)
+
+    def use():
+        import pydist as pd                # a worker's own pmap, channel and cluster calls
+        ch = pd.RemoteChannel()
+        ch.put(3)
+        return sum(pd.pmap(abs, [-1, -2])) + ch.take() + (1 in pd.procs())
+
+    first = pd.addprocs(1, transport=sys.argv[1])
+    print(pd.remotecall_fetch(use, first[0]), flush=True)
+    deadline = time.monotonic() + 30
+    while True:                            # once idle, the server imports the rest itself
+        time.sleep(0.5)
+        late = pd.addprocs(1, transport=sys.argv[1])
+        missing = [m for m in LATER_PRELOAD if m not in pd.remotecall_fetch(modules, late[0])]
+        pd.rmprocs(*late)
+        if not missing or time.monotonic() > deadline:
+            break
+    print(missing, flush=True)
+""")
+
+
+def test_modules_the_server_imports_once_idle_serve_workers_forked_before_and_after(
+        transport, tmp_path, leak_oracle):
+    """The server says it is ready before it imports what only some calls need; a worker
+    forked at once imports that on first use, and one forked later finds it imported."""
+    script = tmp_path / "later.py"
+    script.write_text(LATER)
+    done = subprocess.run([sys.executable, str(script), transport], capture_output=True,
+                          text=True, timeout=4 * STEP, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["7", "[]"], done.stdout + done.stderr

@@ -59,13 +59,20 @@ WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "worker.py")
 
 MAX_MESSAGE = 1 << 20          # bytes of one request (an environment, a preload list)
-# What every worker needs before its first call: imported once here, not once per worker.
-BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.processes.lifecycle",
-                "pydist.refs.remotecall", "pydist.refs.remoteref", "pydist.refs.remotechannel",
-                "pydist.refs.generic", "pydist.refs.channel", "pydist.refs.macros",
-                "pydist.pools.workerpool", "pydist.pools.pmap", "pydist.pools.mapper",
-                "pydist.dropin.worker_side",
+# What every worker needs before its first call: imported once here, not once per worker,
+# before the server says it is ready.
+BASE_PRELOAD = ("pydist", "pydist.processes.bootstrap", "pydist.refs.remotecall",
+                "pydist.refs.remoteref", "pydist.refs.generic", "pydist.dropin.worker_side",
                 "pydist.shm.transport", "pydist.net.tcp", "cloudpickle", "encodings.idna", "runpy")
+# What a worker needs only for some calls (a nested pmap, a channel, addprocs): imported
+# once the server is ready and has had no request for LATER_AFTER seconds, one module a
+# turn, so that a program's first workers neither wait for them nor share the CPUs with
+# their import as they start. A worker forked before they are imported imports them on
+# first use.
+LATER_PRELOAD = ("pydist.refs.remotechannel", "pydist.refs.channel", "pydist.refs.macros",
+                 "pydist.pools.workerpool", "pydist.pools.pmap", "pydist.pools.mapper",
+                 "pydist.processes.lifecycle")
+LATER_AFTER = 0.2
 
 
 class _MasterGone(Exception):
@@ -84,6 +91,7 @@ class _Server:
         self.selector.register(sock, selectors.EVENT_READ)
         self.selector.register(self.wake_r, selectors.EVENT_READ)
         self.children: set[int] = set()
+        self.later = list(LATER_PRELOAD)   # imported while idle, one a turn
 
     def run(self) -> None:
         """Serve until the master closes its end, or is found gone by a reply."""
@@ -92,7 +100,10 @@ class _Server:
         try:
             self.send(("ready", os.getpid()))
             while True:
-                for key, _ in self.selector.select():
+                events = self.selector.select(LATER_AFTER if self.later else None)
+                if not events and self.later:
+                    _preload([self.later.pop(0)])
+                for key, _ in events:
                     if key.fileobj is self.sock:
                         if not self.serve_one():
                             return
@@ -251,15 +262,20 @@ def _import_quietly(names: list[str]) -> None:
                     pass
 
 
-def serve(fd: int, preload: tuple[str, ...] = ()) -> None:
-    """Run the server on the socket ``fd`` until the master closes its end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # only the end of the socket stops it
-    sock = socket.socket(fileno=fd)
-    for name in (*BASE_PRELOAD, *preload):
+def _preload(names: list[str]) -> None:
+    """Import ``names``; one that fails is reported on stderr and skipped."""
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError as e:
             print(f"pydist worker server: could not preload {name!r}: {e}", file=sys.stderr)
+
+
+def serve(fd: int, preload: tuple[str, ...] = ()) -> None:
+    """Run the server on the socket ``fd`` until the master closes its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # only the end of the socket stops it
+    sock = socket.socket(fileno=fd)
+    _preload([*BASE_PRELOAD, *preload])
     worker_parser()     # built once here, not in every child
     codecache.install()
     _Server(sock).run()
